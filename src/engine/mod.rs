@@ -1,0 +1,171 @@
+//! Aggregation engines: the model state and the math of algorithms.md §2–3.
+//!
+//! One owner (the coordinator) holds an engine and calls, per step, [`Aggregator::aggregate`]
+//! with a batch of validated updates and then [`Aggregator::broadcast`], which selects the
+//! Top-k of x − x̂, applies it to x̂ and returns the Delta frame.
+//!
+//! * [`cpu::CpuAggregator`]: plain Rust, the reference.
+//! * [`gpu::GpuAggregator`]: wgpu + WGSL, bit-identical in deterministic mode.
+
+pub mod cpu;
+pub mod select;
+
+use crate::protocol::frame::DeltaHeader;
+
+/// One update of a batch, borrowing its frame's bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdateRef<'a> {
+    /// w_i: staleness and sample weighting already applied.
+    pub weight: f32,
+    /// nnz little-endian u32 indices, strictly ascending.
+    pub indices: &'a [u8],
+    /// nnz little-endian f16 values.
+    pub values: &'a [u8],
+    /// Indices, values and padding as received (what the GPU uploads).
+    pub payload: &'a [u8],
+}
+
+impl<'a> UpdateRef<'a> {
+    pub fn from_push(view: &crate::protocol::frame::PushView<'a>, weight: f32) -> Self {
+        Self { weight, indices: view.indices_bytes(), values: view.values_bytes(), payload: view.payload() }
+    }
+    pub fn nnz(&self) -> usize {
+        self.indices.len() / 4
+    }
+}
+
+/// How the broadcast picks the entries of d = x − x̂ to send.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selection {
+    /// Exact Top-k by magnitude, ties to the lower index.
+    Exact { k: usize },
+    /// GaussianK (approximate): threshold from the mean and deviation of d, refined up to 3
+    /// times towards [2k/3, 4k/3] entries.
+    GaussianK { k: usize },
+}
+
+impl Selection {
+    pub fn k(&self) -> usize {
+        match *self {
+            Self::Exact { k } | Self::GaussianK { k } => k,
+        }
+    }
+}
+
+/// Which selection rule the server uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelectionMode {
+    #[default]
+    Exact,
+    Gaussiank,
+}
+
+impl std::str::FromStr for SelectionMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "gaussiank" => Ok(Self::Gaussiank),
+            _ => Err(format!("unknown selection {s:?} (exact, gaussiank)")),
+        }
+    }
+}
+
+impl SelectionMode {
+    pub fn with_k(self, k: usize) -> Selection {
+        match self {
+            Self::Exact => Selection::Exact { k },
+            Self::Gaussiank => Selection::GaussianK { k },
+        }
+    }
+}
+
+/// What one broadcast produced.
+#[derive(Clone, Debug)]
+pub struct Broadcast {
+    pub header: DeltaHeader,
+    /// The whole Delta frame, header included.
+    pub frame: Vec<u8>,
+    /// False when the selection was approximate (GaussianK).
+    pub exact: bool,
+}
+
+/// Server optimiser settings (algorithms.md §2).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerSettings {
+    /// Server momentum μ (0 disables the momentum buffer).
+    pub momentum: f32,
+    /// Server learning rate η_s.
+    pub server_lr: f32,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        Self { momentum: 0.0, server_lr: 1.0 }
+    }
+}
+
+/// Everything an engine holds, for checkpoints and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelState {
+    pub x: Vec<f32>,
+    /// Empty when momentum is 0.
+    pub momentum: Vec<f32>,
+    pub replica: Vec<f32>,
+    pub version: u64,
+    pub replica_version: u64,
+}
+
+/// What an engine is, for logs and `/api/status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EngineInfo {
+    /// "cpu" or "gpu".
+    pub kind: String,
+    /// Adapter name (GPU) or "cpu".
+    pub adapter: String,
+    /// Backend (Vulkan, Metal, …) or "native".
+    pub backend: String,
+    /// "deterministic" or "fast".
+    pub mode: String,
+}
+
+/// Engine failures. Client data never causes one: it is validated before it gets here.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no GPU adapter found{0}")]
+    NoAdapter(String),
+    #[error("GPU device request failed: {0}")]
+    Device(String),
+    #[error("GPU buffer mapping failed: {0}")]
+    Map(String),
+    #[error("state has {got} parameters, engine has {expected}")]
+    StateSize { expected: usize, got: usize },
+    #[error("GPU error: {0}")]
+    Gpu(String),
+}
+
+/// An aggregation engine (algorithms.md §2–3). Implementations must agree bit for bit with
+/// [`cpu::CpuAggregator`] in deterministic mode.
+pub trait Aggregator: Send {
+    fn info(&self) -> EngineInfo;
+    fn num_params(&self) -> usize;
+    /// The model version t.
+    fn version(&self) -> u64;
+    /// The version of the public replica x̂.
+    fn replica_version(&self) -> u64;
+    /// g = Σ w_i Δ_i; m = μm + g; x = x + η m; t = t + 1.
+    fn aggregate(&mut self, batch: &[UpdateRef<'_>]) -> Result<(), EngineError>;
+    /// Selects entries of d = x − x̂, applies their f16 values to x̂, and returns the Delta.
+    fn broadcast(&mut self, selection: Selection) -> Result<Broadcast, EngineError>;
+    /// x̂, for snapshots.
+    fn read_replica(&mut self) -> Result<Vec<f32>, EngineError>;
+    fn read_state(&mut self) -> Result<ModelState, EngineError>;
+    /// Replaces the whole state (values are canonicalised on load).
+    fn load_state(&mut self, state: &ModelState) -> Result<(), EngineError>;
+}
+
+/// k = ⌈ρ · n⌉, clamped to n.
+pub fn k_for_density(rho: f64, n: usize) -> usize {
+    ((rho * n as f64).ceil() as usize).min(n)
+}

@@ -1,0 +1,87 @@
+//! ASP: every update is aggregated as soon as possible; the updates that arrived while the
+//! engine was busy form one batch (each keeps its own staleness).
+
+use std::time::Duration;
+
+use super::staleness::Normalization;
+use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+
+/// Asynchronous parallel: acknowledge at once, aggregate whatever is pending.
+pub struct Asp {
+    pending: Vec<PushId>,
+    max_batch: usize,
+}
+
+impl Asp {
+    pub fn new(max_batch: usize) -> Self {
+        Self { pending: Vec::new(), max_batch: max_batch.max(1) }
+    }
+}
+
+impl SyncPolicy for Asp {
+    fn name(&self) -> &'static str {
+        "asp"
+    }
+
+    fn on_join(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+        Vec::new()
+    }
+
+    fn on_leave(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+        // Its accepted pushes were acknowledged: they stay and are aggregated.
+        Vec::new()
+    }
+
+    fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
+        self.pending.push(push.id);
+        vec![Action::Ack(push.id)]
+    }
+
+    fn poll(&mut self, _now: Duration) -> Vec<Action> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        let take = self.pending.len().min(self.max_batch);
+        let batch: Vec<PushId> = self.pending.drain(..take).collect();
+        vec![Action::Aggregate { pushes: batch, normalization: Normalization::Batch }]
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        super::batches(std::mem::take(&mut self.pending), self.max_batch, Normalization::Batch)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({ "pending": self.pending.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(id: PushId) -> PushMeta {
+        PushMeta {
+            id,
+            client: 1,
+            seq: id,
+            base_version: 0,
+            staleness: 0,
+            samples: 1,
+            local_steps: 1,
+            loss: 1.0,
+        }
+    }
+
+    #[test]
+    fn acks_at_once_and_batches_what_queued() {
+        let mut p = Asp::new(2);
+        let t = Duration::ZERO;
+        assert_eq!(p.on_push(t, &push(1)), vec![Action::Ack(1)]);
+        assert_eq!(p.on_push(t, &push(2)), vec![Action::Ack(2)]);
+        assert_eq!(p.on_push(t, &push(3)), vec![Action::Ack(3)]);
+        let agg = |v: Vec<PushId>| Action::Aggregate { pushes: v, normalization: Normalization::Batch };
+        assert_eq!(p.poll(t), vec![agg(vec![1, 2])]);
+        assert_eq!(p.poll(t), vec![agg(vec![3])]);
+        assert!(p.poll(t).is_empty());
+    }
+}

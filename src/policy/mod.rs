@@ -1,0 +1,105 @@
+//! Synchronization policies (algorithms.md §5): *when* updates form a batch, *whether* a client
+//! may go on, and *what* each client is told.
+//!
+//! A policy is pure logic over a clock: the coordinator calls it with the time since the server
+//! started and executes the [`Action`]s it returns. No sockets, no GPU, no runtime; tests drive
+//! time by passing it.
+
+pub mod asp;
+pub mod staleness;
+
+use std::time::Duration;
+
+use crate::protocol::message::{Directive, SkipReport};
+use staleness::Normalization;
+
+/// A session, as numbered by the coordinator.
+pub type ClientId = u64;
+/// An accepted Push waiting in the coordinator, as numbered by the coordinator.
+pub type PushId = u64;
+
+/// What a policy knows of an accepted Push.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PushMeta {
+    pub id: PushId,
+    pub client: ClientId,
+    pub seq: u64,
+    pub base_version: u64,
+    /// Staleness at acceptance.
+    pub staleness: u64,
+    pub samples: u32,
+    pub local_steps: u32,
+    pub loss: f32,
+}
+
+/// What the coordinator must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Aggregate these accepted pushes as one batch, in this order, then broadcast.
+    Aggregate {
+        pushes: Vec<PushId>,
+        normalization: Normalization,
+    },
+    /// Let the client go on: send the Ack of this push.
+    Ack(PushId),
+    /// Discard an accepted push that was not yet acknowledged, telling the client why.
+    Drop {
+        push: PushId,
+        reason: String,
+    },
+    /// Tell a client it was dropped from a synchronous round.
+    RoundDropped {
+        client: ClientId,
+        round: u64,
+        reason: String,
+    },
+    Directive {
+        client: ClientId,
+        directive: Directive,
+    },
+}
+
+/// A synchronization policy. Only trainers are reported to it (evaluators never push).
+pub trait SyncPolicy: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn on_join(&mut self, now: Duration, client: ClientId) -> Vec<Action>;
+    fn on_leave(&mut self, now: Duration, client: ClientId) -> Vec<Action>;
+    fn on_push(&mut self, now: Duration, push: &PushMeta) -> Vec<Action>;
+    /// A batch was aggregated and broadcast as `version`.
+    fn on_aggregated(&mut self, _now: Duration, _version: u64, _pushes: &[PushId]) -> Vec<Action> {
+        Vec::new()
+    }
+    /// Hermes: a client finished a round without a significant improvement.
+    fn on_skip(&mut self, _now: Duration, _client: ClientId, _report: &SkipReport) -> Vec<Action> {
+        Vec::new()
+    }
+    /// A client reports how long its last local round took.
+    fn on_round_time(
+        &mut self,
+        _now: Duration,
+        _client: ClientId,
+        _seconds: f64,
+        _steps: u64,
+    ) -> Vec<Action> {
+        Vec::new()
+    }
+    /// A sample of the global loss (pushes' losses, or an evaluator's).
+    fn on_loss(&mut self, _now: Duration, _loss: f64) {}
+    /// Timers: called after every event and at [`SyncPolicy::next_wakeup`].
+    fn poll(&mut self, now: Duration) -> Vec<Action>;
+    /// When `poll` next needs to run, if a timer is pending.
+    fn next_wakeup(&self) -> Option<Duration> {
+        None
+    }
+    /// Shutdown: aggregate every accepted push still held.
+    fn drain(&mut self) -> Vec<Action>;
+    /// The policy's own state, for `/api/status`.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// Splits `pushes` into `Aggregate` actions of at most `max_batch` each.
+pub fn batches(pushes: Vec<PushId>, max_batch: usize, normalization: Normalization) -> Vec<Action> {
+    pushes.chunks(max_batch.max(1)).map(|c| Action::Aggregate { pushes: c.to_vec(), normalization }).collect()
+}

@@ -1,0 +1,97 @@
+//! Who may join: join tokens (any client id) and per-client tokens, compared in constant time.
+//! Tokens are never logged.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use subtle::ConstantTimeEq;
+
+/// The accepted tokens. With none configured, anyone may join.
+#[derive(Default, Clone)]
+pub struct Auth {
+    join: Vec<Vec<u8>>,
+    per_client: HashMap<String, Vec<u8>>,
+}
+
+/// Errors reading a token file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading token file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("token file {path}, line {line}: expected `TOKEN` or `CLIENT_ID TOKEN`")]
+    Syntax { path: String, line: usize },
+}
+
+impl Auth {
+    pub fn new(join_tokens: &[String]) -> Self {
+        Self { join: join_tokens.iter().map(|t| t.as_bytes().to_vec()).collect(), per_client: HashMap::new() }
+    }
+
+    /// Adds tokens from a file: `TOKEN` lines are join tokens, `CLIENT_ID TOKEN` lines bind a
+    /// token to one client id; `#` starts a comment.
+    pub fn load_file(&mut self, path: &Path) -> Result<(), AuthError> {
+        let p = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: p.clone(), source })?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                [t] => self.join.push(t.as_bytes().to_vec()),
+                [id, t] => {
+                    self.per_client.insert((*id).to_string(), t.as_bytes().to_vec());
+                }
+                _ => return Err(AuthError::Syntax { path: p, line: i + 1 }),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when tokens are required.
+    pub fn enabled(&self) -> bool {
+        !self.join.is_empty() || !self.per_client.is_empty()
+    }
+
+    /// Whether `client_id` may join with `token`. Every configured token is compared, each in
+    /// constant time, so timing says nothing about which one was close.
+    pub fn check(&self, client_id: &str, token: Option<&str>) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let Some(token) = token else { return false };
+        let t = token.as_bytes();
+        let mut ok = subtle::Choice::from(0u8);
+        for j in &self.join {
+            ok |= j.as_slice().ct_eq(t);
+        }
+        if let Some(c) = self.per_client.get(client_id) {
+            ok |= c.as_slice().ct_eq(t);
+        }
+        ok.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(Auth::default().check("a", None));
+        let mut a = Auth::new(&["join".into()]);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "# tokens\nalice s3cret\nshared2\n").unwrap();
+        a.load_file(f.path()).unwrap();
+        assert!(a.check("bob", Some("join")));
+        assert!(a.check("bob", Some("shared2")));
+        assert!(a.check("alice", Some("s3cret")));
+        assert!(!a.check("bob", Some("s3cret")));
+        assert!(!a.check("bob", Some("joi")));
+        assert!(!a.check("bob", None));
+        std::fs::write(f.path(), "a b c\n").unwrap();
+        assert!(matches!(Auth::default().load_file(f.path()), Err(AuthError::Syntax { line: 1, .. })));
+    }
+}

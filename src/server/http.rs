@@ -1,0 +1,125 @@
+//! HTTP routes (axum) and the WebSocket upgrade (hyper + tokio-tungstenite).
+//!
+//! axum routes the plain HTTP endpoints; the `/ws` upgrade is done by hand with hyper's upgrade
+//! future and `tokio-tungstenite` 0.30, so the project controls the tungstenite version and its
+//! size limits (checked on the frame header, before the payload is read).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::Shared;
+use super::coordinator::Inbound;
+
+/// The router for one server.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/api/status", get(status))
+        .route("/api/record", get(record))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    let s = shared.status.borrow().clone();
+    json_response(&*s)
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: usize,
+}
+
+/// The event record from event number `since` on: `{"next": N, "events": [...]}`.
+async fn record(State(shared): State<Arc<Shared>>, Query(q): Query<Since>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if shared.tx.send(Inbound::Record { since: q.since, reply: tx }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response();
+    }
+    match rx.await {
+        Ok((next, events)) => json_response(&serde_json::json!({ "next": next, "events": events })),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response(),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut r = shared.metrics.encode().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+pub fn json_response<T: serde::Serialize + ?Sized>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Upgrades `/ws` to a WebSocket session.
+async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Request<Body>) -> Response {
+    let h = req.headers();
+    let key = match h.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k)
+            if header_has(h, header::CONNECTION, "upgrade")
+                && header_has(h, header::UPGRADE, "websocket") =>
+        {
+            k.clone()
+        }
+        _ => return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request").into_response(),
+    };
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return (StatusCode::BAD_REQUEST, "unsupported Sec-WebSocket-Version (need 13)").into_response();
+    }
+    let peer = req.extensions().get::<SocketAddr>().copied().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let permit = req.extensions().get::<super::listener::ConnPermit>().cloned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let accept = derive_accept_key(key.as_bytes());
+    let max = shared.cfg.max_frame_bytes;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+            .accept_unmasked_frames(false);
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        super::session::run(ws, shared, peer).await;
+        drop(permit);
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics, served as text at `/metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    accepted: Counter,
+    rejected: Family<ReasonLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    sessions: Gauge,
+    staleness: Histogram,
+    queue_depth: Gauge,
+    pending: Gauge,
+    aggregate_seconds: Histogram,
+    topk_seconds: Histogram,
+    bytes: Family<DirectionLabel, Counter>,
+    version: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("sparsync");
+        let accepted = Counter::default();
+        r.register("updates_accepted", "Pushes accepted", accepted.clone());
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        r.register("updates_rejected", "Pushes and frames refused, by the field at fault", rejected.clone());
+        let refused = Family::<ReasonLabel, Counter>::default();
+        r.register("handshakes_refused", "Connections refused at the handshake, by reason", refused.clone());
+        let sessions = Gauge::default();
+        r.register("sessions", "Open sessions", sessions.clone());
+        let staleness = Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        r.register("staleness", "Staleness of aggregated updates", staleness.clone());
+        let queue_depth = Gauge::default();
+        r.register("queue_depth", "Messages waiting for the coordinator", queue_depth.clone());
+        let pending = Gauge::default();
+        r.register("pending_updates", "Accepted updates not yet aggregated", pending.clone());
+        let buckets = || prometheus_client::metrics::histogram::exponential_buckets(1e-5, 4.0, 12);
+        let aggregate_seconds = Histogram::new(buckets());
+        r.register("aggregate_seconds", "Engine time per aggregation step", aggregate_seconds.clone());
+        let topk_seconds = Histogram::new(buckets());
+        r.register(
+            "topk_seconds",
+            "Engine time per broadcast (Top-k and replica update)",
+            topk_seconds.clone(),
+        );
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        r.register("bytes", "Frame bytes received (in) and sent (out)", bytes.clone());
+        let version = Gauge::default();
+        r.register("model_version", "Model version t", version.clone());
+        Self {
+            registry: Mutex::new(r),
+            accepted,
+            rejected,
+            refused,
+            sessions,
+            staleness,
+            queue_depth,
+            pending,
+            aggregate_seconds,
+            topk_seconds,
+            bytes,
+            version,
+        }
+    }
+
+    pub fn accepted(&self, bytes: u64) {
+        self.accepted.inc();
+        self.bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(bytes);
+    }
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+    pub fn refused(&self, reason: &str) {
+        self.refused.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    }
+    pub fn session_opened(&self) {
+        self.sessions.inc();
+    }
+    pub fn session_closed(&self) {
+        self.sessions.dec();
+    }
+    pub fn sent(&self, bytes: u64) {
+        self.bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(bytes);
+    }
+    pub fn step(&self, version: u64, agg_s: f64, topk_s: f64, staleness: impl Iterator<Item = u64>) {
+        self.version.set(version as i64);
+        self.aggregate_seconds.observe(agg_s);
+        self.topk_seconds.observe(topk_s);
+        for s in staleness {
+            self.staleness.observe(s as f64);
+        }
+    }
+    pub fn queues(&self, queue_depth: usize, pending: usize) {
+        self.queue_depth.set(queue_depth as i64);
+        self.pending.set(pending as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,296 @@
+//! The server: listener → sessions → coordinator (engine + policy) → outboxes.
+//!
+//! [`start`] takes a bound listener and returns a [`ServerHandle`], so tests run the real server
+//! in-process on `127.0.0.1:0`; the binary calls [`run`] with a shutdown signal.
+
+pub mod auth;
+pub mod coordinator;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod outbox;
+pub mod record;
+pub mod session;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{EngineChoice, PolicyKind, ServerConfig};
+use crate::engine::cpu::CpuAggregator;
+use crate::engine::{Aggregator, ModelState, OptimizerSettings};
+use crate::policy::SyncPolicy;
+use crate::protocol::model::ModelLayout;
+use auth::Auth;
+use coordinator::{Coordinator, CoordinatorParts, Inbound};
+use metrics::Metrics;
+use record::Event;
+use status::Status;
+
+/// State every session and route shares.
+pub struct Shared {
+    pub cfg: Arc<ServerConfig>,
+    pub layout: ModelLayout,
+    pub num_params: u64,
+    pub max_nnz: u64,
+    pub tx: mpsc::Sender<Inbound>,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    pub status: watch::Receiver<Arc<Status>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Resolves when the server starts shutting down.
+    pub async fn shutdown_started(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("model: {0}")]
+    Layout(#[from] crate::protocol::model::LayoutError),
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("the coordinator stopped: {0}")]
+    Stopped(String),
+}
+
+/// The model to serve: layout and initial values, from `--init` or a built-in family.
+pub fn load_model(cfg: &ServerConfig) -> Result<(ModelLayout, Vec<f32>), ServerError> {
+    match &cfg.init {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|source| ServerError::Read { path: path.display().to_string(), source })?;
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("custom").to_string();
+            Ok(ModelLayout::from_safetensors(&name, &bytes)?)
+        }
+        None => {
+            let layout = ModelLayout::builtin(&cfg.model)?;
+            let values = layout.init(cfg.seed);
+            Ok((layout, values))
+        }
+    }
+}
+
+/// Builds the engine the config asks for.
+pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggregator>, ServerError> {
+    let opt = OptimizerSettings { momentum: cfg.momentum, server_lr: cfg.server_lr };
+    match cfg.engine {
+        EngineChoice::Cpu => Ok(Box::new(CpuAggregator::new(values, opt))),
+        EngineChoice::Gpu | EngineChoice::Auto => {
+            let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
+            let e = crate::engine::EngineError::NoAdapter(": the GPU engine is not built yet".into());
+            if require {
+                return Err(e.into());
+            }
+            tracing::warn!(error = %e, "falling back to the CPU engine");
+            Ok(Box::new(CpuAggregator::new(values, opt)))
+        }
+    }
+}
+
+/// Builds the policy the config asks for.
+pub fn build_policy(cfg: &ServerConfig) -> Result<Box<dyn SyncPolicy>, ServerError> {
+    match cfg.policy {
+        PolicyKind::Asp => Ok(Box::new(crate::policy::asp::Asp::new(cfg.max_batch))),
+        other => Err(ServerError::Policy(format!("policy {} is not implemented yet", other.name()))),
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    listener: tokio::task::JoinHandle<()>,
+    coordinator: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The latest published status.
+    pub fn status(&self) -> Arc<Status> {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Waits for the next status publication.
+    pub async fn status_changed(&self) -> Arc<Status> {
+        let mut rx = self.shared.status.clone();
+        let _ = rx.changed().await;
+        rx.borrow().clone()
+    }
+
+    /// The event record from event `since` on.
+    pub async fn record(&self, since: usize) -> Result<(usize, Vec<Event>), ServerError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Inbound::Record { since, reply: tx })
+            .await
+            .map_err(|_| ServerError::Stopped("record".into()))?;
+        rx.await.map_err(|_| ServerError::Stopped("record".into()))
+    }
+
+    /// The engine's state (x, momentum, x̂, versions).
+    pub async fn state(&self) -> Result<ModelState, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Inbound::State { reply: tx })
+            .await
+            .map_err(|_| ServerError::Stopped("state".into()))?;
+        rx.await.map_err(|_| ServerError::Stopped("state".into()))?.map_err(ServerError::Stopped)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
+    /// Graceful stop: no new connections, every accepted push applied, sessions told Bye.
+    /// Returns the final state.
+    pub async fn shutdown(self, reason: &str) -> Result<ModelState, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.shared.tx.send(Inbound::Shutdown { reason: reason.into(), reply: tx }).await;
+        let state = match sent {
+            Ok(()) => {
+                rx.await.map_err(|_| ServerError::Stopped("shutdown".into()))?.map_err(ServerError::Stopped)
+            }
+            Err(_) => Err(ServerError::Stopped("coordinator already stopped".into())),
+        };
+        let _ = self.shutdown_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.listener).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.coordinator).await;
+        state
+    }
+}
+
+/// Loads TLS settings when a certificate and key are configured.
+fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, ServerError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| ServerError::Read { path: p.display().to_string(), source })
+    };
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!("{}: no certificate found", cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| ServerError::Tls(format!("{}: no private key found", key.display())))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Starts a server on `listener` with the engine the config asks for.
+pub async fn start(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHandle, ServerError> {
+    cfg.validate()?;
+    let (layout, values) = load_model(&cfg)?;
+    let engine = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || build_engine(&cfg, values))
+            .await
+            .map_err(|e| ServerError::Stopped(e.to_string()))??
+    };
+    start_with(cfg, listener, layout, engine).await
+}
+
+/// Starts a server with a given layout and engine (tests inject their own).
+pub async fn start_with(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    layout: ModelLayout,
+    engine: Box<dyn Aggregator>,
+) -> Result<ServerHandle, ServerError> {
+    cfg.validate()?;
+    let info = engine.info();
+    tracing::info!(
+        engine = %info.kind, adapter = %info.adapter, backend = %info.backend, mode = %info.mode,
+        model = %layout.name, params = layout.num_params(), "engine ready"
+    );
+    let mut auth = Auth::new(&cfg.token.0);
+    if let Some(f) = &cfg.token_file {
+        auth.load_file(f)?;
+    }
+    let tls = tls_acceptor(&cfg)?;
+    let addr = listener.local_addr()?;
+    let cfg = Arc::new(cfg);
+    let n = layout.num_params() as u64;
+    let (tx, rx) = mpsc::channel(1024);
+    let (status_tx, status_rx) = watch::channel(Arc::new(Status::empty(&layout, &info)));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let coordinator = Coordinator::new(CoordinatorParts {
+        cfg: cfg.clone(),
+        layout: layout.clone(),
+        engine,
+        policy: build_policy(&cfg)?,
+        rx,
+        status_tx,
+        metrics: metrics.clone(),
+    });
+    let shared = Arc::new(Shared {
+        max_nnz: cfg.max_nnz.unwrap_or(n).min(n),
+        num_params: n,
+        layout,
+        tx,
+        auth,
+        metrics,
+        status: status_rx,
+        shutdown: shutdown_rx.clone(),
+        cfg: cfg.clone(),
+    });
+    let coordinator = tokio::spawn(coordinator.run());
+    let router = http::router(shared.clone());
+    let header_timeout = Duration::from_secs_f64(cfg.handshake_timeout_s);
+    let listener = tokio::spawn(listener::serve(
+        listener,
+        router,
+        tls.clone(),
+        cfg.max_clients,
+        header_timeout,
+        shutdown_rx,
+    ));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{addr} (WebSocket at /ws, status at /api/status)");
+    Ok(ServerHandle { addr, shared, shutdown_tx, listener, coordinator })
+}
+
+/// Runs a server until `shutdown` resolves, then stops it gracefully.
+pub async fn run(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ModelState, ServerError> {
+    let handle = start(cfg, listener).await?;
+    shutdown.await;
+    tracing::info!("shutting down: applying accepted updates");
+    handle.shutdown("server shutting down").await
+}

@@ -1,0 +1,262 @@
+//! A session's outgoing queue, bounded in bytes.
+//!
+//! Control messages always queue (they are small and answer something the client sent). Deltas
+//! queue while the session is within its byte budget; a Delta that would exceed it drops every
+//! queued Delta and marks the session *lagging*: it gets no more Deltas until the coordinator
+//! sends a fresh snapshot (or the chain of Deltas from the version it last had). A slow reader
+//! therefore costs the server a bounded amount of memory and never stalls anyone else.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// One outgoing WebSocket message.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    Text(String),
+    Binary(Bytes),
+    /// Delta frame for replica version `version` (Deltas can be dropped when lagging).
+    Delta {
+        version: u64,
+        frame: Bytes,
+    },
+    /// Snapshot frame of replica version `version`.
+    Snapshot {
+        version: u64,
+        frame: Bytes,
+    },
+    /// Close the session after everything queued before it.
+    Close(String),
+}
+
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Binary(b) | Self::Delta { frame: b, .. } | Self::Snapshot { frame: b, .. } => b.len(),
+            Self::Close(r) => r.len(),
+        }
+    }
+}
+
+impl Inner {
+    /// Drops queued Deltas and marks the session lagging; what the client will have is then
+    /// the last snapshot still queued, or else what was delivered.
+    fn drop_deltas(&mut self) {
+        self.queue.retain(|m| !matches!(m, Outbound::Delta { .. }));
+        self.bytes = self.queue.iter().map(Outbound::len).sum();
+        self.queued_version = self
+            .queue
+            .iter()
+            .rev()
+            .find_map(|m| match m {
+                Outbound::Snapshot { version, .. } => Some(*version),
+                _ => None,
+            })
+            .or(self.delivered_version);
+        self.lagging = true;
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    queue: VecDeque<Outbound>,
+    bytes: usize,
+    lagging: bool,
+    /// The replica version of the last snapshot or Delta queued (what the client will have).
+    queued_version: Option<u64>,
+    /// The replica version of the last snapshot or Delta handed to the writer.
+    delivered_version: Option<u64>,
+    closed: bool,
+}
+
+/// What [`Outbox::next`] hands the writer.
+#[derive(Debug)]
+pub enum Next {
+    Send(Outbound),
+    /// The queue is empty and the session lags: ask the coordinator to resynchronise it from
+    /// this version (the last one it was sent, if any).
+    Resync(Option<u64>),
+    Closed,
+}
+
+/// A session's bounded outgoing queue.
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl Outbox {
+    pub fn new(limit_bytes: usize) -> Self {
+        Self { inner: Mutex::new(Inner::default()), notify: Notify::new(), limit: limit_bytes }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a control message or a snapshot (never dropped).
+    pub fn push(&self, msg: Outbound) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        g.bytes += msg.len();
+        g.queue.push_back(msg);
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Queues a snapshot at `version`: the session is synchronised again.
+    pub fn push_snapshot(&self, version: u64, frame: Bytes) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        // Deltas still queued are older than the snapshot: drop them.
+        g.queue.retain(|m| !matches!(m, Outbound::Delta { .. }));
+        g.bytes = g.queue.iter().map(Outbound::len).sum();
+        g.lagging = false;
+        g.queued_version = Some(version);
+        g.bytes += frame.len();
+        g.queue.push_back(Outbound::Snapshot { version, frame });
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Queues a Delta that applies to `base` and yields `version`; returns false (and marks
+    /// the session lagging) when it does not fit or does not follow what was queued.
+    pub fn push_delta(&self, base: u64, version: u64, frame: Bytes) -> bool {
+        let mut g = self.lock();
+        if g.closed || g.lagging {
+            return false;
+        }
+        if g.queued_version != Some(base) || g.bytes + frame.len() > self.limit {
+            g.drop_deltas();
+            drop(g);
+            self.notify.notify_one();
+            return false;
+        }
+        g.bytes += frame.len();
+        g.queued_version = Some(version);
+        g.queue.push_back(Outbound::Delta { version, frame });
+        drop(g);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Answers a resync with the chain of Deltas from `from` (what the client has). Returns
+    /// false if the session's position moved meanwhile (the coordinator then sends a snapshot).
+    pub fn resync_with_deltas(&self, from: u64, chain: &[(u64, u64, Bytes)]) -> bool {
+        let mut g = self.lock();
+        if g.closed || g.queued_version != Some(from) {
+            return false;
+        }
+        g.lagging = false;
+        for (_, version, frame) in chain {
+            g.bytes += frame.len();
+            g.queued_version = Some(*version);
+            g.queue.push_back(Outbound::Delta { version: *version, frame: frame.clone() });
+        }
+        drop(g);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Marks the session as needing a resync (e.g. the client asked for a snapshot).
+    pub fn mark_lagging(&self) {
+        let mut g = self.lock();
+        g.drop_deltas();
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Queues a close after what is queued; nothing is queued after it.
+    pub fn close(&self, reason: impl Into<String>) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        g.queue.push_back(Outbound::Close(reason.into()));
+        g.closed = true;
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    pub fn is_lagging(&self) -> bool {
+        self.lock().lagging
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Waits for the next thing to do. A lagging session with an empty queue gets one
+    /// [`Next::Resync`] and then waits for the coordinator's answer.
+    pub async fn next(&self, resync_asked: &mut bool) -> Next {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut g = self.lock();
+                if let Some(m) = g.queue.pop_front() {
+                    g.bytes -= m.len();
+                    if let Outbound::Delta { version, .. } | Outbound::Snapshot { version, .. } = &m {
+                        g.delivered_version = Some(*version);
+                    }
+                    return Next::Send(m);
+                }
+                if g.closed {
+                    return Next::Closed;
+                }
+                if g.lagging && !*resync_asked {
+                    *resync_asked = true;
+                    return Next::Resync(g.delivered_version);
+                }
+                if !g.lagging {
+                    *resync_asked = false;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[tokio::test]
+    async fn lagging_drops_deltas_and_asks_once_for_resync() {
+        let o = Outbox::new(100);
+        o.push_snapshot(0, frame(10));
+        assert!(o.push_delta(0, 1, frame(50)));
+        assert!(!o.push_delta(1, 2, frame(50))); // 110 > 100: lagging
+        assert!(o.is_lagging());
+        assert!(!o.push_delta(2, 3, frame(1)));
+        let mut asked = false;
+        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Snapshot { version: 0, .. })));
+        // The Delta to version 1 was dropped, so the client has version 0.
+        assert!(matches!(o.next(&mut asked).await, Next::Resync(Some(0))));
+        o.push_snapshot(3, frame(10));
+        assert!(!o.is_lagging());
+        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Snapshot { version: 3, .. })));
+        assert!(o.push_delta(3, 4, frame(10)));
+        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Delta { version: 4, .. })));
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn delta_that_does_not_follow_marks_lagging() {
+        let o = Outbox::new(1000);
+        o.push_snapshot(5, frame(1));
+        assert!(!o.push_delta(4, 6, frame(1)));
+        assert!(o.is_lagging());
+    }
+}

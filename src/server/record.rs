@@ -1,0 +1,148 @@
+//! The server's record of what happened: joins, accepted and refused pushes, acks, batches and
+//! their weights. Policy tests check their invariants on it; `/api/record` serves it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{ClientId, PushId};
+use crate::protocol::message::{ClientKind, Directive, Role};
+
+/// One push inside an aggregation step.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AggregatedPush {
+    pub push: PushId,
+    pub client: ClientId,
+    pub seq: u64,
+    /// t − τ when aggregated.
+    pub staleness: u64,
+    pub weight: f32,
+    /// Seconds between acceptance and aggregation.
+    pub waited: f64,
+}
+
+/// One thing that happened; `t` is seconds since the server started.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Join {
+        t: f64,
+        client: ClientId,
+        name: String,
+        role: Role,
+        kind: ClientKind,
+    },
+    Leave {
+        t: f64,
+        client: ClientId,
+        reason: String,
+    },
+    Accept {
+        t: f64,
+        client: ClientId,
+        push: PushId,
+        seq: u64,
+        base_version: u64,
+        staleness: u64,
+        samples: u32,
+        local_steps: u32,
+        loss: f32,
+        nnz: u32,
+        bytes: u64,
+    },
+    Reject {
+        t: f64,
+        client: ClientId,
+        seq: u64,
+        field: String,
+        reason: String,
+    },
+    Ack {
+        t: f64,
+        client: ClientId,
+        push: PushId,
+        seq: u64,
+    },
+    Drop {
+        t: f64,
+        client: ClientId,
+        push: PushId,
+        seq: u64,
+        reason: String,
+    },
+    Aggregate {
+        t: f64,
+        /// The version this step produced.
+        version: u64,
+        items: Vec<AggregatedPush>,
+        agg_seconds: f64,
+        topk_seconds: f64,
+        /// Entries in the Delta broadcast after this step (none if it did not broadcast).
+        delta_nnz: Option<u64>,
+    },
+    RoundDropped {
+        t: f64,
+        client: ClientId,
+        round: u64,
+        reason: String,
+    },
+    Directive {
+        t: f64,
+        client: ClientId,
+        directive: Directive,
+    },
+    Eval {
+        t: f64,
+        client: ClientId,
+        version: u64,
+        accuracy: f64,
+        loss: f64,
+    },
+    Skip {
+        t: f64,
+        client: ClientId,
+        round: u64,
+        loss: f64,
+    },
+}
+
+/// A bounded event log: the newest `cap` events, numbered from the first ever recorded.
+pub struct Record {
+    events: std::collections::VecDeque<Event>,
+    /// Number of the oldest event held.
+    first: usize,
+    cap: usize,
+    /// Staleness at aggregation, counted over the whole run (0..=64, then 65+ in the last).
+    staleness: Vec<u64>,
+}
+
+/// Staleness histogram buckets: 0 to 64, and a last bucket for anything larger.
+pub const STALENESS_BUCKETS: usize = 66;
+
+impl Record {
+    pub fn new(cap: usize) -> Self {
+        Self { events: Default::default(), first: 0, cap, staleness: vec![0; STALENESS_BUCKETS] }
+    }
+
+    pub fn push(&mut self, e: Event) {
+        if let Event::Aggregate { items, .. } = &e {
+            for i in items {
+                self.staleness[(i.staleness as usize).min(STALENESS_BUCKETS - 1)] += 1;
+            }
+        }
+        if self.events.len() == self.cap {
+            self.events.pop_front();
+            self.first += 1;
+        }
+        self.events.push_back(e);
+    }
+
+    /// Events numbered `since` and later, and the number to ask from next time.
+    pub fn since(&self, since: usize) -> (usize, Vec<Event>) {
+        let skip = since.saturating_sub(self.first);
+        (self.first + self.events.len(), self.events.iter().skip(skip).cloned().collect())
+    }
+
+    /// Aggregated updates per staleness (index = staleness; the last bucket is 65 and more).
+    pub fn staleness_histogram(&self) -> Vec<u64> {
+        self.staleness.clone()
+    }
+}

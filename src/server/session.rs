@@ -1,0 +1,302 @@
+//! One WebSocket session: handshake, then frames in (validated) and frames out (from the outbox).
+//!
+//! The handshake must complete within the handshake timeout: a Hello text frame whose protocol
+//! version, client id, model and token are right. After it, binary frames are Pushes, validated
+//! completely before anything sized by the client is allocated; text frames are control
+//! messages. A bad Push gets a Reject naming the Push and the field; a bad frame an Error naming
+//! the field; neither affects any other session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use super::Shared;
+use super::coordinator::Inbound;
+use super::outbox::{Next, Outbound, Outbox};
+use crate::policy::ClientId;
+use crate::protocol::frame::{PushLimits, PushView};
+use crate::protocol::message::{ClientMessage, HandshakeError, Hello, Reject, ServerMessage, parse_hello};
+
+/// Runs a session to its end.
+pub async fn run<S>(ws: WebSocketStream<S>, shared: Arc<Shared>, peer: std::net::SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = ws.split();
+    let handshake = Duration::from_secs_f64(shared.cfg.handshake_timeout_s);
+
+    // 1. Handshake.
+    let first = tokio::time::timeout(handshake, stream.next()).await;
+    let hello: Result<Hello, (String, HandshakeError)> = match first {
+        Err(_) => {
+            shared.metrics.refused("handshake_timeout");
+            let _ = send_error(&mut sink, "handshake", "no hello within the handshake timeout", true).await;
+            return;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(Message::Text(t)))) => {
+            parse_hello(t.as_str(), &shared.layout.name).map_err(|e| (t.to_string(), e))
+        }
+        Ok(Some(Ok(Message::Binary(_)))) => {
+            shared.metrics.refused("handshake");
+            let _ = send_error(
+                &mut sink,
+                "handshake",
+                "binary frame before handshake: the first message must be a hello text frame",
+                true,
+            )
+            .await;
+            return;
+        }
+        Ok(Some(Ok(_))) => Err((String::new(), HandshakeError::NotHello)),
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err((_, e)) => {
+            shared.metrics.refused(e.field());
+            tracing::info!(%peer, field = e.field(), "handshake refused: {e}");
+            let _ = send_error(&mut sink, e.field(), &e.to_string(), true).await;
+            return;
+        }
+    };
+    if !shared.auth.check(&hello.client_id, hello.token.as_deref()) {
+        shared.metrics.refused("token");
+        tracing::info!(%peer, client = %hello.client_id, "handshake refused: missing or invalid token");
+        let _ = send_error(&mut sink, "token", &HandshakeError::Token.to_string(), true).await;
+        return;
+    }
+
+    // 2. Join.
+    let outbox = Arc::new(Outbox::new(shared.cfg.max_pending_bytes));
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let name = hello.client_id.clone();
+    if shared.tx.send(Inbound::Join { hello, outbox: outbox.clone(), reply: reply_tx }).await.is_err() {
+        let _ = send_error(&mut sink, "server", "server is shutting down", true).await;
+        return;
+    }
+    let client = match reply_rx.await {
+        Ok(Ok(id)) => id,
+        Ok(Err(reason)) => {
+            let _ = send_error(&mut sink, "server", &reason, true).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    shared.metrics.session_opened();
+
+    // 3. Writer: outbox → socket.
+    let writer_tx = shared.tx.clone();
+    let writer_outbox = outbox.clone();
+    let mut writer = tokio::spawn(async move {
+        let mut resync_asked = false;
+        loop {
+            match writer_outbox.next(&mut resync_asked).await {
+                Next::Send(Outbound::Text(t)) => sink.send(Message::text(t)).await?,
+                Next::Send(
+                    Outbound::Binary(b)
+                    | Outbound::Delta { frame: b, .. }
+                    | Outbound::Snapshot { frame: b, .. },
+                ) => sink.send(Message::Binary(b)).await?,
+                Next::Send(Outbound::Close(reason)) => {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: truncate(&reason, 120).into() };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    let _ = sink.close().await;
+                    return Ok::<(), WsError>(());
+                }
+                Next::Closed => {
+                    let _ = sink.close().await;
+                    return Ok(());
+                }
+                Next::Resync(have) => {
+                    if writer_tx.send(Inbound::Resync { client, have }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    });
+
+    // 4. Reader: socket → validation → coordinator.
+    let reader = read_loop(&mut stream, &shared, client, &outbox);
+    let reason = tokio::select! {
+        r = reader => r,
+        w = &mut writer => match w {
+            Ok(Ok(())) => "closed by server".to_string(),
+            Ok(Err(e)) => format!("write failed: {e}"),
+            Err(e) => format!("writer task failed: {e}"),
+        },
+        _ = shared.shutdown_started() => "server shutting down".to_string(),
+    };
+    let _ = shared.tx.send(Inbound::Leave { client, reason: reason.clone() }).await;
+    // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it.
+    outbox.close(reason.clone());
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+        writer.abort();
+    }
+    shared.metrics.session_closed();
+    tracing::debug!(client, %name, %reason, "session ended");
+}
+
+/// Reads frames until the socket closes or the session must end; returns why it ended.
+async fn read_loop<S>(
+    stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
+    shared: &Shared,
+    client: ClientId,
+    outbox: &Outbox,
+) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle = Duration::from_secs_f64(shared.cfg.idle_timeout_s);
+    let limits = PushLimits { num_params: shared.num_params, max_nnz: shared.max_nnz };
+    let mut rate = RateLimiter::new(shared.cfg.max_push_rate);
+    loop {
+        let msg = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => {
+                error_to(outbox, "idle", "no message within the idle timeout", true);
+                return "idle timeout".into();
+            }
+            Ok(None) => return "connection closed".into(),
+            Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
+                shared.metrics.rejected("frame");
+                error_to(
+                    outbox,
+                    "frame",
+                    &format!("frame of {size} bytes exceeds max_frame_bytes {max_size}"),
+                    true,
+                );
+                return "oversized frame".into();
+            }
+            Ok(Some(Err(e))) => return format!("connection error: {e}"),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Binary(frame) => handle_push(frame, shared, client, outbox, &limits, &mut rate).await,
+            Message::Text(text) => match serde_json::from_str::<ClientMessage>(text.as_str()) {
+                Ok(ClientMessage::Hello(_)) => error_to(outbox, "handshake", "already joined", false),
+                Ok(ClientMessage::Bye { reason }) => return format!("client said bye: {reason}"),
+                Ok(ClientMessage::SnapshotRequest) => outbox.mark_lagging(),
+                Ok(ClientMessage::Eval(report)) => {
+                    let _ = shared.tx.send(Inbound::Eval { client, report }).await;
+                }
+                Ok(ClientMessage::Skip(report)) => {
+                    let _ = shared.tx.send(Inbound::Skip { client, report }).await;
+                }
+                Ok(ClientMessage::RoundTime { seconds, steps }) => {
+                    let _ = shared.tx.send(Inbound::RoundTime { client, seconds, steps }).await;
+                }
+                Err(e) => error_to(outbox, "json", &format!("malformed control message: {e}"), false),
+            },
+            Message::Close(_) => return "client closed".into(),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+}
+
+async fn handle_push(
+    frame: Bytes,
+    shared: &Shared,
+    client: ClientId,
+    outbox: &Outbox,
+    limits: &PushLimits,
+    rate: &mut RateLimiter,
+) {
+    match PushView::decode(&frame, limits) {
+        Ok(view) => {
+            if !rate.allow(tokio::time::Instant::now()) {
+                shared.metrics.rejected("rate");
+                let reason = format!("push rate exceeds max_push_rate {}/s", shared.cfg.max_push_rate);
+                reject_to(outbox, view.header.seq, "rate", &reason);
+                return;
+            }
+            let header = view.header;
+            // The frame moves to the coordinator as is: no copy of the arrays.
+            let _ = shared.tx.send(Inbound::Push { client, header, frame }).await;
+        }
+        Err(e) => {
+            shared.metrics.rejected(e.field());
+            match PushView::peek_header(&frame) {
+                Ok(h) if e.header_was_readable() => reject_to(outbox, h.seq, e.field(), &e.to_string()),
+                _ => error_to(outbox, e.field(), &e.to_string(), false),
+            }
+        }
+    }
+}
+
+fn error_to(outbox: &Outbox, field: &str, message: &str, fatal: bool) {
+    outbox.push(Outbound::Text(ServerMessage::error(field, message, fatal).to_json()));
+}
+
+fn reject_to(outbox: &Outbox, seq: u64, field: &str, reason: &str) {
+    outbox.push(Outbound::Text(
+        ServerMessage::Reject(Reject { seq, field: field.into(), reason: reason.into() }).to_json(),
+    ));
+}
+
+/// Sends an Error straight to the socket (before a session has an outbox) and closes.
+async fn send_error<S>(
+    sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    field: &str,
+    message: &str,
+    fatal: bool,
+) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    sink.send(Message::text(ServerMessage::error(field, message, fatal).to_json())).await?;
+    if fatal {
+        let frame = CloseFrame { code: CloseCode::Policy, reason: truncate(message, 120).into() };
+        sink.send(Message::Close(Some(frame))).await?;
+    }
+    sink.flush().await
+}
+
+/// Close reasons must fit a control frame (125 bytes).
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Token bucket: `rate` pushes per second, bursts of up to max(1, rate) pushes.
+struct RateLimiter {
+    rate: f64,
+    tokens: f64,
+    last: Option<tokio::time::Instant>,
+}
+
+impl RateLimiter {
+    fn new(rate: f64) -> Self {
+        Self { rate, tokens: rate.max(1.0), last: None }
+    }
+
+    fn allow(&mut self, now: tokio::time::Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        if let Some(last) = self.last {
+            self.tokens = (self.tokens + (now - last).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

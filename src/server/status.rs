@@ -1,0 +1,102 @@
+//! What `/api/status` reports, published by the coordinator.
+
+use serde::Serialize;
+
+use super::coordinator::EvalPoint;
+use crate::engine::EngineInfo;
+use crate::policy::ClientId;
+use crate::protocol::message::{ClientKind, Directive, Role, SessionSettings};
+
+/// One connected client.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientStatus {
+    pub session: ClientId,
+    pub client_id: String,
+    pub kind: ClientKind,
+    pub role: Role,
+    pub device: Option<String>,
+    pub connected_s: f64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Pushes of this client that were aggregated.
+    pub commits: u64,
+    pub bytes_in: u64,
+    pub last_staleness: u64,
+    pub last_loss: f32,
+    pub lagging: bool,
+    pub queued_bytes: u64,
+    /// The settings the policy gave this client.
+    pub directive: Directive,
+}
+
+/// The server's state, as `/api/status` serves it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub model: String,
+    pub params: u64,
+    /// Model version t.
+    pub version: u64,
+    /// Public replica version (what clients hold).
+    pub replica_version: u64,
+    pub uptime_s: f64,
+    pub engine: EngineInfo,
+    pub policy: String,
+    pub policy_state: serde_json::Value,
+    pub settings: SessionSettings,
+    pub clients: Vec<ClientStatus>,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub aggregated: u64,
+    pub steps: u64,
+    pub pending: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Seconds spent in aggregation kernels (engine.aggregate) and in broadcast (Top-k).
+    pub aggregate_seconds: f64,
+    pub topk_seconds: f64,
+    /// Update bytes aggregated (indices and values).
+    pub aggregate_bytes: u64,
+    /// The evaluator's reports (newest 500).
+    pub evals: Vec<EvalPoint>,
+    /// Aggregated updates per staleness (last bucket: 65 and more).
+    pub staleness_histogram: Vec<u64>,
+}
+
+impl Status {
+    /// The status before the coordinator's first publication.
+    pub fn empty(layout: &crate::protocol::model::ModelLayout, engine: &EngineInfo) -> Self {
+        Self {
+            model: layout.name.clone(),
+            params: layout.num_params() as u64,
+            version: 0,
+            replica_version: 0,
+            uptime_s: 0.0,
+            engine: engine.clone(),
+            policy: String::new(),
+            policy_state: serde_json::Value::Null,
+            settings: SessionSettings {
+                policy: String::new(),
+                rho_up: 0.0,
+                rho_down: 0.0,
+                max_staleness: 0,
+                max_nnz: 0,
+                max_frame_bytes: 0,
+                max_delta_chain: 0,
+                max_push_rate: 0.0,
+            },
+            clients: Vec::new(),
+            accepted: 0,
+            rejected: 0,
+            aggregated: 0,
+            steps: 0,
+            pending: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            aggregate_seconds: 0.0,
+            topk_seconds: 0.0,
+            aggregate_bytes: 0,
+            evals: Vec::new(),
+            staleness_histogram: Vec::new(),
+        }
+    }
+}

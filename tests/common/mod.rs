@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: in-process servers on 127.0.0.1:0, protocol-level
+//! clients, random sparse updates.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use half::f16;
+use sparsync::client::{ClientOptions, Connection, Event};
+use sparsync::config::ServerConfig;
+use sparsync::engine::Aggregator;
+use sparsync::protocol::frame::PushHeader;
+use sparsync::protocol::message::Ack;
+use sparsync::protocol::model::{ModelLayout, SplitMix64, TensorSpec};
+use sparsync::server::ServerHandle;
+
+/// A one-tensor layout of `n` parameters.
+pub fn layout(n: usize) -> ModelLayout {
+    ModelLayout { name: "test".into(), tensors: vec![TensorSpec::new("w", &[n])] }
+}
+
+/// Random initial values in [-1, 1).
+pub fn init(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    (0..n).map(|_| r.next_unit_f32() * 2.0 - 1.0).collect()
+}
+
+/// Starts a server on a free loopback port with the given engine.
+pub async fn start(cfg: ServerConfig, n: usize, engine: Box<dyn Aggregator>) -> ServerHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    sparsync::server::start_with(cfg, listener, layout(n), engine).await.expect("server starts")
+}
+
+pub fn url(h: &ServerHandle) -> String {
+    format!("ws://{}/ws", h.addr)
+}
+
+pub fn options(h: &ServerHandle, id: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(url(h), id, "test");
+    o.timeout = Duration::from_secs(20);
+    o
+}
+
+pub async fn connect(h: &ServerHandle, id: &str) -> Connection {
+    Connection::connect(&options(h, id)).await.expect("client connects")
+}
+
+/// `nnz` distinct ascending indices below `n` and random f16 values in [-scale, scale).
+pub fn random_update(rng: &mut SplitMix64, n: usize, nnz: usize, scale: f32) -> (Vec<u32>, Vec<f16>) {
+    let nnz = nnz.min(n);
+    // Floyd's algorithm for a uniform subset.
+    let mut set = std::collections::BTreeSet::new();
+    for j in (n - nnz)..n {
+        let t = (rng.next_u64() % (j as u64 + 1)) as usize;
+        if !set.insert(t as u32) {
+            set.insert(j as u32);
+        }
+    }
+    let idx: Vec<u32> = set.into_iter().collect();
+    let vals = idx.iter().map(|_| f16::from_f32((rng.next_unit_f32() * 2.0 - 1.0) * scale)).collect();
+    (idx, vals)
+}
+
+pub fn header(base_version: u64, seq: u64, nnz: usize) -> PushHeader {
+    PushHeader { base_version, seq, samples: 16, local_steps: 1, loss: 1.0, nnz: nnz as u32 }
+}
+
+/// Reads events until `pred` returns Some.
+pub async fn wait_for<T>(c: &mut Connection, mut pred: impl FnMut(&Event) -> Option<T>) -> T {
+    loop {
+        let e = c.next_event().await.expect("event");
+        if let Some(t) = pred(&e) {
+            return t;
+        }
+    }
+}
+
+/// Waits for the Ack (or panics on a Reject) of `seq`.
+pub async fn wait_ack(c: &mut Connection, seq: u64) -> Ack {
+    wait_for(c, |e| match e {
+        Event::Ack(a) if a.seq == seq => Some(a.clone()),
+        Event::Reject(r) if r.seq == seq => panic!("push {seq} rejected: {r:?}"),
+        _ => None,
+    })
+    .await
+}
+
+/// Reads events until the replica reaches `version`.
+pub async fn catch_up(c: &mut Connection, version: u64) {
+    while c.replica.version() != Some(version) {
+        c.next_event().await.expect("event while catching up");
+    }
+}
+
+/// Bit patterns of a vector, for exact comparisons with readable failures.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}

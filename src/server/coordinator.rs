@@ -28,6 +28,9 @@ use crate::protocol::message::{
 };
 use crate::protocol::model::ModelLayout;
 
+/// Shortest time between two status publications.
+const STATUS_PERIOD: Duration = Duration::from_millis(100);
+
 /// Messages from sessions (and the server) to the coordinator.
 pub enum Inbound {
     Join {
@@ -145,6 +148,8 @@ pub struct Coordinator {
     record: Record,
     status_tx: watch::Sender<Arc<Status>>,
     last_status: Option<Instant>,
+    /// Something changed since the last status publication.
+    status_dirty: bool,
     counters: Counters,
     evals: Vec<EvalPoint>,
     weights: Vec<f32>,
@@ -212,6 +217,7 @@ impl Coordinator {
             record: Record::new(500_000),
             status_tx: p.status_tx,
             last_status: None,
+            status_dirty: false,
             counters: Counters::default(),
             evals: Vec::new(),
             weights: Vec::new(),
@@ -228,12 +234,14 @@ impl Coordinator {
     pub async fn run(mut self) {
         loop {
             let wake = self.policy.next_wakeup().map(|d| self.started + d);
+            let status_due = self.status_dirty.then(|| self.last_status.map(|t| t + STATUS_PERIOD)).flatten();
             let msg = tokio::select! {
                 m = self.rx.recv() => match m {
                     Some(m) => Some(m),
                     None => break,
                 },
                 _ = sleep_until(wake) => None,
+                _ = sleep_until(status_due) => None,
             };
             let mut stop = false;
             if let Some(m) = msg {
@@ -797,11 +805,15 @@ impl Coordinator {
         self.with_engine(|e| e.read_state()).await
     }
 
+    /// Publishes the status at most every [`STATUS_PERIOD`]; a change inside the period is
+    /// published when it ends.
     fn publish_status(&mut self, force: bool) {
         let now = Instant::now();
-        if !force && self.last_status.is_some_and(|t| now - t < Duration::from_millis(100)) {
+        if !force && self.last_status.is_some_and(|t| now - t < STATUS_PERIOD) {
+            self.status_dirty = true;
             return;
         }
+        self.status_dirty = false;
         self.last_status = Some(now);
         self.metrics.queues(self.rx.len(), self.pending.len());
         let uptime = self.now().as_secs_f64();

@@ -180,7 +180,9 @@ impl Outbox {
         if g.closed {
             return;
         }
-        g.queue.push_back(Outbound::Close(reason.into()));
+        let msg = Outbound::Close(reason.into());
+        g.bytes += msg.len();
+        g.queue.push_back(msg);
         g.closed = true;
         drop(g);
         self.notify.notify_one();
@@ -249,6 +251,19 @@ mod tests {
         assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Snapshot { version: 3, .. })));
         assert!(o.push_delta(3, 4, frame(10)));
         assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Delta { version: 4, .. })));
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn close_is_accounted_and_ends_the_queue() {
+        let o = Outbox::new(1000);
+        o.push(Outbound::Text("bye".into()));
+        o.close("shutting down");
+        o.push(Outbound::Text("ignored after close".into()));
+        let mut asked = false;
+        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Text(_))));
+        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Close(_))));
+        assert!(matches!(o.next(&mut asked).await, Next::Closed));
         assert_eq!(o.queued_bytes(), 0);
     }
 

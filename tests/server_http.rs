@@ -1,0 +1,63 @@
+//! The server as a user starts it: `--init` from safetensors, `/api/status`, `/metrics`.
+
+mod common;
+
+use common::*;
+use sparsync::client::{ClientOptions, Connection};
+use sparsync::config::{EngineChoice, ServerConfig};
+use sparsync::protocol::model::{ModelLayout, TensorSpec};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_safetensors_model_and_reports_status() {
+    let layout = ModelLayout {
+        name: "tiny".into(),
+        tensors: vec![
+            TensorSpec::new("enc.w", &[6, 4]),
+            TensorSpec::new("enc.b", &[4]),
+            TensorSpec::new("head", &[4, 3]),
+        ],
+    };
+    let values: Vec<f32> = (0..layout.num_params()).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.safetensors");
+    std::fs::write(&path, layout.to_safetensors(&values).unwrap()).unwrap();
+
+    let cfg = ServerConfig { init: Some(path), engine: EngineChoice::Cpu, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = sparsync::server::start(cfg, listener).await.unwrap();
+    let mut opts = ClientOptions::new(format!("ws://{}/ws", h.addr), "c1", "tiny");
+    opts.kind = sparsync::protocol::message::ClientKind::Native;
+    let mut c = Connection::connect(&opts).await.unwrap();
+    assert_eq!(c.welcome.layout, layout.tensors, "layout in file order from the metadata");
+    assert_eq!(c.welcome.params, 40);
+    assert_eq!(c.replica.values(), &values[..]);
+
+    c.push(&header(0, 1, 2), &[0, 39], &[half::f16::from_f32(1.0), half::f16::from_f32(-1.0)]).await.unwrap();
+    wait_ack(&mut c, 1).await;
+    catch_up(&mut c, 1).await;
+    // The status is published at most every 100 ms.
+    let mut status = None;
+    for _ in 0..100 {
+        let (code, body) = http_get(h.addr, "/api/status").await;
+        assert_eq!(code, 200);
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if s["version"] == 1 && s["clients"].as_array().is_some_and(|a| a.len() == 1) {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let s = status.expect("status shows the client and version 1");
+    assert_eq!(s["model"], "tiny");
+    assert_eq!(s["engine"]["kind"], "cpu");
+    assert_eq!(s["accepted"], 1);
+    assert_eq!(s["clients"][0]["client_id"], "c1");
+    assert_eq!(s["clients"][0]["kind"], "native");
+    let (code, metrics) = http_get(h.addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("sparsync_updates_accepted_total 1"), "{metrics}");
+    let (code, _) = http_get(h.addr, "/nope").await;
+    assert_eq!(code, 404);
+    c.close("done").await;
+    h.shutdown("done").await.unwrap();
+}

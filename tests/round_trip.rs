@@ -6,10 +6,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::gpu;
 use common::*;
 use proptest::prelude::*;
 use sparsync::config::ServerConfig;
 use sparsync::engine::cpu::CpuAggregator;
+use sparsync::engine::gpu::{GpuAggregator, GpuOptions};
 use sparsync::engine::{Aggregator, OptimizerSettings};
 use sparsync::protocol::model::SplitMix64;
 
@@ -33,6 +35,14 @@ type EngineFactory = fn(Vec<f32>, OptimizerSettings) -> Box<dyn Aggregator>;
 
 fn cpu(values: Vec<f32>, opt: OptimizerSettings) -> Box<dyn Aggregator> {
     Box::new(CpuAggregator::new(values, opt))
+}
+
+/// The GPU engine in deterministic mode on the shared device, in chunks of 1000 so that
+/// updates and Deltas cross chunk boundaries.
+fn gpu_engine(values: Vec<f32>, opt: OptimizerSettings) -> Box<dyn Aggregator> {
+    let ctx = gpu::shared().expect("checked by the caller");
+    let opts = GpuOptions { chunk_elems: Some(1000), ..Default::default() };
+    Box::new(GpuAggregator::with_context(ctx, &values, opt, &opts).expect("GPU engine"))
 }
 
 /// Runs a script against a fresh server and checks both replicas against x̂.
@@ -97,6 +107,62 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(run_script(ops, 3000, seed, momentum, cpu));
     }
+
+    #[test]
+    fn replicas_equal_server_replica_on_the_gpu_engine(
+        ops in prop::collection::vec(op(), 1..30),
+        seed in any::<u64>(),
+        momentum in prop_oneof![Just(0.0f32), Just(0.9f32)],
+    ) {
+        if gpu::shared().is_some() {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(run_script(ops, 3000, seed, momentum, gpu_engine));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_runs_on_the_gpu_engine_end_to_end() {
+    if gpu::shared().is_none() {
+        return;
+    }
+    let cfg = ServerConfig {
+        model: "logreg".into(),
+        engine: sparsync::config::EngineChoice::Gpu,
+        chunk_elems: Some(3000),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = sparsync::server::start(cfg, listener).await.unwrap();
+    assert_eq!(h.status().engine.kind, "gpu");
+    let opts = |id: &str| {
+        let mut o = sparsync::client::ClientOptions::new(format!("ws://{}/ws", h.addr), id, "logreg");
+        o.timeout = Duration::from_secs(30);
+        o
+    };
+    let mut a = sparsync::client::Connection::connect(&opts("a")).await.unwrap();
+    let mut b = sparsync::client::Connection::connect(&opts("b")).await.unwrap();
+    let mut rng = SplitMix64::new(4);
+    for seq in 1..=5u64 {
+        for c in [&mut a, &mut b] {
+            let (idx, vals) = random_update(&mut rng, 7850, 80, 0.2);
+            let base = c.version();
+            c.push(&header(base, seq, idx.len()), &idx, &vals).await.unwrap();
+            wait_ack(c, seq).await;
+        }
+    }
+    let state = loop {
+        let s = h.state().await.unwrap();
+        if h.status().aggregated == 10 && s.replica_version == s.version {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for c in [&mut a, &mut b] {
+        catch_up(c, state.replica_version).await;
+        assert_eq!(bits(c.replica.values()), bits(&state.replica));
+    }
+    h.shutdown("done").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

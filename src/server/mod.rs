@@ -100,12 +100,14 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
         EngineChoice::Cpu => Ok(Box::new(CpuAggregator::new(values, opt))),
         EngineChoice::Gpu | EngineChoice::Auto => {
             let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
-            let e = crate::engine::EngineError::NoAdapter(": the GPU engine is not built yet".into());
-            if require {
-                return Err(e.into());
+            match crate::engine::gpu::GpuAggregator::from_config(cfg, &values, opt) {
+                Ok(g) => Ok(Box::new(g)),
+                Err(e) if !require => {
+                    tracing::warn!(error = %e, "no usable GPU: falling back to the CPU engine");
+                    Ok(Box::new(CpuAggregator::new(values, opt)))
+                }
+                Err(e) => Err(e.into()),
             }
-            tracing::warn!(error = %e, "falling back to the CPU engine");
-            Ok(Box::new(CpuAggregator::new(values, opt)))
         }
     }
 }

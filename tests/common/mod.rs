@@ -2,6 +2,8 @@
 //! clients, random sparse updates.
 #![allow(dead_code)]
 
+pub mod gpu;
+
 use std::time::Duration;
 
 use half::f16;

@@ -1,0 +1,157 @@
+//! Adapter choice and device setup.
+
+use std::sync::Arc;
+
+use super::super::EngineError;
+
+/// How to pick and configure the device.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceOptions {
+    /// Only adapters whose name contains this (case-insensitive).
+    pub adapter: Option<String>,
+    /// Do not use SHADER_F16 even when offered (tests the fallback path).
+    pub no_f16: bool,
+    /// Do not use SHADER_FLOAT32_ATOMIC even when offered (tests the compare-exchange path).
+    pub no_float_atomics: bool,
+}
+
+/// A device and what it can do.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// SHADER_F16 is enabled.
+    pub f16: bool,
+    /// SHADER_FLOAT32_ATOMIC is enabled.
+    pub float_atomics: bool,
+    /// TIMESTAMP_QUERY is enabled.
+    pub timestamps: bool,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({} on {:?})", self.info.name, self.info.backend)
+    }
+}
+
+/// Rank of an adapter: discrete GPUs first, CPU adapters last; native APIs before GL.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+/// Lists every adapter wgpu finds: (name, backend, type).
+pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = instance();
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .iter()
+        .map(|a| a.get_info())
+        .collect()
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+    desc.flags = wgpu::InstanceFlags::empty().with_env();
+    wgpu::Instance::new(desc)
+}
+
+/// Picks the best adapter (or the one named) and opens a device on it.
+pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
+    let instance = instance();
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let names: Vec<String> =
+        adapters.iter().map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend)).collect();
+    if let Some(want) = &opts.adapter {
+        let want = want.to_lowercase();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want));
+        if adapters.is_empty() {
+            return Err(EngineError::NoAdapter(format!(
+                " matching {want:?}; adapters present: {}",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            )));
+        }
+    }
+    // Compute needs storage buffers in compute shaders: GL adapters without them are skipped.
+    adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 7);
+    adapters.sort_by_key(|a| rank(&a.get_info()));
+    let adapter = adapters.into_iter().next().ok_or_else(|| {
+        let hint = if cfg!(target_os = "linux") {
+            " (on Linux without a GPU, install mesa-vulkan-drivers for lavapipe)"
+        } else {
+            ""
+        };
+        EngineError::NoAdapter(format!(
+            "{hint}; adapters present: {}",
+            if names.is_empty() { "none".into() } else { names.join(", ") }
+        ))
+    })?;
+    let info = adapter.get_info();
+    let offered = adapter.features();
+    let mut wanted = wgpu::Features::empty();
+    if !opts.no_f16 {
+        wanted |= wgpu::Features::SHADER_F16;
+    }
+    if !opts.no_float_atomics {
+        wanted |= wgpu::Features::SHADER_FLOAT32_ATOMIC;
+    }
+    wanted |= wgpu::Features::TIMESTAMP_QUERY;
+    let features = offered & wanted;
+    let limits = adapter.limits();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("sparsync"),
+        required_features: features,
+        required_limits: limits.clone(),
+        experimental_features: wgpu::ExperimentalFeatures::disabled(),
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }))
+    .map_err(|e| EngineError::Device(e.to_string()))?;
+    let ctx = GpuContext {
+        device,
+        queue,
+        f16: features.contains(wgpu::Features::SHADER_F16),
+        float_atomics: features.contains(wgpu::Features::SHADER_FLOAT32_ATOMIC),
+        timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        info,
+        limits,
+    };
+    tracing::info!(
+        adapter = %ctx.info.name,
+        backend = ?ctx.info.backend,
+        device_type = ?ctx.info.device_type,
+        driver = %ctx.info.driver,
+        max_storage_binding = ctx.limits.max_storage_buffer_binding_size,
+        max_buffer = ctx.limits.max_buffer_size,
+        shader_f16 = ctx.f16,
+        float32_atomics = ctx.float_atomics,
+        "GPU device opened"
+    );
+    Ok(Arc::new(ctx))
+}
+
+impl GpuContext {
+    /// Blocks until the queue is idle.
+    pub fn wait(&self) -> Result<(), EngineError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| EngineError::Gpu(e.to_string()))
+    }
+
+    /// Largest storage binding, in bytes (rounded down to a multiple of 256).
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size) & !255
+    }
+}

@@ -16,7 +16,8 @@ use crate::policy::staleness::WeightingKind;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineChoice {
-    /// The GPU engine when an adapter exists, else the CPU engine (with a warning).
+    /// The GPU engine when a hardware adapter exists, else the CPU engine (with a warning).
+    /// Software adapters (lavapipe) are only used with `gpu`.
     Auto,
     Gpu,
     Cpu,
@@ -182,7 +183,7 @@ settings! {
     data_dir: opt PathBuf = "auto", "Fashion-MNIST IDX directory for browser shards (auto: Debian's, else the embedded subset)";
 
     ["Engine"]
-    engine: val EngineChoice = "auto", "Aggregation engine: auto, gpu or cpu";
+    engine: val EngineChoice = "auto", "Aggregation engine: auto (a hardware GPU if present, else CPU), gpu (any adapter, lavapipe included) or cpu";
     adapter: opt String = "best", "GPU adapter whose name contains this text";
     require_gpu: flag bool = "false", "Fail instead of falling back to the CPU engine when no adapter is found";
     gpu_mode: val GpuMode = "deterministic", "GPU aggregation mode: deterministic (bit-identical to CPU) or fast (atomics)";

@@ -13,10 +13,12 @@
 //! 5. [`client`]: the protocol-level client that tests, the load generator and the native
 //!    training client build on.
 //!
-//! [`config`] holds every server setting.
+//! [`config`] holds every server setting; [`bench`] measures the kernels and the server.
 
 pub mod protocol;
 
+#[cfg(feature = "server")]
+pub mod bench;
 #[cfg(feature = "server")]
 pub mod client;
 #[cfg(feature = "server")]

@@ -271,6 +271,23 @@ impl Scatter {
         Ok(())
     }
 
+    /// Uploads `batch` and prepares its dispatches without running them (benchmarks time the
+    /// kernel apart from the upload). The batch must fit one input buffer.
+    pub fn prepare(
+        &mut self,
+        batch: &[UpdateRef<'_>],
+        chunks: &[ScatterChunk<'_>],
+        chunks_id: u64,
+        fast: bool,
+    ) -> Result<Plan, EngineError> {
+        let all = units(batch, self.max_input);
+        let bytes: u64 = all.iter().map(Unit::bytes).sum();
+        if bytes > self.max_input {
+            return Err(EngineError::Gpu(format!("batch of {bytes} bytes exceeds one input buffer")));
+        }
+        Ok(self.plan_units(&all, bytes, chunks, chunks_id, fast))
+    }
+
     fn run_units(
         &mut self,
         units: &[Unit<'_>],
@@ -279,6 +296,38 @@ impl Scatter {
         chunks_id: u64,
         fast: bool,
     ) -> Result<(), EngineError> {
+        let plan = self.plan_units(units, bytes, chunks, chunks_id, fast);
+        self.dispatch(&plan);
+        Ok(())
+    }
+
+    /// Encodes and submits a prepared scatter.
+    pub fn dispatch(&self, plan: &Plan) {
+        let mut enc = util::encoder(&self.ctx, "aggregate");
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("aggregate"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(if plan.fast { &self.fast } else { &self.det });
+            let groups = if plan.fast { &self.fast_groups } else { &self.det_groups };
+            for &(ci, slot, count) in &plan.dispatches {
+                pass.set_bind_group(0, &groups[ci], &[slot]);
+                let (x, y) = util::grid(count);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+    }
+
+    fn plan_units(
+        &mut self,
+        units: &[Unit<'_>],
+        bytes: u64,
+        chunks: &[ScatterChunk<'_>],
+        chunks_id: u64,
+        fast: bool,
+    ) -> Plan {
         // Where each unit's words start, and each unit's range in each chunk.
         let mut words = Vec::with_capacity(units.len());
         let mut at = 0u64;
@@ -298,10 +347,9 @@ impl Scatter {
             self.ctx.queue.write_buffer(&self.input, off + u.indices.len() as u64, u.values);
         }
         self.slots.clear();
-        let mut enc = util::encoder(&self.ctx, "aggregate");
+        let mut dispatches = Vec::new();
         if fast {
             let mut table = Vec::with_capacity(nseg);
-            let mut per_chunk = Vec::new();
             for (ci, c) in chunks.iter().enumerate() {
                 let first = table.len() as u32;
                 let mut total = 0u32;
@@ -321,28 +369,14 @@ impl Scatter {
                 }
                 let count = table.len() as u32 - first;
                 let slot = self.slots.push(&FastParams { first, count, total, chunk_base: c.base as u32 });
-                per_chunk.push((slot, total));
+                if total > 0 {
+                    dispatches.push((ci, slot, total as u64));
+                }
             }
             if !table.is_empty() {
                 self.ctx.queue.write_buffer(&self.segs, 0, bytemuck::cast_slice(&table));
             }
-            self.slots.upload(&self.ctx);
-            self.rebuild_groups(chunks, chunks_id);
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("aggregate_fast"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&self.fast);
-            for (ci, &(slot, total)) in per_chunk.iter().enumerate() {
-                if total == 0 {
-                    continue;
-                }
-                pass.set_bind_group(0, &self.fast_groups[ci], &[slot]);
-                let (x, y) = util::grid(total as u64);
-                pass.dispatch_workgroups(x, y, 1);
-            }
         } else {
-            let mut dispatches = Vec::with_capacity(nseg);
             for (ui, u) in units.iter().enumerate() {
                 let (hi_w, lo_w) = split_weight(u.weight);
                 for (ci, c) in chunks.iter().enumerate() {
@@ -363,22 +397,21 @@ impl Scatter {
                     dispatches.push((ci, slot, (hi - lo) as u64));
                 }
             }
-            self.slots.upload(&self.ctx);
-            self.rebuild_groups(chunks, chunks_id);
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("aggregate"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&self.det);
-            for (ci, slot, count) in dispatches {
-                pass.set_bind_group(0, &self.det_groups[ci], &[slot]);
-                let (x, y) = util::grid(count);
-                pass.dispatch_workgroups(x, y, 1);
-            }
         }
-        self.ctx.queue.submit([enc.finish()]);
-        Ok(())
+        self.slots.upload(&self.ctx);
+        self.rebuild_groups(chunks, chunks_id);
+        Plan { fast, dispatches, entries: units.iter().map(|u| u.nnz as u64).sum(), bytes }
     }
+}
+
+/// A scatter ready to dispatch: (chunk, uniform slot, entries) per dispatch.
+pub struct Plan {
+    fast: bool,
+    dispatches: Vec<(usize, u32, u64)>,
+    /// Entries over the whole batch.
+    pub entries: u64,
+    /// Payload bytes uploaded.
+    pub bytes: u64,
 }
 
 #[cfg(test)]

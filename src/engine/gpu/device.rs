@@ -13,6 +13,9 @@ pub struct DeviceOptions {
     pub no_f16: bool,
     /// Do not use SHADER_FLOAT32_ATOMIC even when offered (tests the compare-exchange path).
     pub no_float_atomics: bool,
+    /// Skip software adapters (a CPU emulating a GPU, such as lavapipe): slower than the CPU
+    /// engine, so `--engine auto` does not pick them.
+    pub hardware_only: bool,
 }
 
 /// A device and what it can do.
@@ -85,6 +88,9 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
     }
     // Compute needs storage buffers in compute shaders: GL adapters without them are skipped.
     adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 7);
+    if opts.hardware_only {
+        adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+    }
     adapters.sort_by_key(|a| rank(&a.get_info()));
     let adapter = adapters.into_iter().next().ok_or_else(|| {
         let hint = if cfg!(target_os = "linux") {

@@ -90,15 +90,19 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 impl GpuAggregator {
     /// Opens the device the config names and uploads the model.
+    ///
+    /// With `--engine auto`, software adapters (lavapipe and the like) are not considered: on
+    /// such a machine the CPU engine is faster.
     pub fn from_config(
         cfg: &ServerConfig,
         values: &[f32],
         opt: OptimizerSettings,
     ) -> Result<Self, EngineError> {
+        let auto = cfg.engine == crate::config::EngineChoice::Auto && !cfg.require_gpu;
         let opts = GpuOptions {
             mode: cfg.gpu_mode,
             chunk_elems: cfg.chunk_elems,
-            device: DeviceOptions { adapter: cfg.adapter.clone(), ..Default::default() },
+            device: DeviceOptions { adapter: cfg.adapter.clone(), hardware_only: auto, ..Default::default() },
         };
         Self::new(values, opt, &opts)
     }
@@ -251,6 +255,31 @@ impl GpuAggregator {
                 self.ctx.queue.write_buffer(pick(c), 0, bytemuck::cast_slice(&part));
             }
         }
+    }
+
+    /// Benchmarks: uploads a batch for [`GpuAggregator::bench_scatter`] (no step is taken).
+    pub fn bench_prepare(
+        &mut self,
+        batch: &[UpdateRef<'_>],
+        fast: bool,
+    ) -> Result<aggregate::Plan, EngineError> {
+        let chunks: Vec<ScatterChunk<'_>> = self
+            .chunks
+            .iter()
+            .map(|c| ScatterChunk { acc: &c.acc, base: c.base as u64, len: c.len as u64 })
+            .collect();
+        self.scatter.prepare(batch, &chunks, self.id, fast)
+    }
+
+    /// Benchmarks: runs the scatter kernels of a prepared batch again (into the accumulators;
+    /// the model is unchanged until the next step).
+    pub fn bench_scatter(&self, plan: &aggregate::Plan) {
+        self.scatter.dispatch(plan);
+    }
+
+    /// Benchmarks: the dense apply alone.
+    pub fn bench_apply(&mut self) {
+        self.dense_step();
     }
 
     /// Waits for all submitted work.

@@ -1,0 +1,372 @@
+//! Kernel benchmarks: the aggregation scatter and the broadcast Top-k, each against a plain
+//! device copy of the same bytes measured in the same run (the bandwidth limit).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use half::f16;
+use serde::Serialize;
+
+use crate::config::GpuMode;
+use crate::engine::cpu::CpuAggregator;
+use crate::engine::gpu::device::GpuContext;
+use crate::engine::gpu::topk::{GpuTopk, TopkChunk};
+use crate::engine::gpu::util::{self, UniformSlots};
+use crate::engine::gpu::{GpuAggregator, GpuOptions, shaders};
+use crate::engine::{Aggregator, EngineError, OptimizerSettings, Selection, UpdateRef, select};
+use crate::protocol::frame::{PushHeader, PushLimits, PushView, encode_push};
+use crate::protocol::model::SplitMix64;
+use crate::protocol::numerics::magnitude_key;
+
+/// Median of repeated timings of `f` (seconds).
+pub fn median_time(reps: usize, mut f: impl FnMut() -> Result<(), EngineError>) -> Result<f64, EngineError> {
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// A device copy kernel (`shaders/copy.wgsl`) over buffers of `bytes` bytes.
+pub struct CopyKernel {
+    ctx: Arc<GpuContext>,
+    pipeline: wgpu::ComputePipeline,
+    groups: Vec<(wgpu::BindGroup, u32, u64)>,
+}
+
+impl CopyKernel {
+    /// Buffers of `bytes` in total, split into pieces of at most one binding.
+    pub fn new(ctx: Arc<GpuContext>, bytes: u64) -> Self {
+        let layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("copy"),
+            entries: &[util::uniform_entry(0), util::read_entry(1), util::rw_entry(2)],
+        });
+        let pipeline = util::pipeline(&ctx, &layout, &shaders::COPY, &[], "main");
+        let piece = ctx.max_binding() & !15;
+        let mut slots = UniformSlots::new(&ctx, "copy.params", 4);
+        let mut parts = Vec::new();
+        let mut left = bytes.next_multiple_of(16).max(16);
+        while left > 0 {
+            let b = left.min(piece);
+            let src = util::storage(&ctx, "copy.src", b, wgpu::BufferUsages::empty());
+            let dst = util::storage(&ctx, "copy.dst", b, wgpu::BufferUsages::empty());
+            let slot = slots.push(&[(b / 16) as u32, 0, 0, 0]);
+            parts.push((src, dst, slot, b / 16));
+            left -= b;
+        }
+        slots.upload(&ctx);
+        let groups = parts
+            .iter()
+            .map(|(src, dst, slot, words)| {
+                let g = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("copy"),
+                    layout: &layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: slots.binding(16) },
+                        util::buf(1, src),
+                        util::buf(2, dst),
+                    ],
+                });
+                (g, *slot, *words)
+            })
+            .collect();
+        Self { ctx, pipeline, groups }
+    }
+
+    /// One copy of every piece; waits for it.
+    pub fn run(&self) -> Result<(), EngineError> {
+        let mut enc = util::encoder(&self.ctx, "copy");
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("copy"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&self.pipeline);
+            for (g, slot, words) in &self.groups {
+                pass.set_bind_group(0, g, &[*slot]);
+                let (x, y) = util::grid(*words);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.wait()
+    }
+}
+
+/// A batch of `updates` random updates of `density` over `n` parameters, as Push frames.
+pub fn random_batch(n: usize, density: f64, updates: usize, seed: u64) -> Vec<Vec<u8>> {
+    let nnz = ((n as f64 * density).ceil() as usize).clamp(1, n);
+    let mut rng = SplitMix64::new(seed);
+    (0..updates)
+        .map(|u| {
+            // Evenly spread random indices (one per stride window): ascending, unique, and the
+            // same contention profile as real Top-k updates.
+            let stride = n / nnz;
+            let idx: Vec<u32> =
+                (0..nnz).map(|i| (i * stride + (rng.next_u64() as usize % stride)) as u32).collect();
+            let vals: Vec<f16> =
+                (0..nnz).map(|_| f16::from_f32((rng.next_unit_f32() - 0.5) * 0.01)).collect();
+            let h = PushHeader {
+                base_version: 0,
+                seq: u as u64,
+                samples: 32,
+                local_steps: 1,
+                loss: 1.0,
+                nnz: nnz as u32,
+            };
+            encode_push(&h, &idx, &vals)
+        })
+        .collect()
+}
+
+fn refs(frames: &[Vec<u8>], n: usize) -> Vec<UpdateRef<'_>> {
+    let limits = PushLimits { num_params: n as u64, max_nnz: n as u64 };
+    let w = 1.0 / frames.len() as f32;
+    frames
+        .iter()
+        .map(|f| UpdateRef::from_push(&PushView::decode(f, &limits).expect("bench frames are valid"), w))
+        .collect()
+}
+
+/// One aggregation measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct AggregateRow {
+    pub engine: String,
+    pub params: usize,
+    pub batch: usize,
+    pub density: f64,
+    /// (index, value) pairs in the batch.
+    pub entries: u64,
+    /// Bytes of indices and values read.
+    pub payload_bytes: u64,
+    /// Payload plus accumulator traffic (read and write, 8 bytes per entry).
+    pub traffic_bytes: u64,
+    /// Median seconds of the scatter-add kernel(s) alone (GPU: data already uploaded).
+    pub scatter_s: f64,
+    /// Median seconds of a whole aggregation step (upload, scatter, dense apply).
+    pub step_s: f64,
+    pub updates_per_s: f64,
+    /// traffic_bytes / scatter_s.
+    pub effective_gbps: f64,
+    /// A plain copy of traffic_bytes / 2 (read) + traffic_bytes / 2 (write), same run.
+    pub copy_gbps: f64,
+    /// effective_gbps / copy_gbps.
+    pub ratio_to_copy: f64,
+}
+
+/// Settings of `sparsync bench aggregate`.
+#[derive(Clone, Debug)]
+pub struct AggregateSpec {
+    pub sizes: Vec<usize>,
+    pub batches: Vec<usize>,
+    pub density: f64,
+    pub reps: usize,
+    pub cpu: bool,
+}
+
+fn cpu_copy_gbps(bytes: u64, reps: usize) -> f64 {
+    let half = (bytes / 2).max(1) as usize;
+    let src = vec![1u8; half];
+    let mut dst = vec![0u8; half];
+    let t = median_time(reps, || {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        Ok(())
+    })
+    .unwrap_or(f64::NAN);
+    (2 * half) as f64 / t / 1e9
+}
+
+/// Runs the aggregation benchmark; `ctx` is None when there is no GPU (CPU rows only).
+pub fn aggregate(
+    ctx: Option<&Arc<GpuContext>>,
+    spec: &AggregateSpec,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<AggregateRow>, EngineError> {
+    let mut rows = Vec::new();
+    for &n in &spec.sizes {
+        let x0: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        for &b in &spec.batches {
+            let frames = random_batch(n, spec.density, b, n as u64 ^ b as u64);
+            let batch = refs(&frames, n);
+            let entries: u64 = batch.iter().map(|u| u.nnz() as u64).sum();
+            let payload: u64 = batch.iter().map(|u| u.payload.len() as u64).sum();
+            let traffic = payload + 8 * entries;
+            let mut row = |engine: &str, scatter_s: f64, step_s: f64, copy_gbps: f64| {
+                let effective = traffic as f64 / scatter_s / 1e9;
+                rows.push(AggregateRow {
+                    engine: engine.into(),
+                    params: n,
+                    batch: b,
+                    density: spec.density,
+                    entries,
+                    payload_bytes: payload,
+                    traffic_bytes: traffic,
+                    scatter_s,
+                    step_s,
+                    updates_per_s: b as f64 / step_s,
+                    effective_gbps: effective,
+                    copy_gbps,
+                    ratio_to_copy: effective / copy_gbps,
+                });
+            };
+            if let Some(ctx) = ctx {
+                let copy = CopyKernel::new(ctx.clone(), traffic / 2);
+                copy.run()?;
+                let copy_s = median_time(spec.reps, || copy.run())?;
+                let copy_gbps = traffic as f64 / copy_s / 1e9;
+                for mode in [GpuMode::Deterministic, GpuMode::Fast] {
+                    progress(&format!("aggregate n={n} batch={b} gpu {mode:?}"));
+                    let opts = GpuOptions { mode, ..Default::default() };
+                    let mut e =
+                        GpuAggregator::with_context(ctx.clone(), &x0, OptimizerSettings::default(), &opts)?;
+                    let fast = mode == GpuMode::Fast;
+                    let plan = e.bench_prepare(&batch, fast)?;
+                    e.bench_scatter(&plan);
+                    e.wait()?;
+                    let scatter_s = median_time(spec.reps, || {
+                        e.bench_scatter(&plan);
+                        e.wait()
+                    })?;
+                    e.aggregate(&batch)?;
+                    e.wait()?;
+                    let step_s = median_time(spec.reps, || {
+                        e.aggregate(&batch)?;
+                        e.wait()
+                    })?;
+                    let name = match mode {
+                        GpuMode::Deterministic => "gpu-deterministic".to_string(),
+                        GpuMode::Fast => format!("gpu-fast ({})", e.fast_kind()),
+                    };
+                    row(&name, scatter_s, step_s, copy_gbps);
+                }
+            }
+            if spec.cpu {
+                progress(&format!("aggregate n={n} batch={b} cpu"));
+                let mut e = CpuAggregator::new(x0.clone(), OptimizerSettings::default());
+                let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
+                row("cpu", step_s, step_s, cpu_copy_gbps(traffic, spec.reps));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// One Top-k measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct TopkRow {
+    pub engine: String,
+    pub n: usize,
+    pub k: usize,
+    pub density: f64,
+    /// Median seconds: selection, compaction and readback of the k entries.
+    pub time_s: f64,
+    pub elements_per_s: f64,
+    /// Median seconds of one copy of the input (read 4n bytes, write 4n bytes), same run.
+    pub copy_s: f64,
+    /// time_s / copy_s.
+    pub passes_equivalent: f64,
+}
+
+/// Settings of `sparsync bench topk`.
+#[derive(Clone, Debug)]
+pub struct TopkSpec {
+    pub sizes: Vec<usize>,
+    pub densities: Vec<f64>,
+    pub reps: usize,
+    pub cpu: bool,
+}
+
+/// Gaussian values (Box–Muller), the usual shape of a model delta.
+pub fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (r.next_unit_f32().max(1e-7) as f64, r.next_unit_f32() as f64);
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 1e-3) as f32
+        })
+        .collect()
+}
+
+/// Runs the Top-k benchmark.
+pub fn topk(
+    ctx: Option<&Arc<GpuContext>>,
+    spec: &TopkSpec,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<TopkRow>, EngineError> {
+    let mut rows = Vec::new();
+    for &n in &spec.sizes {
+        let d = gaussian(n, n as u64);
+        if let Some(ctx) = ctx {
+            let chunk = (ctx.max_binding() / 4) as usize;
+            let bufs: Vec<(wgpu::Buffer, usize)> = d
+                .chunks(chunk)
+                .map(|part| {
+                    let b = util::storage(ctx, "bench.d", 4 * part.len() as u64, wgpu::BufferUsages::empty());
+                    ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(part));
+                    (b, part.len())
+                })
+                .collect();
+            let placeholder = util::storage(ctx, "bench.xhat", 4, wgpu::BufferUsages::empty());
+            let chunks: Vec<TopkChunk<'_>> =
+                bufs.iter().map(|(b, len)| TopkChunk { d: b, xhat: &placeholder, len: *len }).collect();
+            let copy = CopyKernel::new(ctx.clone(), 4 * n as u64);
+            copy.run()?;
+            let copy_s = median_time(spec.reps, || copy.run())?;
+            let mut t = GpuTopk::new(ctx.clone());
+            for &rho in &spec.densities {
+                let k = crate::engine::k_for_density(rho, n);
+                progress(&format!("topk n={n} k={k} gpu"));
+                t.select(&chunks, Selection::Exact { k }, false)?;
+                let time_s =
+                    median_time(spec.reps, || t.select(&chunks, Selection::Exact { k }, false).map(|_| ()))?;
+                rows.push(TopkRow {
+                    engine: "gpu-exact".into(),
+                    n,
+                    k,
+                    density: rho,
+                    time_s,
+                    elements_per_s: n as f64 / time_s,
+                    copy_s,
+                    passes_equivalent: time_s / copy_s,
+                });
+            }
+        }
+        if spec.cpu {
+            let mut src = vec![0u8; 4 * n];
+            let mut dst = vec![0u8; 4 * n];
+            src.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+            let copy_s = median_time(spec.reps, || {
+                dst.copy_from_slice(std::hint::black_box(&src));
+                std::hint::black_box(&dst);
+                Ok(())
+            })?;
+            let (mut keys, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            for &rho in &spec.densities {
+                let k = crate::engine::k_for_density(rho, n);
+                progress(&format!("topk n={n} k={k} cpu"));
+                let time_s = median_time(spec.reps, || {
+                    keys.clear();
+                    keys.extend(d.iter().map(|&v| magnitude_key(v)));
+                    select::exact_topk(&keys, k, &mut scratch, &mut out);
+                    std::hint::black_box(&out);
+                    Ok(())
+                })?;
+                rows.push(TopkRow {
+                    engine: "cpu-exact".into(),
+                    n,
+                    k,
+                    density: rho,
+                    time_s,
+                    elements_per_s: n as f64 / time_s,
+                    copy_s,
+                    passes_equivalent: time_s / copy_s,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -5,18 +5,32 @@
 //! started and executes the [`Action`]s it returns. No sockets, no GPU, no runtime; tests drive
 //! time by passing it.
 
+pub mod adsp;
 pub mod asp;
+pub mod bsp;
+pub mod fedbuff;
+pub mod hermes;
+pub mod ssp;
 pub mod staleness;
 
 use std::time::Duration;
 
-use crate::protocol::message::{Directive, SkipReport};
+use crate::protocol::message::{Directive, RoundTime, SkipReport};
 use staleness::Normalization;
 
 /// A session, as numbered by the coordinator.
 pub type ClientId = u64;
 /// An accepted Push waiting in the coordinator, as numbered by the coordinator.
 pub type PushId = u64;
+
+/// Where a loss sample came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossSource {
+    /// The training loss a client sent with a Push.
+    Push(ClientId),
+    /// An evaluator's score of the public replica (held-out data).
+    Evaluator,
+}
 
 /// What a policy knows of an accepted Push.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,17 +88,11 @@ pub trait SyncPolicy: Send + Sync {
         Vec::new()
     }
     /// A client reports how long its last local round took.
-    fn on_round_time(
-        &mut self,
-        _now: Duration,
-        _client: ClientId,
-        _seconds: f64,
-        _steps: u64,
-    ) -> Vec<Action> {
+    fn on_round_time(&mut self, _now: Duration, _client: ClientId, _report: &RoundTime) -> Vec<Action> {
         Vec::new()
     }
-    /// A sample of the global loss (pushes' losses, or an evaluator's).
-    fn on_loss(&mut self, _now: Duration, _loss: f64) {}
+    /// A sample of the global loss.
+    fn on_loss(&mut self, _now: Duration, _source: LossSource, _loss: f64) {}
     /// Timers: called after every event and at [`SyncPolicy::next_wakeup`].
     fn poll(&mut self, now: Duration) -> Vec<Action>;
     /// When `poll` next needs to run, if a timer is pending.
@@ -102,4 +110,31 @@ pub trait SyncPolicy: Send + Sync {
 /// Splits `pushes` into `Aggregate` actions of at most `max_batch` each.
 pub fn batches(pushes: Vec<PushId>, max_batch: usize, normalization: Normalization) -> Vec<Action> {
     pushes.chunks(max_batch.max(1)).map(|c| Action::Aggregate { pushes: c.to_vec(), normalization }).collect()
+}
+
+/// Builds the policy a server config names.
+pub fn build(cfg: &crate::config::ServerConfig) -> Box<dyn SyncPolicy> {
+    use crate::config::PolicyKind;
+    let secs = Duration::from_secs_f64;
+    match cfg.policy {
+        PolicyKind::Asp => Box::new(asp::Asp::new(cfg.max_batch)),
+        PolicyKind::Bsp => Box::new(bsp::Bsp::new(secs(cfg.bsp_deadline_s))),
+        PolicyKind::Ssp => Box::new(ssp::Ssp::new(cfg.ssp_bound, cfg.max_batch)),
+        PolicyKind::Fedbuff => Box::new(fedbuff::FedBuff::new(cfg.fedbuff_k)),
+        PolicyKind::Adsp => Box::new(adsp::Adsp::new(adsp::AdspConfig {
+            period: secs(cfg.adsp_period_s),
+            min_interval: secs(cfg.adsp_min_interval_s),
+            research_every: secs(cfg.adsp_research_s),
+            target_loss: cfg.adsp_target_loss,
+            rise: 0.3,
+            max_batch: cfg.max_batch,
+        })),
+        PolicyKind::Hermes => Box::new(hermes::Hermes::new(hermes::HermesConfig {
+            samples: cfg.hermes_samples,
+            batch: cfg.hermes_batch,
+            epochs: cfg.hermes_epochs,
+            tolerance: cfg.hermes_tolerance_s,
+            max_batch: cfg.max_batch,
+        })),
+    }
 }

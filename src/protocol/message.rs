@@ -69,6 +69,28 @@ pub struct SkipReport {
     pub round_seconds: Option<f64>,
 }
 
+/// How long a client's last local round took.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundTime {
+    /// Seconds of local training in the round.
+    pub seconds: f64,
+    /// Local steps in the round.
+    pub steps: u64,
+    /// Seconds between sending the last Push and receiving its Ack (ADSP's commit overhead).
+    #[serde(default)]
+    pub commit_overhead_s: Option<f64>,
+}
+
+impl RoundTime {
+    /// True when every number is finite and non-negative.
+    pub fn is_valid(&self) -> bool {
+        self.seconds.is_finite()
+            && self.seconds >= 0.0
+            && self.commit_overhead_s.is_none_or(|o| o.is_finite() && o >= 0.0)
+    }
+}
+
 /// Messages a client sends as text frames.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -79,10 +101,7 @@ pub enum ClientMessage {
     Eval(EvalReport),
     Skip(SkipReport),
     /// Timing the client measured for its last round (used by ADSP and Hermes).
-    RoundTime {
-        seconds: f64,
-        steps: u64,
-    },
+    RoundTime(RoundTime),
     Bye {
         reason: String,
     },

@@ -19,7 +19,7 @@ use super::status::{ClientStatus, Status};
 use crate::config::ServerConfig;
 use crate::engine::{Aggregator, Broadcast, EngineError, EngineInfo, ModelState, SelectionMode, UpdateRef};
 use crate::policy::staleness::{Normalization, WeightInput, Weighting, batch_weights};
-use crate::policy::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use crate::policy::{Action, ClientId, LossSource, PushId, PushMeta, SyncPolicy};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::protocol::frame::{PushHeader, PushView, encode_snapshot};
 use crate::protocol::message::{
@@ -63,8 +63,7 @@ pub enum Inbound {
     },
     RoundTime {
         client: ClientId,
-        seconds: f64,
-        steps: u64,
+        report: crate::protocol::message::RoundTime,
     },
     /// The server's record of what happened (tests, `/api/record`).
     Record {
@@ -307,7 +306,7 @@ impl Coordinator {
                         accuracy: report.accuracy,
                         loss: report.loss,
                     });
-                    self.policy.on_loss(now, report.loss);
+                    self.policy.on_loss(now, LossSource::Evaluator, report.loss);
                 }
             }
             Inbound::Skip { client, report } => {
@@ -322,9 +321,9 @@ impl Coordinator {
                     self.execute(actions).await;
                 }
             }
-            Inbound::RoundTime { client, seconds, steps } => {
-                if self.clients.contains_key(&client) && seconds.is_finite() && seconds >= 0.0 {
-                    let actions = self.policy.on_round_time(now, client, seconds, steps);
+            Inbound::RoundTime { client, report } => {
+                if self.clients.contains_key(&client) && report.is_valid() {
+                    let actions = self.policy.on_round_time(now, client, &report);
                     self.execute(actions).await;
                 }
             }
@@ -537,7 +536,7 @@ impl Coordinator {
         });
         self.pending.insert(id, Pending { client, header, frame, accepted_at: now });
         self.unacked.insert(id, Unacked { client, seq: header.seq, base_version: header.base_version });
-        self.policy.on_loss(now, header.loss as f64);
+        self.policy.on_loss(now, LossSource::Push(client), header.loss as f64);
         let meta = PushMeta {
             id,
             client,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{EngineChoice, PolicyKind, ServerConfig};
+use crate::config::{EngineChoice, ServerConfig};
 use crate::engine::cpu::CpuAggregator;
 use crate::engine::{Aggregator, ModelState, OptimizerSettings};
 use crate::policy::SyncPolicy;
@@ -114,10 +114,7 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
 
 /// Builds the policy the config asks for.
 pub fn build_policy(cfg: &ServerConfig) -> Result<Box<dyn SyncPolicy>, ServerError> {
-    match cfg.policy {
-        PolicyKind::Asp => Ok(Box::new(crate::policy::asp::Asp::new(cfg.max_batch))),
-        other => Err(ServerError::Policy(format!("policy {} is not implemented yet", other.name()))),
-    }
+    Ok(crate::policy::build(cfg))
 }
 
 /// A running server.

@@ -191,8 +191,8 @@ where
                 Ok(ClientMessage::Skip(report)) => {
                     let _ = shared.tx.send(Inbound::Skip { client, report }).await;
                 }
-                Ok(ClientMessage::RoundTime { seconds, steps }) => {
-                    let _ = shared.tx.send(Inbound::RoundTime { client, seconds, steps }).await;
+                Ok(ClientMessage::RoundTime(report)) => {
+                    let _ = shared.tx.send(Inbound::RoundTime { client, report }).await;
                 }
                 Err(e) => error_to(outbox, "json", &format!("malformed control message: {e}"), false),
             },

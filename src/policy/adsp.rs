@@ -1,0 +1,521 @@
+//! ADSP (Hu, Wang, Wu, AAAI 2020): no client waits for another. In every check period Γ every
+//! client commits the same number C of times: client i is told to commit every
+//! `T_i = max(T_min, Γ/C − o_i)` seconds (o_i: its commit overhead, which it reports) and trains
+//! without pause in between, so a faster client does more local steps per commit.
+//!
+//! C is searched online: each candidate runs one period; the global loss at the period's start,
+//! Γ/2 and Γ is fitted with `l(t) = 1/(a²·t + b) + c₀` and scored `r(C) = a² / (1/(l_target −
+//! c₀) − b)`, the inverse of the predicted time to the target loss. As in the authors' code, t
+//! is absolute (seconds since the first client joined): r is then the inverse of the projected
+//! time at which the target is reached, comparable between candidates tried one after the other
+//! (period-relative times would favour later candidates, which start from a lower loss). The search starts at C = 1
+//! and tries C + 1 while the score improves, keeping the best. It runs again every
+//! `research_every`, or at once when the global loss rises by 30% or more between two periods
+//! (then from the current C, as the authors' code does). Commits are applied as they arrive with
+//! `w = α(s) / M`, M the active clients.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::staleness::Normalization;
+use super::{Action, ClientId, LossSource, PushId, PushMeta, SyncPolicy};
+use crate::protocol::message::{Directive, RoundTime};
+
+/// ADSP settings.
+#[derive(Clone, Debug)]
+pub struct AdspConfig {
+    /// Check period Γ.
+    pub period: Duration,
+    /// Smallest commit interval T_min.
+    pub min_interval: Duration,
+    /// Search again after this long.
+    pub research_every: Duration,
+    /// l_target of the score.
+    pub target_loss: f64,
+    /// Relative rise of the global loss between two periods that forces a new search.
+    pub rise: f64,
+    pub max_batch: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ClientState {
+    /// Commit overhead o_i, seconds (as the client reports it).
+    overhead: f64,
+    /// Commits in the current period.
+    commits: u64,
+    /// The interval last sent.
+    interval: Option<f64>,
+}
+
+/// The global loss: the evaluator's latest score when one reported within a period, else the
+/// mean of the clients' latest push losses.
+#[derive(Clone, Debug, Default)]
+pub struct GlobalLoss {
+    evaluator: Option<(Duration, f64)>,
+    per_client: BTreeMap<ClientId, f64>,
+}
+
+impl GlobalLoss {
+    pub fn record(&mut self, now: Duration, source: LossSource, loss: f64) {
+        if !loss.is_finite() {
+            return;
+        }
+        match source {
+            LossSource::Evaluator => self.evaluator = Some((now, loss)),
+            LossSource::Push(c) => {
+                self.per_client.insert(c, loss);
+            }
+        }
+    }
+
+    pub fn forget(&mut self, client: ClientId) {
+        self.per_client.remove(&client);
+    }
+
+    pub fn value(&self, now: Duration, horizon: Duration) -> Option<f64> {
+        if let Some((t, l)) = self.evaluator
+            && now.saturating_sub(t) <= horizon
+        {
+            return Some(l);
+        }
+        if self.per_client.is_empty() {
+            return None;
+        }
+        Some(self.per_client.values().sum::<f64>() / self.per_client.len() as f64)
+    }
+}
+
+/// The fitted curve l(t) = 1/(a²·t + b) + c₀ through three points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fit {
+    pub a2: f64,
+    pub b: f64,
+    pub c0: f64,
+}
+
+/// Fits the three points exactly: y_i = 1/(l_i − c₀) must lie on a line in t, which fixes c₀
+/// (found by bisection below min l); then a² is the slope and b the intercept. None when the
+/// points are not a convex decrease (no such c₀ exists).
+pub fn fit(points: [(f64, f64); 3]) -> Option<Fit> {
+    let [(t0, l0), (t1, l1), (t2, l2)] = points;
+    if !(t0 < t1 && t1 < t2 && l0 > l1 && l1 > l2) {
+        return None;
+    }
+    let g = |c: f64| {
+        let (y0, y1, y2) = (1.0 / (l0 - c), 1.0 / (l1 - c), 1.0 / (l2 - c));
+        (y1 - y0) / (t1 - t0) - (y2 - y1) / (t2 - t1)
+    };
+    let span = l0 - l2;
+    let mut hi = l2 - span * 1e-9;
+    let mut lo = l2 - span * 1e6;
+    let (glo, ghi) = (g(lo), g(hi));
+    if !(glo.is_finite() && ghi.is_finite()) || glo.signum() == ghi.signum() {
+        return None;
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if g(mid).signum() == glo.signum() {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let c0 = 0.5 * (lo + hi);
+    let (y0, y1) = (1.0 / (l0 - c0), 1.0 / (l1 - c0));
+    let a2 = (y1 - y0) / (t1 - t0);
+    let b = y0 - a2 * t0;
+    (a2 > 0.0).then_some(Fit { a2, b, c0 })
+}
+
+/// r(C): the inverse of the predicted time (on the points' clock) at which the loss reaches the
+/// target. Without a fit, the straight line through the first and last points predicts it.
+pub fn score(points: [(f64, f64); 3], target: f64) -> f64 {
+    if let Some(f) = fit(points) {
+        if target <= f.c0 {
+            return 0.0; // the curve never gets there
+        }
+        let t = (1.0 / (target - f.c0) - f.b) / f.a2;
+        return if t <= points[0].0 { f64::MAX } else { 1.0 / t };
+    }
+    let [(t0, l0), _, (t2, l2)] = points;
+    let slope = (l0 - l2) / (t2 - t0);
+    if slope <= 0.0 || !slope.is_finite() {
+        return 0.0;
+    }
+    if l2 <= target {
+        return f64::MAX;
+    }
+    1.0 / (t2 + (l2 - target) / slope)
+}
+
+#[derive(Clone, Debug)]
+struct Search {
+    candidate: u64,
+    best: Option<(u64, f64)>,
+}
+
+/// The ADSP policy.
+pub struct Adsp {
+    cfg: AdspConfig,
+    clients: BTreeMap<ClientId, ClientState>,
+    c: u64,
+    search: Option<Search>,
+    period_start: Option<Duration>,
+    /// The clock origin of the loss curve (the first join).
+    origin: Duration,
+    /// Loss samples of this period (seconds since `origin`, loss): start, middle, end.
+    points: Vec<(f64, f64)>,
+    mid_recorded: bool,
+    last_search: Duration,
+    prev_period_loss: Option<f64>,
+    loss: GlobalLoss,
+    pending: Vec<PushId>,
+    /// Per finished period: (C, commits per client).
+    history: Vec<(u64, BTreeMap<ClientId, u64>)>,
+    /// Every score computed: (C, r(C)).
+    scores: Vec<(u64, f64)>,
+}
+
+impl Adsp {
+    pub fn new(cfg: AdspConfig) -> Self {
+        Self {
+            cfg,
+            clients: BTreeMap::new(),
+            c: 1,
+            search: Some(Search { candidate: 1, best: None }),
+            period_start: None,
+            origin: Duration::ZERO,
+            points: Vec::new(),
+            mid_recorded: false,
+            last_search: Duration::ZERO,
+            prev_period_loss: None,
+            loss: GlobalLoss::default(),
+            pending: Vec::new(),
+            history: Vec::new(),
+            scores: Vec::new(),
+        }
+    }
+
+    /// The commit count per period in force.
+    pub fn commits_per_period(&self) -> u64 {
+        self.c
+    }
+
+    /// Finished periods: (C, commits per client).
+    pub fn history(&self) -> &[(u64, BTreeMap<ClientId, u64>)] {
+        &self.history
+    }
+
+    /// T_i = max(T_min, Γ/C − o_i).
+    fn interval(&self, overhead: f64) -> f64 {
+        (self.cfg.period.as_secs_f64() / self.c as f64 - overhead).max(self.cfg.min_interval.as_secs_f64())
+    }
+
+    fn directives(&mut self, force: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            let t = self.interval(self.clients[&id].overhead);
+            let st = self.clients.get_mut(&id).expect("listed above");
+            if force || st.interval.is_none_or(|old| (old - t).abs() > 1e-9) {
+                st.interval = Some(t);
+                out.push(Action::Directive {
+                    client: id,
+                    directive: Directive {
+                        commit_interval_s: Some(t),
+                        reason: Some(format!(
+                            "adsp: C = {} commits per {:.1} s period",
+                            self.c,
+                            self.cfg.period.as_secs_f64()
+                        )),
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    fn loss_now(&self, now: Duration) -> Option<f64> {
+        self.loss.value(now, self.cfg.period)
+    }
+
+    fn end_period(&mut self, now: Duration) -> Vec<Action> {
+        let start = self.period_start.expect("a period is running");
+        let commits: BTreeMap<ClientId, u64> = self.clients.iter().map(|(&c, s)| (c, s.commits)).collect();
+        self.history.push((self.c, commits));
+        let end_loss = self.loss_now(now);
+        let clock = now.saturating_sub(self.origin).as_secs_f64();
+        if let Some(l) = end_loss {
+            self.points.push((clock, l));
+        }
+        let scored = (self.points.len() == 3).then(|| {
+            let p = [self.points[0], self.points[1], self.points[2]];
+            score(p, self.cfg.target_loss)
+        });
+        if let Some(search) = self.search.as_mut() {
+            let s = scored.unwrap_or(0.0);
+            self.scores.push((search.candidate, s));
+            let improved = search.best.is_none_or(|(_, b)| s > b);
+            if improved {
+                search.best = Some((search.candidate, s));
+                search.candidate += 1;
+                self.c = search.candidate;
+            } else {
+                self.c = search.best.map_or(1, |b| b.0);
+                self.search = None;
+                self.last_search = now;
+            }
+        } else {
+            let rose = matches!((self.prev_period_loss, end_loss), (Some(p), Some(l)) if p > 0.0 && (l - p) / p >= self.cfg.rise);
+            if rose || now.saturating_sub(self.last_search) >= self.cfg.research_every {
+                self.search = Some(Search { candidate: self.c, best: None });
+            }
+        }
+        if end_loss.is_some() {
+            self.prev_period_loss = end_loss;
+        }
+        // The next period.
+        self.period_start = Some(start + self.cfg.period);
+        self.points = end_loss.map(|l| vec![(clock, l)]).unwrap_or_default();
+        self.mid_recorded = false;
+        for s in self.clients.values_mut() {
+            s.commits = 0;
+        }
+        self.directives(false)
+    }
+}
+
+impl SyncPolicy for Adsp {
+    fn name(&self) -> &'static str {
+        "adsp"
+    }
+
+    fn on_join(&mut self, now: Duration, client: ClientId) -> Vec<Action> {
+        if self.period_start.is_none() {
+            self.period_start = Some(now);
+            self.origin = now;
+            self.last_search = now;
+            self.points = self.loss_now(now).map(|l| vec![(0.0, l)]).unwrap_or_default();
+        }
+        self.clients.insert(client, ClientState::default());
+        self.directives(false)
+    }
+
+    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+        self.clients.remove(&client);
+        self.loss.forget(client);
+        Vec::new()
+    }
+
+    fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
+        if let Some(s) = self.clients.get_mut(&push.client) {
+            s.commits += 1;
+        }
+        self.pending.push(push.id);
+        vec![Action::Ack(push.id)]
+    }
+
+    fn on_round_time(&mut self, _now: Duration, client: ClientId, report: &RoundTime) -> Vec<Action> {
+        if let (Some(s), Some(o)) = (self.clients.get_mut(&client), report.commit_overhead_s) {
+            s.overhead = o;
+        }
+        Vec::new()
+    }
+
+    fn on_loss(&mut self, now: Duration, source: LossSource, loss: f64) {
+        self.loss.record(now, source, loss);
+        // A period that started before any loss was known starts its curve at the first one.
+        if self.period_start.is_some()
+            && self.points.is_empty()
+            && let Some(l) = self.loss_now(now)
+        {
+            self.points.push((now.saturating_sub(self.origin).as_secs_f64(), l));
+        }
+    }
+
+    fn poll(&mut self, now: Duration) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(start) = self.period_start {
+            let half = start + self.cfg.period / 2;
+            if !self.mid_recorded && now >= half {
+                self.mid_recorded = true;
+                if let Some(l) = self.loss_now(now)
+                    && self.points.len() == 1
+                {
+                    self.points.push((now.saturating_sub(self.origin).as_secs_f64(), l));
+                }
+            }
+            if now >= start + self.cfg.period {
+                out.extend(self.end_period(now));
+            }
+        }
+        if !self.pending.is_empty() {
+            let m = self.clients.len().max(1);
+            let take = self.pending.len().min(self.cfg.max_batch);
+            let pushes: Vec<PushId> = self.pending.drain(..take).collect();
+            out.push(Action::Aggregate { pushes, normalization: Normalization::Fixed(m) });
+        }
+        out
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        let start = self.period_start?;
+        Some(if self.mid_recorded { start + self.cfg.period } else { start + self.cfg.period / 2 })
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        let m = self.clients.len().max(1);
+        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, Normalization::Fixed(m))
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "commits_per_period": self.c,
+            "searching": self.search.as_ref().map(|s| s.candidate),
+            "scores": self.scores,
+            "intervals": self.clients.iter().map(|(c, s)| (c.to_string(), s.interval)).collect::<BTreeMap<_, _>>(),
+            "periods": self.history.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> AdspConfig {
+        AdspConfig {
+            period: Duration::from_secs(60),
+            min_interval: Duration::from_secs(1),
+            research_every: Duration::from_secs(1000),
+            target_loss: 0.3,
+            rise: 0.3,
+            max_batch: 64,
+        }
+    }
+
+    #[test]
+    fn fit_recovers_the_curve() {
+        let (a2, b, c0) = (0.02, 1.0, 0.2);
+        let l = |t: f64| 1.0 / (a2 * t + b) + c0;
+        let f = fit([(0.0, l(0.0)), (30.0, l(30.0)), (60.0, l(60.0))]).unwrap();
+        assert!((f.a2 - a2).abs() < 1e-6 && (f.b - b).abs() < 1e-6 && (f.c0 - c0).abs() < 1e-6, "{f:?}");
+        // Time to 0.3: 1/(0.1) = 10 = 0.02 t + 1 → t = 450.
+        let r = score([(0.0, l(0.0)), (30.0, l(30.0)), (60.0, l(60.0))], 0.3);
+        assert!((1.0 / r - 450.0).abs() < 1e-3, "{}", 1.0 / r);
+        assert!(fit([(0.0, 1.0), (30.0, 0.5), (60.0, 0.0)]).is_none(), "a straight line has no such curve");
+        assert!(score([(0.0, 1.0), (30.0, 0.9), (60.0, 0.8)], 0.3) > 0.0, "linear fallback");
+    }
+
+    /// Scripted clients that commit every T_i (their directive) and take o_i per commit.
+    /// `loss_of(C, dt)` advances a synthetic training run by dt seconds under C and returns the
+    /// global loss.
+    fn run_clients(
+        p: &mut Adsp,
+        overheads: &[f64],
+        seconds: f64,
+        loss_of: &mut dyn FnMut(u64, f64) -> f64,
+    ) -> Vec<(u64, BTreeMap<ClientId, u64>)> {
+        let dt = 0.05;
+        let mut next_commit = vec![0.0f64; overheads.len()];
+        let mut interval = vec![f64::NAN; overheads.len()];
+        let mut id = 0;
+        let mut t = 0.0;
+        let apply = |acts: Vec<Action>, interval: &mut Vec<f64>| {
+            for a in acts {
+                if let Action::Directive { client, directive } = a {
+                    interval[client as usize] = directive.commit_interval_s.unwrap();
+                }
+            }
+        };
+        for (i, &o) in overheads.iter().enumerate() {
+            let acts = p.on_join(Duration::from_secs_f64(t), i as ClientId);
+            apply(acts, &mut interval);
+            p.on_round_time(
+                Duration::ZERO,
+                i as ClientId,
+                &RoundTime { seconds: 1.0, steps: 1, commit_overhead_s: Some(o) },
+            );
+        }
+        for (i, &o) in overheads.iter().enumerate() {
+            next_commit[i] = interval[i] + o;
+        }
+        while t < seconds {
+            t += dt;
+            let now = Duration::from_secs_f64(t);
+            let l = loss_of(p.c, dt);
+            p.on_loss(now, LossSource::Evaluator, l);
+            for i in 0..overheads.len() {
+                if t >= next_commit[i] {
+                    id += 1;
+                    let m = PushMeta {
+                        id,
+                        client: i as ClientId,
+                        seq: id,
+                        base_version: 0,
+                        staleness: 0,
+                        samples: 1,
+                        local_steps: 1,
+                        loss: 1.0,
+                    };
+                    p.on_push(now, &m);
+                    // Train for T_i, then commit (which takes o_i): every T_i + o_i seconds.
+                    next_commit[i] = t + interval[i] + overheads[i];
+                }
+            }
+            let acts = p.poll(now);
+            apply(acts, &mut interval);
+        }
+        p.history.clone()
+    }
+
+    #[test]
+    fn commit_counts_are_equal_across_speeds() {
+        let mut p = Adsp::new(cfg());
+        // Overheads of 0.1 s, 1 s and 4 s: very different clients.
+        let mut progress = 0.0;
+        let hist = run_clients(&mut p, &[0.1, 1.0, 4.0], 600.0, &mut |_, dt| {
+            progress += 0.01 * dt;
+            2.0 / (1.0 + progress) + 0.1
+        });
+        assert!(hist.len() >= 9);
+        for (c, commits) in &hist[1..] {
+            let (lo, hi) = (commits.values().min().unwrap(), commits.values().max().unwrap());
+            assert!(hi - lo <= 1, "C = {c}: commits {commits:?}");
+            assert!((*hi as i64 - *c as i64).abs() <= 1, "C = {c}: commits {commits:?}");
+        }
+    }
+
+    #[test]
+    fn search_picks_the_best_scoring_c() {
+        let mut p = Adsp::new(cfg());
+        // A synthetic loss curve whose speed a² peaks at C = 3 (more commits help, until the
+        // communication cost outweighs them).
+        let a2 = |c: u64| [0.0, 0.010, 0.016, 0.020, 0.015, 0.012, 0.010][c.min(6) as usize];
+        let mut progress = 1.0;
+        run_clients(&mut p, &[0.1, 0.5], 400.0, &mut |c, dt| {
+            progress += a2(c) * dt;
+            1.0 / progress + 0.1
+        });
+        assert!(p.search.is_none(), "search finished");
+        assert_eq!(p.commits_per_period(), 3, "scores: {:?}", p.scores);
+        let tried: Vec<u64> = p.scores.iter().map(|s| s.0).collect();
+        assert_eq!(&tried[..4], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_loss_rise_forces_a_new_search() {
+        let mut p = Adsp::new(cfg());
+        p.search = None;
+        p.c = 2;
+        p.on_join(Duration::ZERO, 0);
+        p.on_loss(Duration::ZERO, LossSource::Evaluator, 1.0);
+        p.on_loss(Duration::from_secs(59), LossSource::Evaluator, 1.0);
+        p.poll(Duration::from_secs(60));
+        assert!(p.search.is_none());
+        p.on_loss(Duration::from_secs(119), LossSource::Evaluator, 1.31);
+        p.poll(Duration::from_secs(120));
+        assert_eq!(p.search.as_ref().map(|s| s.candidate), Some(2), "re-search from the current C");
+    }
+}

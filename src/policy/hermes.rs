@@ -1,0 +1,293 @@
+//! Hermes (Basani et al., HiPC 2024), server side. Clients gate their own pushes (a push only
+//! when the test loss improved significantly; otherwise a `skip` message); the server
+//! aggregates what arrives as it arrives and equalises round times:
+//!
+//! * every client starts with D = 2500 samples per round and batch size b = 16 (E local epochs);
+//! * once every client has reported a round, the median round time T_med is fixed;
+//! * a client whose round time lies outside [Q1 − 1.5·IQR, Q3 + 1.5·IQR] of the others' gets
+//!   k_i = t_i / (E·D_i / b_i) (seconds per step) and the pair (D, b), b ∈ {2, 4, …, 64},
+//!   with the smallest D whose predicted round time E·D·k_i/b is within ±tolerance of T_med
+//!   (among the b that reach that D, the one closest to its current b), sent as a directive.
+//!
+//! With the `loss` weighting, updates count in inverse proportion to their loss.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::staleness::Normalization;
+use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use crate::protocol::message::{Directive, RoundTime, SkipReport};
+
+/// The batch sizes Hermes chooses from.
+pub const BATCH_SIZES: [u64; 6] = [2, 4, 8, 16, 32, 64];
+
+/// Hermes settings.
+#[derive(Clone, Debug)]
+pub struct HermesConfig {
+    /// Initial samples per round D.
+    pub samples: u64,
+    /// Initial batch size b.
+    pub batch: u64,
+    /// Local epochs per round E.
+    pub epochs: u64,
+    /// Allowed distance of the predicted round time from T_med, seconds.
+    pub tolerance: f64,
+    pub max_batch: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Alloc {
+    d: u64,
+    b: u64,
+    last_round_s: Option<f64>,
+}
+
+/// The Hermes policy.
+pub struct Hermes {
+    cfg: HermesConfig,
+    clients: BTreeMap<ClientId, Alloc>,
+    t_med: Option<f64>,
+    pending: Vec<PushId>,
+    /// Reallocations made: (client, D, b).
+    changes: Vec<(ClientId, u64, u64)>,
+}
+
+/// numpy's default percentile: linear interpolation between closest ranks.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q / 100.0 * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// The median of values (any order).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+/// True when `t` lies outside the closed interval [Q1 − 1.5·IQR, Q3 + 1.5·IQR] of `others`.
+///
+/// The reference code tests `>=` / `<=`, which flags a client whose time equals everyone
+/// else's when the others agree exactly (IQR = 0); algorithms.md says "outside", and so do we.
+pub fn is_outlier(t: f64, others: &[f64]) -> bool {
+    let mut v = others.to_vec();
+    v.sort_by(f64::total_cmp);
+    let (q1, q3) = (percentile(&v, 25.0), percentile(&v, 75.0));
+    let iqr = q3 - q1;
+    t > q3 + 1.5 * iqr || t < q1 - 1.5 * iqr
+}
+
+/// The (D, b) for per-step cost `k`: the smallest D (with D ≥ b) whose E·D·k/b is within
+/// `tol` of `target`; among the b reaching it, the closest to `current_b`.
+pub fn allocate(k: f64, epochs: u64, target: f64, tol: f64, current_b: u64) -> Option<(u64, u64)> {
+    if !(k > 0.0 && k.is_finite()) {
+        return None;
+    }
+    let e = epochs.max(1) as f64;
+    let mut best: Option<(u64, u64)> = None;
+    for &b in &BATCH_SIZES {
+        let per_sample = e * k / b as f64;
+        let d = (((target - tol) / per_sample).ceil().max(1.0) as u64).max(b);
+        let t = d as f64 * per_sample;
+        if (t - target).abs() > tol {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((bd, bb)) => d < bd || (d == bd && b.abs_diff(current_b) < bb.abs_diff(current_b)),
+        };
+        if better {
+            best = Some((d, b));
+        }
+    }
+    best
+}
+
+impl Hermes {
+    pub fn new(cfg: HermesConfig) -> Self {
+        Self { cfg, clients: BTreeMap::new(), t_med: None, pending: Vec::new(), changes: Vec::new() }
+    }
+
+    /// The allocation of a client: (D, b).
+    pub fn allocation(&self, client: ClientId) -> Option<(u64, u64)> {
+        self.clients.get(&client).map(|a| (a.d, a.b))
+    }
+
+    pub fn median_round_time(&self) -> Option<f64> {
+        self.t_med
+    }
+
+    fn round_time(&mut self, client: ClientId, seconds: f64) -> Vec<Action> {
+        let Some(a) = self.clients.get_mut(&client) else { return Vec::new() };
+        a.last_round_s = Some(seconds);
+        if self.t_med.is_none() {
+            let all: Vec<f64> = self.clients.values().filter_map(|a| a.last_round_s).collect();
+            if all.len() < self.clients.len() {
+                return Vec::new();
+            }
+            self.t_med = Some(median(&all));
+        }
+        let t_med = self.t_med.expect("set above");
+        let others: Vec<f64> =
+            self.clients.iter().filter(|(c, _)| **c != client).filter_map(|(_, a)| a.last_round_s).collect();
+        if others.len() < 2 || !is_outlier(seconds, &others) {
+            return Vec::new();
+        }
+        let a = &self.clients[&client];
+        let k = seconds / (self.cfg.epochs as f64 * a.d as f64 / a.b as f64);
+        let Some((d, b)) = allocate(k, self.cfg.epochs, t_med, self.cfg.tolerance, a.b) else {
+            return Vec::new();
+        };
+        if (d, b) == (a.d, a.b) {
+            return Vec::new();
+        }
+        let a = self.clients.get_mut(&client).expect("present");
+        a.d = d;
+        a.b = b;
+        // Its next report reflects the new allocation.
+        a.last_round_s = None;
+        self.changes.push((client, d, b));
+        vec![Action::Directive {
+            client,
+            directive: Directive {
+                chunk_size: Some(d),
+                batch_size: Some(b),
+                reason: Some(format!(
+                    "hermes: round time {seconds:.2} s is an outlier; predicted {:.2} s against median {t_med:.2} s",
+                    self.cfg.epochs as f64 * d as f64 * k / b as f64
+                )),
+                ..Default::default()
+            },
+        }]
+    }
+}
+
+impl SyncPolicy for Hermes {
+    fn name(&self) -> &'static str {
+        "hermes"
+    }
+
+    fn on_join(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+        self.clients.insert(client, Alloc { d: self.cfg.samples, b: self.cfg.batch, last_round_s: None });
+        vec![Action::Directive {
+            client,
+            directive: Directive {
+                chunk_size: Some(self.cfg.samples),
+                batch_size: Some(self.cfg.batch),
+                local_epochs: Some(self.cfg.epochs),
+                reason: Some("hermes: initial allocation".into()),
+                ..Default::default()
+            },
+        }]
+    }
+
+    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+        self.clients.remove(&client);
+        Vec::new()
+    }
+
+    fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
+        self.pending.push(push.id);
+        vec![Action::Ack(push.id)]
+    }
+
+    fn on_skip(&mut self, _now: Duration, client: ClientId, report: &SkipReport) -> Vec<Action> {
+        match report.round_seconds {
+            Some(s) if s.is_finite() && s >= 0.0 => self.round_time(client, s),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_round_time(&mut self, _now: Duration, client: ClientId, report: &RoundTime) -> Vec<Action> {
+        self.round_time(client, report.seconds)
+    }
+
+    fn poll(&mut self, _now: Duration) -> Vec<Action> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        let take = self.pending.len().min(self.cfg.max_batch);
+        let pushes: Vec<PushId> = self.pending.drain(..take).collect();
+        vec![Action::Aggregate { pushes, normalization: Normalization::Batch }]
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, Normalization::Batch)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "median_round_s": self.t_med,
+            "allocations": self.clients.iter().map(|(c, a)| (c.to_string(), (a.d, a.b))).collect::<BTreeMap<_, _>>(),
+            "reallocations": self.changes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HermesConfig {
+        HermesConfig { samples: 2500, batch: 16, epochs: 5, tolerance: 1.0, max_batch: 64 }
+    }
+
+    fn report(seconds: f64) -> RoundTime {
+        RoundTime { seconds, steps: 0, commit_overhead_s: None }
+    }
+
+    #[test]
+    fn quartiles_follow_numpy() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 25.0), 1.75);
+        assert_eq!(percentile(&v, 75.0), 3.25);
+        assert_eq!(median(&[4.0, 1.0, 3.0]), 3.0);
+        assert!(is_outlier(10.0, &[4.0, 4.2, 3.9, 4.1]));
+        assert!(!is_outlier(4.05, &[4.0, 4.2, 3.9, 4.1]));
+        assert!(!is_outlier(4.0, &[4.0, 4.0, 4.0]), "equal to everyone is not an outlier");
+    }
+
+    #[test]
+    fn a_four_times_slower_client_is_brought_within_tolerance_of_the_median() {
+        let t = Duration::ZERO;
+        let mut p = Hermes::new(cfg());
+        for c in 0..5 {
+            p.on_join(t, c);
+        }
+        // Four clients take ~40 s a round (E·D/b = 781.25 steps at ~0.05 s), one takes 160 s.
+        let times = [40.0, 41.0, 39.0, 40.5, 160.0];
+        let mut acts = Vec::new();
+        for (c, &s) in times.iter().enumerate() {
+            acts.extend(p.on_round_time(t, c as ClientId, &report(s)));
+        }
+        assert_eq!(p.median_round_time(), Some(40.5));
+        assert_eq!(acts.len(), 1, "only the slow client is reallocated: {acts:?}");
+        let (d, b) = p.allocation(4).unwrap();
+        let k = 160.0 / (5.0 * 2500.0 / 16.0);
+        let predicted = 5.0 * d as f64 * k / b as f64;
+        assert!((predicted - 40.5).abs() <= 1.0, "predicted {predicted} for D {d}, b {b}");
+        assert_eq!(p.allocation(0), Some((2500, 16)), "the others keep theirs");
+        // And D is the smallest that does it.
+        for &bb in &BATCH_SIZES {
+            let per = 5.0 * k / bb as f64;
+            for dd in bb..d {
+                assert!((dd as f64 * per - 40.5).abs() > 1.0, "D {dd} with b {bb} would do");
+            }
+        }
+    }
+
+    #[test]
+    fn no_reallocation_before_every_client_reported() {
+        let t = Duration::ZERO;
+        let mut p = Hermes::new(cfg());
+        for c in 0..3 {
+            p.on_join(t, c);
+        }
+        assert!(p.on_round_time(t, 0, &report(100.0)).is_empty());
+        assert!(p.median_round_time().is_none());
+    }
+}

@@ -112,17 +112,38 @@ pub enum Event {
     },
 }
 
-/// An open session.
-pub struct Connection {
+/// The receiving half of a session: raw WebSocket messages, for [`Session::handle`].
+pub type Messages = SplitStream<Ws>;
+
+/// A session's state and sending half: the replica, the Welcome, the last directive.
+pub struct Session {
     tx: SplitSink<Ws, Message>,
-    rx: SplitStream<Ws>,
     pub welcome: Welcome,
     pub replica: Replica,
     /// The last directive received (merged).
     pub directive: Directive,
-    timeout: Duration,
     bytes_in: u64,
     bytes_out: u64,
+}
+
+/// An open session: [`Session`] plus its message stream. Dereferences to the session.
+pub struct Connection {
+    session: Session,
+    rx: Messages,
+    timeout: Duration,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
 }
 
 fn tls_connector(ca: Option<&Path>) -> Result<Connector, ClientError> {
@@ -204,16 +225,15 @@ impl Connection {
         };
         let n =
             usize::try_from(welcome.params).map_err(|_| ClientError::Protocol("params overflow".into()))?;
-        let mut conn = Connection {
+        let session = Session {
             tx,
-            rx,
             replica: Replica::new(n),
             welcome,
             directive: Directive::default(),
-            timeout: opts.timeout,
             bytes_in: 0,
             bytes_out: 0,
         };
+        let mut conn = Connection { session, rx, timeout: opts.timeout };
         // The server sends the snapshot right after Welcome.
         loop {
             match conn.next_event().await? {
@@ -225,6 +245,41 @@ impl Connection {
         Ok(conn)
     }
 
+    /// Waits for the next event, applying Deltas and snapshots to the replica.
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            let m = match tokio::time::timeout(self.timeout, self.rx.next()).await {
+                Err(_) => return Err(ClientError::Timeout("a server message")),
+                Ok(None) => return Err(ClientError::Closed),
+                Ok(Some(Err(e))) => return Err(ClientError::Ws(Box::new(e))),
+                Ok(Some(Ok(m))) => m,
+            };
+            if let Some(e) = self.session.handle(m).await? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Like [`Connection::next_event`] but returns `None` after `wait` with nothing received.
+    pub async fn next_event_within(&mut self, wait: Duration) -> Result<Option<Event>, ClientError> {
+        match tokio::time::timeout(wait, self.next_event()).await {
+            Err(_) => Ok(None),
+            Ok(r) => r.map(Some),
+        }
+    }
+
+    /// Says Bye and closes.
+    pub async fn close(self, reason: &str) {
+        self.session.close(reason).await;
+    }
+
+    /// The session and its message stream, to read messages in another task.
+    pub fn into_parts(self) -> (Session, Messages) {
+        (self.session, self.rx)
+    }
+}
+
+impl Session {
     pub fn num_params(&self) -> usize {
         self.replica.values().len()
     }
@@ -267,30 +322,9 @@ impl Connection {
         self.tx.send(Message::text(text)).await.map_err(|e| ClientError::Ws(Box::new(e)))
     }
 
-    /// Waits for the next event, applying Deltas and snapshots to the replica.
-    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
-        loop {
-            let m = match tokio::time::timeout(self.timeout, self.rx.next()).await {
-                Err(_) => return Err(ClientError::Timeout("a server message")),
-                Ok(None) => return Err(ClientError::Closed),
-                Ok(Some(Err(e))) => return Err(ClientError::Ws(Box::new(e))),
-                Ok(Some(Ok(m))) => m,
-            };
-            if let Some(e) = self.handle(m).await? {
-                return Ok(e);
-            }
-        }
-    }
-
-    /// Like [`Connection::next_event`] but returns `None` after `wait` with nothing received.
-    pub async fn next_event_within(&mut self, wait: Duration) -> Result<Option<Event>, ClientError> {
-        match tokio::time::timeout(wait, self.next_event()).await {
-            Err(_) => Ok(None),
-            Ok(r) => r.map(Some),
-        }
-    }
-
-    async fn handle(&mut self, m: Message) -> Result<Option<Event>, ClientError> {
+    /// Applies one message from the server (Deltas and snapshots to the replica) and says what
+    /// it was; `None` for messages that carry nothing (pings).
+    pub async fn handle(&mut self, m: Message) -> Result<Option<Event>, ClientError> {
         match m {
             Message::Binary(b) => {
                 self.bytes_in += b.len() as u64;

@@ -30,12 +30,30 @@ pub fn exact_topk(keys: &[u32], k: usize, scratch: &mut Vec<u32>, out: &mut Vec<
 }
 
 /// The k-th largest key T and how many keys equal to T belong to the Top-k (1 ≤ k < n).
+///
+/// Radix select, like the GPU kernel: a histogram of the top 11 key bits finds the bucket that
+/// holds the k-th key, and only that bucket's keys are selected further (`scratch` holds them).
 pub fn kth_largest(keys: &[u32], k: usize, scratch: &mut Vec<u32>) -> (u32, usize) {
+    let mut hist = [0u32; 2048];
+    for &key in keys {
+        hist[(key >> 21) as usize] += 1;
+    }
+    let mut above = 0usize;
+    let mut bucket = 0;
+    for b in (0..2048).rev() {
+        let c = hist[b] as usize;
+        if above + c >= k {
+            bucket = b;
+            break;
+        }
+        above += c;
+    }
     scratch.clear();
-    scratch.extend_from_slice(keys);
-    let (_, &mut t, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-    let above = keys.iter().filter(|&&key| key > t).count();
-    (t, k - above)
+    scratch.extend(keys.iter().copied().filter(|&key| (key >> 21) as usize == bucket));
+    let need = k - above;
+    let (_, &mut t, _) = scratch.select_nth_unstable_by(need - 1, |a, b| b.cmp(a));
+    let above_t = above + scratch.iter().filter(|&&key| key > t).count();
+    (t, k - above_t)
 }
 
 /// The standard normal quantile Φ⁻¹(p), Acklam's rational approximation (relative error

@@ -1,0 +1,696 @@
+//! The client session: connect, follow the server's policy, train, push, reconnect.
+//!
+//! A reader task forwards the server's messages into a channel, so that a training job
+//! finishing never interrupts the handling of a message. Training runs on a blocking thread in
+//! chunks of a few steps; between chunks the loop handles messages and decides, by mode:
+//!
+//! * plain: train `local_steps`, push, wait for the Ack, adopt the replica, repeat;
+//! * ADSP: train without pause for the server's `commit_interval_s`, then push and adopt;
+//! * NBSync: never stop training; when the Ack of the previous push arrives (the round closed
+//!   and its Delta is applied), push Δ = x_local − x_base and adopt the new model as both;
+//! * Hermes: train E epochs over D samples, then push only if the test loss passes the z-score
+//!   gate, else send a skip; thresholds relax after λ misses.
+//!
+//! An evaluator never trains: it scores the replica on the test set and reports it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use sparsync::client::{ClientError, ClientOptions, Connection, Event, Session};
+use sparsync::data::{FashionMnist, Partition};
+use sparsync::engine::k_for_density;
+use sparsync::protocol::frame::{PushHeader, encode_push};
+use sparsync::protocol::message::{ClientKind, ClientMessage, EvalReport, Role, RoundTime, SkipReport};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::emulate::Emulation;
+use crate::model::ModelError;
+use crate::sparsify::{Sparse, Sparsifier};
+use crate::train::{RoundStats, Trainer};
+
+/// How the client trains between pushes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// From the server's policy: adsp → adsp, hermes → hermes, anything else → plain.
+    Auto,
+    Plain,
+    Adsp,
+    Nbsync,
+    Hermes,
+}
+
+/// Hermes' gate parameters (algorithms.md §5).
+#[derive(Clone, Debug)]
+pub struct Gate {
+    pub z_start: f64,
+    pub window: usize,
+    pub lambda: u32,
+    pub beta: f64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self { z_start: -1.3, window: 10, lambda: 5, beta: 0.1 }
+    }
+}
+
+/// Everything a client run needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: String,
+    pub client_id: String,
+    /// The model family to build (must be the one the server serves).
+    pub model: String,
+    pub token: Option<String>,
+    pub ca: Option<std::path::PathBuf>,
+    pub role: Role,
+    pub mode: Mode,
+    pub partition: Partition,
+    /// (this client's shard, number of shards).
+    pub shard: (usize, usize),
+    pub seed: u64,
+    pub local_steps: Option<u64>,
+    pub batch_size: Option<u64>,
+    pub learning_rate: Option<f64>,
+    pub rho_up: Option<f64>,
+    pub max_rounds: Option<u64>,
+    pub target_accuracy: Option<f64>,
+    pub duration: Option<Duration>,
+    /// Evaluator: score every this many replica versions.
+    pub eval_every: u64,
+    pub reconnect: bool,
+    pub gate: Gate,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub client_id: String,
+    pub rounds: u64,
+    pub pushes: u64,
+    pub acked: u64,
+    pub rejected: u64,
+    pub skipped: u64,
+    pub evaluations: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub reconnects: u64,
+    pub last_accuracy: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub stop: String,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("gave up reconnecting after {0:?}")]
+    GaveUp(Duration),
+}
+
+/// A push that has not been answered yet.
+struct InFlight {
+    seq: u64,
+    frame: Vec<u8>,
+    sparse: Sparse,
+    sent_at: Instant,
+}
+
+/// The training state that moves onto the blocking thread and back.
+struct Work {
+    trainer: Trainer,
+    emul: Emulation,
+}
+
+enum End {
+    Stop(String),
+    Disconnected(String),
+}
+
+struct Runner {
+    cfg: Config,
+    data: FashionMnist,
+    /// Training indices of this client's shard (Hermes: without its local test split).
+    train: Vec<usize>,
+    /// Hermes' local test split (indices into the training set).
+    local_test: Vec<usize>,
+    /// Test-set indices that tell a trainer when it reached `target_accuracy`.
+    check: Vec<usize>,
+    work: Option<Work>,
+    sparsifier: Option<Sparsifier>,
+    base: Vec<f32>,
+    base_version: u64,
+    seq: u64,
+    inflight: Option<InFlight>,
+    /// Round in progress.
+    round: RoundStats,
+    round_started: Instant,
+    /// Hermes data chunk position.
+    chunk_at: usize,
+    gate_window: VecDeque<f64>,
+    misses: u32,
+    z_thr: f64,
+    /// NBSync: the previous push was acknowledged while a training chunk ran.
+    adopt_pending: bool,
+    last_eval_version: Option<u64>,
+    summary: Summary,
+    started: Instant,
+}
+
+/// Runs a client until a stop condition, the server's goodbye, or a failure.
+pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Summary, RunError> {
+    let (i, n) = cfg.shard;
+    let shards = sparsync::data::partition(&data.train.labels, n, cfg.partition, cfg.seed);
+    let mut shard = shards.get(i).cloned().unwrap_or_default();
+    let mut local_test = Vec::new();
+    if cfg.role == Role::Trainer && matches!(cfg.mode, Mode::Hermes | Mode::Auto) {
+        // Hermes gates on a local test split: 10% of the shard (decided again once the mode is
+        // known; other modes put it back).
+        let cut = shard.len() / 10;
+        local_test = shard.split_off(shard.len() - cut);
+    }
+    tracing::info!(
+        client = %cfg.client_id, data = %data.source, shard = format!("{i}/{n}"), samples = shard.len(),
+        partition = %cfg.partition, emulation = %emul.describe(), role = ?cfg.role, mode = ?cfg.mode,
+        "client starting"
+    );
+    let mut r = Runner {
+        summary: Summary { client_id: cfg.client_id.clone(), ..Default::default() },
+        data,
+        train: shard,
+        local_test,
+        check: Vec::new(),
+        work: None,
+        sparsifier: None,
+        base: Vec::new(),
+        base_version: 0,
+        seq: 0,
+        inflight: None,
+        round: RoundStats::default(),
+        round_started: Instant::now(),
+        chunk_at: 0,
+        gate_window: VecDeque::new(),
+        misses: 0,
+        z_thr: cfg.gate.z_start,
+        adopt_pending: false,
+        last_eval_version: None,
+        started: Instant::now(),
+        cfg,
+    };
+    let mut emul = Some(emul);
+    let mut backoff = Duration::from_millis(200);
+    let mut down_since: Option<Instant> = None;
+    loop {
+        let mut opts = ClientOptions::new(r.cfg.server.clone(), r.cfg.client_id.clone(), String::new());
+        opts.token = r.cfg.token.clone();
+        opts.kind = ClientKind::Native;
+        opts.role = r.cfg.role;
+        opts.ca = r.cfg.ca.clone();
+        opts.device = Some(format!("native ({})", std::env::consts::ARCH));
+        opts.model = r.cfg.model.clone();
+        let conn = match Connection::connect(&opts).await {
+            Ok(c) => c,
+            Err(e @ ClientError::Refused { .. }) => return Err(e.into()),
+            Err(e) => {
+                if !r.cfg.reconnect {
+                    return Err(e.into());
+                }
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    return Err(RunError::GaveUp(since.elapsed()));
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the server");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if down_since.take().is_some() {
+            r.summary.reconnects += 1;
+            tracing::info!(reconnects = r.summary.reconnects, "reconnected");
+        }
+        backoff = Duration::from_millis(200);
+        if r.work.is_none() {
+            let mut trainer = Trainer::new(&conn.welcome.model, r.cfg.seed)?;
+            trainer.net().check_layout(&conn.welcome.layout)?;
+            trainer.set_params(conn.replica.values())?;
+            r.work = Some(Work { trainer, emul: emul.take().expect("set once") });
+            r.sparsifier = Some(Sparsifier::new(conn.num_params()));
+        }
+        r.resolve_mode(&conn.welcome.settings.policy);
+        match r.session(conn).await? {
+            End::Stop(reason) => {
+                r.summary.stop = reason;
+                return Ok(r.summary);
+            }
+            End::Disconnected(why) => {
+                if !r.cfg.reconnect {
+                    r.summary.stop = format!("disconnected: {why}");
+                    return Ok(r.summary);
+                }
+                tracing::warn!(reason = %why, "connection lost; reconnecting");
+                down_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Steps per training job: the loop handles messages between jobs.
+const CHUNK_STEPS: u64 = 8;
+
+impl Runner {
+    fn n(&self) -> usize {
+        self.base.len()
+    }
+
+    /// Settles `Mode::Auto` from the server's policy, and gives non-Hermes modes their local
+    /// test split back as training data.
+    fn resolve_mode(&mut self, policy: &str) {
+        if self.cfg.mode == Mode::Auto {
+            self.cfg.mode = match policy {
+                "adsp" => Mode::Adsp,
+                "hermes" => Mode::Hermes,
+                _ => Mode::Plain,
+            };
+            tracing::info!(policy, mode = ?self.cfg.mode, "mode chosen from the server's policy");
+        }
+        if self.cfg.mode != Mode::Hermes && self.cfg.role == Role::Trainer && !self.local_test.is_empty() {
+            self.train.append(&mut self.local_test);
+            self.train.sort_unstable();
+        }
+        if self.cfg.target_accuracy.is_some() {
+            self.check = (0..self.data.test.len().min(500)).collect();
+        }
+    }
+
+    fn work(&mut self) -> &mut Work {
+        self.work.as_mut().expect("present between jobs")
+    }
+
+    /// x_local = x_base = the replica.
+    fn adopt(&mut self, s: &Session) -> Result<(), ModelError> {
+        self.base = s.replica.values().to_vec();
+        self.base_version = s.replica.version().unwrap_or(0);
+        let base = std::mem::take(&mut self.base);
+        let r = self.work().trainer.set_params(&base);
+        self.base = base;
+        r
+    }
+
+    fn local_steps(&self, s: &Session) -> u64 {
+        self.cfg.local_steps.or(s.directive.local_steps).unwrap_or(10).max(1)
+    }
+
+    fn batch(&self, s: &Session) -> usize {
+        self.cfg.batch_size.or(s.directive.batch_size).unwrap_or(32).max(1) as usize
+    }
+
+    fn lr(&self, s: &Session) -> f64 {
+        self.cfg.learning_rate.or(s.directive.learning_rate).unwrap_or(0.05)
+    }
+
+    /// Hermes: (E, D, b) and the steps of one round.
+    fn hermes_round(&self, s: &Session) -> (u64, usize, usize, u64) {
+        let e = s.directive.local_epochs.unwrap_or(1).max(1);
+        let d = (s.directive.chunk_size.unwrap_or(2500) as usize).clamp(1, self.train.len().max(1));
+        let b = self.batch(s).min(d);
+        (e, d, b, e * d.div_ceil(b) as u64)
+    }
+
+    /// Steps the current round still needs, or None when the mode is not training now.
+    fn steps_wanted(&self, s: &Session) -> Option<u64> {
+        if self.cfg.role == Role::Evaluator {
+            return None;
+        }
+        match self.cfg.mode {
+            Mode::Nbsync => Some(CHUNK_STEPS),
+            _ if self.inflight.is_some() => None,
+            Mode::Adsp => Some(CHUNK_STEPS),
+            Mode::Hermes => Some(self.hermes_round(s).3.saturating_sub(self.round.steps)),
+            _ => Some(self.local_steps(s).saturating_sub(self.round.steps)),
+        }
+        .filter(|&st| st > 0)
+        .map(|st| st.min(CHUNK_STEPS))
+    }
+
+    /// The indices a training job draws batches from.
+    fn job_data(&self, s: &Session) -> Vec<usize> {
+        if self.cfg.mode != Mode::Hermes {
+            return self.train.clone();
+        }
+        let (_, d, _, _) = self.hermes_round(s);
+        let n = self.train.len();
+        (0..d).map(|j| self.train[(self.chunk_at + j) % n.max(1)]).collect()
+    }
+
+    fn start_job(&mut self, s: &Session, steps: u64) -> tokio::task::JoinHandle<(Work, RoundStats)> {
+        let mut work = self.work.take().expect("no job is running");
+        let data = self.data.train.clone();
+        let idx = self.job_data(s);
+        let (batch, lr) = (self.batch(s), self.lr(s));
+        tokio::task::spawn_blocking(move || {
+            let Work { trainer, emul } = &mut work;
+            let stats = trainer.train(&data, &idx, steps, batch, lr, |dt| {
+                let wait = emul.step_delay(dt);
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            });
+            (work, stats)
+        })
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        if let Some(m) = self.cfg.max_rounds
+            && self.summary.rounds >= m
+        {
+            return Some(format!("reached --max-rounds {m}"));
+        }
+        if let Some(d) = self.cfg.duration
+            && self.started.elapsed() >= d
+        {
+            return Some(format!("ran for --duration {:.0} s", d.as_secs_f64()));
+        }
+        if let (Some(t), Some(a)) = (self.cfg.target_accuracy, self.summary.last_accuracy)
+            && a >= t
+        {
+            return Some(format!("reached --target-accuracy {t} ({a:.3})"));
+        }
+        None
+    }
+
+    async fn send_push(&mut self, s: &mut Session) -> Result<(), ClientError> {
+        let x = self.work().trainer.params();
+        let delta: Vec<f32> = x.iter().zip(&self.base).map(|(a, b)| a - b).collect();
+        let rho = self.cfg.rho_up.unwrap_or(s.welcome.settings.rho_up);
+        let k = k_for_density(rho, self.n()).min(s.welcome.settings.max_nnz as usize);
+        let sparse = self.sparsifier.as_mut().expect("present").sparsify(&delta, k);
+        self.seq += 1;
+        let loss = if self.round.loss.is_finite() && self.round.loss >= 0.0 { self.round.loss } else { 0.0 };
+        let h = PushHeader {
+            base_version: self.base_version,
+            seq: self.seq,
+            samples: self.round.samples.clamp(1, u32::MAX as u64) as u32,
+            local_steps: self.round.steps.min(u32::MAX as u64) as u32,
+            loss,
+            nnz: sparse.indices.len() as u32,
+        };
+        let frame = encode_push(&h, &sparse.indices, &sparse.values);
+        let sent_at = Instant::now();
+        self.inflight = Some(InFlight { seq: self.seq, frame: frame.clone(), sparse, sent_at });
+        let wait = self.work().emul.send_delay(frame.len());
+        tokio::time::sleep(wait).await;
+        self.summary.pushes += 1;
+        s.send_binary(frame).await
+    }
+
+    async fn report_round(&mut self, s: &mut Session, overhead: Option<f64>) -> Result<(), ClientError> {
+        let report = RoundTime {
+            seconds: self.round_started.elapsed().as_secs_f64(),
+            steps: self.round.steps,
+            commit_overhead_s: overhead,
+        };
+        self.summary.rounds += 1;
+        s.send(&ClientMessage::RoundTime(report)).await
+    }
+
+    fn new_round(&mut self) {
+        self.round = RoundStats::default();
+        self.round_started = Instant::now();
+    }
+
+    /// A training job finished: decide by mode what happens next.
+    async fn after_job(&mut self, s: &mut Session, stats: RoundStats) -> Result<(), RunError> {
+        let r = &mut self.round;
+        let total = r.loss as f64 * r.steps as f64 + stats.loss as f64 * stats.steps as f64;
+        r.steps += stats.steps;
+        r.samples += stats.samples;
+        r.compute_s += stats.compute_s;
+        r.loss = if r.steps > 0 { (total / r.steps as f64) as f32 } else { 0.0 };
+        match self.cfg.mode {
+            Mode::Plain | Mode::Auto => {
+                if self.round.steps >= self.local_steps(s) {
+                    self.send_push(s).await?;
+                }
+            }
+            Mode::Adsp => {
+                let interval = s.directive.commit_interval_s.unwrap_or(0.0);
+                let due = self.round_started.elapsed().as_secs_f64() >= interval && self.round.steps >= 1;
+                let by_steps =
+                    s.directive.commit_interval_s.is_none() && self.round.steps >= self.local_steps(s);
+                if (s.directive.commit_interval_s.is_some() && due) || by_steps {
+                    self.send_push(s).await?;
+                }
+            }
+            Mode::Nbsync => {
+                if self.adopt_pending
+                    || (self.inflight.is_none() && self.seq == 0 && self.round.steps >= self.local_steps(s))
+                {
+                    // The round closed (or this is the first push): send what was learned since
+                    // the base, and adopt the new model; training goes on meanwhile.
+                    self.adopt_pending = false;
+                    let overhead = self.inflight.take().map(|f| f.sent_at.elapsed().as_secs_f64());
+                    self.send_push(s).await?;
+                    if self.seq > 1 {
+                        self.report_round(s, overhead).await?;
+                    }
+                    self.adopt(s)?;
+                    self.new_round();
+                }
+            }
+            Mode::Hermes => {
+                let (_, d, _, steps) = self.hermes_round(s);
+                if self.round.steps >= steps {
+                    self.chunk_at = (self.chunk_at + d) % self.train.len().max(1);
+                    self.hermes_gate(s).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hermes: push only when the test loss improved significantly.
+    async fn hermes_gate(&mut self, s: &mut Session) -> Result<(), RunError> {
+        let trainer = &self.work.as_ref().expect("present between jobs").trainer;
+        let score = trainer.evaluate(&self.data.train, Some(&self.local_test));
+        self.summary.last_loss = Some(score.loss);
+        let l = score.loss;
+        self.gate_window.push_back(l);
+        while self.gate_window.len() > self.cfg.gate.window {
+            self.gate_window.pop_front();
+        }
+        let n = self.gate_window.len() as f64;
+        let mean = self.gate_window.iter().sum::<f64>() / n;
+        let std = (self.gate_window.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let z = if std > 0.0 { (l - mean) / std } else { 0.0 };
+        if self.gate_window.len() >= 2 && z <= self.z_thr {
+            self.gate_window.clear();
+            self.misses = 0;
+            // Reset to the start value after a push (the reference code does not; we do).
+            self.z_thr = self.cfg.gate.z_start;
+            self.send_push(s).await?;
+        } else {
+            self.misses += 1;
+            if self.misses > self.cfg.gate.lambda {
+                self.z_thr = (self.z_thr * (1.0 - self.cfg.gate.beta)).min(0.0);
+            }
+            self.summary.skipped += 1;
+            let seconds = self.round_started.elapsed().as_secs_f64();
+            s.send(&ClientMessage::Skip(SkipReport {
+                round: self.summary.rounds + 1,
+                loss: l,
+                round_seconds: Some(seconds),
+            }))
+            .await?;
+            self.report_round(s, None).await?;
+            self.new_round();
+        }
+        Ok(())
+    }
+
+    /// Handles one event from the server.
+    async fn on_event(
+        &mut self,
+        s: &mut Session,
+        e: Event,
+        job_running: bool,
+    ) -> Result<Option<End>, RunError> {
+        match e {
+            Event::Ack(a) => {
+                if self.inflight.as_ref().is_some_and(|f| f.seq == a.seq) {
+                    self.summary.acked += 1;
+                    self.push_answered(s).await?;
+                }
+            }
+            Event::Reject(rj) => {
+                if let Some(f) = self.inflight.as_ref().filter(|f| f.seq == rj.seq) {
+                    if rj.field == "seq" {
+                        // A resent push the server had already accepted before a disconnect.
+                        self.summary.acked += 1;
+                    } else {
+                        tracing::warn!(seq = rj.seq, field = %rj.field, reason = %rj.reason, "push rejected; its values go back into the residual");
+                        self.summary.rejected += 1;
+                        let sparse = f.sparse.clone();
+                        self.sparsifier.as_mut().expect("present").restore(&sparse);
+                    }
+                    self.push_answered(s).await?;
+                }
+            }
+            Event::Error(e) if e.fatal => {
+                return Ok(Some(End::Disconnected(format!("server error ({}): {}", e.field, e.message))));
+            }
+            Event::Error(e) => {
+                tracing::warn!(field = %e.field, message = %e.message, "server reported an error")
+            }
+            Event::Bye { reason } => {
+                return Ok(Some(End::Disconnected(format!("server said bye: {reason}"))));
+            }
+            Event::Delta { version, .. } | Event::Snapshot { version, .. } => {
+                if self.cfg.role == Role::Evaluator {
+                    let due =
+                        self.last_eval_version.is_none_or(|v| version >= v + self.cfg.eval_every.max(1));
+                    if due && !job_running {
+                        self.evaluate(s).await?;
+                    }
+                }
+            }
+            Event::RoundDropped { round, reason } => tracing::info!(round, %reason, "dropped from a round"),
+            Event::Directive(_) | Event::Resyncing { .. } => {}
+        }
+        Ok(None)
+    }
+
+    /// The in-flight push was answered: adopt the replica and start a new round. (Other modes
+    /// pause training while a push is in flight, so no job is running here; NBSync keeps
+    /// training and adopts at the next chunk boundary.)
+    async fn push_answered(&mut self, s: &mut Session) -> Result<(), RunError> {
+        if self.cfg.mode == Mode::Nbsync {
+            self.adopt_pending = true;
+            return Ok(());
+        }
+        let f = self.inflight.take().expect("checked by the caller");
+        let overhead = f.sent_at.elapsed().as_secs_f64();
+        self.report_round(s, Some(overhead)).await?;
+        self.adopt(s)?;
+        if !self.check.is_empty() {
+            let trainer = &self.work.as_ref().expect("present between jobs").trainer;
+            let sc = trainer.evaluate(&self.data.test, Some(&self.check));
+            self.summary.last_accuracy = Some(sc.accuracy);
+        }
+        self.new_round();
+        Ok(())
+    }
+
+    async fn evaluate(&mut self, s: &mut Session) -> Result<(), RunError> {
+        let version = s.replica.version().unwrap_or(0);
+        let values = s.replica.values().to_vec();
+        let mut work = self.work.take().expect("no job runs on an evaluator");
+        let test = self.data.test.clone();
+        let (work, score) = tokio::task::spawn_blocking(move || {
+            let r = work.trainer.set_params(&values).map(|_| work.trainer.evaluate(&test, None));
+            (work, r)
+        })
+        .await
+        .expect("evaluation thread");
+        self.work = Some(work);
+        let score = score?;
+        self.last_eval_version = Some(version);
+        self.summary.evaluations += 1;
+        self.summary.last_accuracy = Some(score.accuracy);
+        self.summary.last_loss = Some(score.loss);
+        tracing::info!(
+            version,
+            accuracy = format!("{:.4}", score.accuracy),
+            loss = format!("{:.4}", score.loss),
+            "evaluated"
+        );
+        let report =
+            EvalReport { version, accuracy: score.accuracy, loss: score.loss, samples: score.samples };
+        s.send(&ClientMessage::Eval(report)).await?;
+        Ok(())
+    }
+
+    /// One connected session, until a stop or a disconnect.
+    async fn session(&mut self, conn: Connection) -> Result<End, RunError> {
+        let (mut s, mut stream) = conn.into_parts();
+        let (tx, mut rx) = mpsc::channel(4096);
+        let reader = tokio::spawn(async move {
+            while let Some(m) = stream.next().await {
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        self.adopt(&s)?;
+        self.new_round();
+        if let Some(f) = &self.inflight {
+            // Answered as a duplicate if the server had it already: exactly once either way.
+            let frame = f.frame.clone();
+            s.send_binary(frame).await.map_err(RunError::from)?;
+        }
+        if self.cfg.role == Role::Evaluator {
+            self.evaluate(&mut s).await?;
+        }
+        let mut job: Option<tokio::task::JoinHandle<(Work, RoundStats)>> = None;
+        let end = loop {
+            if let Some(reason) = self.stop_reason() {
+                break End::Stop(reason);
+            }
+            if job.is_none()
+                && let Some(steps) = self.steps_wanted(&s)
+            {
+                job = Some(self.start_job(&s, steps));
+            }
+            let deadline = self.cfg.duration.map(|d| self.started + d);
+            tokio::select! {
+                m = rx.recv() => match m {
+                    None => break End::Disconnected("connection closed".into()),
+                    Some(Err(e)) => break End::Disconnected(e.to_string()),
+                    Some(Ok(m)) => {
+                        let ev = match s.handle(m).await {
+                            Ok(Some(ev)) => ev,
+                            Ok(None) => continue,
+                            Err(e) => break End::Disconnected(e.to_string()),
+                        };
+                        if let Some(end) = self.on_event(&mut s, ev, job.is_some()).await? {
+                            break end;
+                        }
+                    }
+                },
+                r = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
+                                        job = None;
+                    let (work, stats) = r.expect("training thread");
+                    self.work = Some(work);
+                    self.after_job(&mut s, stats).await?;
+                },
+                _ = sleep_until(deadline) => {}
+            }
+        };
+        if let Some(j) = job {
+            if let Ok((work, _)) = j.await {
+                self.work = Some(work);
+            }
+        }
+        let (down, up) = s.traffic();
+        self.summary.bytes_down += down;
+        self.summary.bytes_up += up;
+        if let End::Stop(reason) = &end {
+            s.close(reason).await;
+        }
+        reader.abort();
+        Ok(end)
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -22,6 +22,106 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Measure aggregation and Top-k throughput.
     Bench(BenchArgs),
+    /// A server and heterogeneous native clients training mlp on Fashion-MNIST, with live
+    /// progress (the first thing to run).
+    Demo(DemoArgs),
+    /// Compare synchronization policies (and staleness weightings) on the same clients and data.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Slowdown of each trainer (one trainer per value).
+    #[arg(long, value_delimiter = ',', default_value = "1,1,2,2,4,4,8,8")]
+    slowdowns: Vec<f64>,
+    /// Synchronization policy.
+    #[arg(long, value_enum, default_value = "asp")]
+    policy: sparsync::config::PolicyKind,
+    /// Staleness weighting.
+    #[arg(long, value_enum, default_value = "polynomial")]
+    weighting: sparsync::policy::staleness::WeightingKind,
+    /// Model family.
+    #[arg(long, default_value = "mlp")]
+    model: String,
+    /// Aggregation engine.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: sparsync::config::EngineChoice,
+    /// Address of the server (and its dashboard).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: std::net::SocketAddr,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    duration_s: f64,
+    /// Stop once the evaluator reports this test accuracy.
+    #[arg(long, default_value_t = 0.85)]
+    target_accuracy: f64,
+    /// The evaluator scores the first N test images.
+    #[arg(long, default_value_t = 2000)]
+    eval_samples: usize,
+    /// Directory for the run's files (a new subdirectory per run).
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// Fashion-MNIST IDX directory (default: Debian's, else the embedded subset).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The sparsync-client executable (default: next to this one).
+    #[arg(long)]
+    client_bin: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ExperimentArgs {
+    /// Policies to compare (nbsync = BSP server with pipelining clients).
+    #[arg(long, value_delimiter = ',', default_value = "bsp,asp,ssp,fedbuff,adsp,hermes,nbsync")]
+    policies: Vec<String>,
+    /// Trainers per run.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Slowdown of each trainer, cycled over the trainers.
+    #[arg(long, value_delimiter = ',', default_value = "1,1,2,2,4,4,8,8")]
+    slowdowns: Vec<f64>,
+    /// Time and bytes are measured to this test accuracy.
+    #[arg(long, default_value_t = 0.8)]
+    target_accuracy: f64,
+    /// Runs per policy (medians are reported).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Seed of the data split, client seeds and model initialisation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for results.csv, results.json, plots and client logs.
+    #[arg(long, default_value = "runs/experiment")]
+    out: PathBuf,
+    /// Staleness study: also run ASP with each of these weightings.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    staleness_weighting: Vec<sparsync::policy::staleness::WeightingKind>,
+    /// Staleness weighting of the policy comparison (Hermes always weights by loss).
+    #[arg(long, value_enum, default_value = "polynomial")]
+    weighting: sparsync::policy::staleness::WeightingKind,
+    /// Give up on a run after this many seconds.
+    #[arg(long, default_value_t = 90.0)]
+    max_seconds: f64,
+    /// Model family.
+    #[arg(long, default_value = "mlp")]
+    model: String,
+    /// Aggregation engine.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: sparsync::config::EngineChoice,
+    /// How the training set is split: iid or dirichlet:ALPHA.
+    #[arg(long, default_value = "iid")]
+    partition: String,
+    /// The evaluator scores the first N test images.
+    #[arg(long, default_value_t = 2000)]
+    eval_samples: usize,
+    /// Fashion-MNIST IDX directory (default: Debian's, else the embedded subset).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The sparsync-client executable (default: next to this one).
+    #[arg(long)]
+    client_bin: Option<PathBuf>,
+    /// Extra arguments passed to every trainer (e.g. --trainer-args=--local-steps,20).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    trainer_args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +263,61 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    use sparsync::orchestrate::demo;
+    let server = ServerConfig {
+        listen: a.listen,
+        model: a.model,
+        engine: a.engine,
+        policy: a.policy,
+        weighting: a.weighting,
+        ..ServerConfig::default()
+    };
+    let cfg = demo::DemoConfig {
+        server,
+        slowdowns: a.slowdowns,
+        duration: std::time::Duration::from_secs_f64(a.duration_s),
+        target_accuracy: Some(a.target_accuracy),
+        out: a.out,
+        client_bin: a.client_bin,
+        data: a.data,
+        eval_samples: Some(a.eval_samples),
+    };
+    let summary = demo::run(cfg).await?;
+    print!("{}", demo::describe(&summary));
+    Ok(())
+}
+
+async fn experiment(a: ExperimentArgs) -> anyhow::Result<()> {
+    use sparsync::orchestrate::experiment;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let cfg = experiment::ExperimentConfig {
+        policies: a.policies,
+        sweep: a.staleness_weighting,
+        weighting: a.weighting,
+        clients: a.clients,
+        slowdowns: a.slowdowns,
+        partition: a.partition,
+        target_accuracy: a.target_accuracy,
+        repeat: a.repeat,
+        seed: a.seed,
+        max_seconds: a.max_seconds,
+        out: a.out.clone(),
+        client_bin: a.client_bin,
+        data: a.data,
+        eval_samples: Some(a.eval_samples),
+        server: ServerConfig { model: a.model, engine: a.engine, ..ServerConfig::default() },
+        trainer_args: a.trainer_args,
+    };
+    let results = experiment::run(&cfg, &command).await?;
+    println!("{}", experiment::summary_table(&results.runs));
+    println!(
+        "files in {}: results.csv, results.json, summary.txt, accuracy_vs_time.png, accuracy_vs_bytes.png, staleness.png",
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log);
@@ -174,6 +329,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Bench(_) => unreachable!("handled before the runtime starts"),
+            Command::Demo(args) => demo(args).await,
+            Command::Experiment(args) => experiment(args).await,
         }
     })
 }

@@ -61,3 +61,32 @@ async fn serves_a_safetensors_model_and_reports_status() {
     c.close("done").await;
     h.shutdown("done").await.unwrap();
 }
+
+/// A session the server closes (here: replaced by a newer session with the same client id)
+/// ends cleanly: the open-sessions gauge counts only the live one. (A session task that
+/// panicked on the way out never decremented it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_session_ends_cleanly() {
+    let cfg = ServerConfig { model: "logreg".into(), engine: EngineChoice::Cpu, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = sparsync::server::start(cfg, listener).await.unwrap();
+    let opts = ClientOptions::new(format!("ws://{}/ws", h.addr), "same", "logreg");
+    let mut old = Connection::connect(&opts).await.unwrap();
+    let _new = Connection::connect(&opts).await.unwrap();
+    let bye = wait_for(&mut old, |e| match e {
+        sparsync::client::Event::Bye { reason } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(bye.contains("replaced"), "{bye}");
+    let mut gauge = String::new();
+    for _ in 0..100 {
+        gauge = h.metrics().lines().find(|l| l.starts_with("sparsync_sessions ")).unwrap_or("").to_string();
+        if gauge == "sparsync_sessions 1" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(gauge, "sparsync_sessions 1");
+    h.shutdown("done").await.unwrap();
+}

@@ -3,10 +3,10 @@
 
 pub mod kernels;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What machine and build produced a report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Environment {
     pub sparsync: String,
     pub adapter: Option<String>,

@@ -169,12 +169,15 @@ struct Counters {
 }
 
 /// One evaluator report, kept for `/api/status`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct EvalPoint {
     pub t: f64,
     pub version: u64,
     pub accuracy: f64,
     pub loss: f64,
+    /// Frame bytes the server had received (pushes) and sent (Deltas, snapshots) by then.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// How the coordinator is built.
@@ -293,18 +296,23 @@ impl Coordinator {
                     && report.loss.is_finite()
                     && report.accuracy.is_finite()
                 {
+                    let (bytes_in, bytes_out) = (self.counters.bytes_in, self.counters.bytes_out);
                     self.record.push(Event::Eval {
                         t: now.as_secs_f64(),
                         client,
                         version: report.version,
                         accuracy: report.accuracy,
                         loss: report.loss,
+                        bytes_in,
+                        bytes_out,
                     });
                     self.evals.push(EvalPoint {
                         t: now.as_secs_f64(),
                         version: report.version,
                         accuracy: report.accuracy,
                         loss: report.loss,
+                        bytes_in,
+                        bytes_out,
                     });
                     self.policy.on_loss(now, LossSource::Evaluator, report.loss);
                 }

@@ -89,12 +89,15 @@ pub enum Event {
         client: ClientId,
         directive: Directive,
     },
+    /// An evaluator's score, with the server's frame byte counters at that moment.
     Eval {
         t: f64,
         client: ClientId,
         version: u64,
         accuracy: f64,
         loss: f64,
+        bytes_in: u64,
+        bytes_out: u64,
     },
     Skip {
         t: f64,

@@ -127,19 +127,24 @@ where
 
     // 4. Reader: socket → validation → coordinator.
     let reader = read_loop(&mut stream, &shared, client, &outbox);
+    let mut writer_done = false;
     let reason = tokio::select! {
         r = reader => r,
-        w = &mut writer => match w {
-            Ok(Ok(())) => "closed by server".to_string(),
-            Ok(Err(e)) => format!("write failed: {e}"),
-            Err(e) => format!("writer task failed: {e}"),
+        w = &mut writer => {
+            writer_done = true;
+            match w {
+                Ok(Ok(())) => "closed by server".to_string(),
+                Ok(Err(e)) => format!("write failed: {e}"),
+                Err(e) => format!("writer task failed: {e}"),
+            }
         },
         _ = shared.shutdown_started() => "server shutting down".to_string(),
     };
     let _ = shared.tx.send(Inbound::Leave { client, reason: reason.clone() }).await;
-    // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it.
+    // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it. A finished
+    // JoinHandle must not be polled again.
     outbox.close(reason.clone());
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+    if !writer_done && tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
         writer.abort();
     }
     shared.metrics.session_closed();

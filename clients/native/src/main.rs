@@ -83,6 +83,9 @@ struct Cli {
     /// Evaluator: score every this many replica versions.
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
+    /// Evaluator: score on the first N test images (default: all).
+    #[arg(long)]
+    eval_samples: Option<usize>,
     /// Do not reconnect when the connection drops.
     #[arg(long)]
     no_reconnect: bool,
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         target_accuracy: cli.target_accuracy,
         duration: cli.duration_s.map(Duration::from_secs_f64),
         eval_every: cli.eval_every,
+        eval_samples: cli.eval_samples,
         reconnect: !cli.no_reconnect,
         gate: Gate { z_start: cli.hermes_z, ..Gate::default() },
     };

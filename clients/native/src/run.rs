@@ -80,6 +80,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// Evaluator: score every this many replica versions.
     pub eval_every: u64,
+    /// Evaluator: score on the first this many test images (all when None).
+    pub eval_samples: Option<usize>,
     pub reconnect: bool,
     pub gate: Gate,
 }
@@ -591,8 +593,10 @@ impl Runner {
         let values = s.replica.values().to_vec();
         let mut work = self.work.take().expect("no job runs on an evaluator");
         let test = self.data.test.clone();
+        let limit = self.cfg.eval_samples.unwrap_or(usize::MAX).min(test.len());
         let (work, score) = tokio::task::spawn_blocking(move || {
-            let r = work.trainer.set_params(&values).map(|_| work.trainer.evaluate(&test, None));
+            let idx: Vec<usize> = (0..limit).collect();
+            let r = work.trainer.set_params(&values).map(|_| work.trainer.evaluate(&test, Some(&idx)));
             (work, r)
         })
         .await

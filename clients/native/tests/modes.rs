@@ -29,6 +29,7 @@ fn config(url: &str, id: &str, mode: Mode, shard: usize, rounds: u64) -> Config 
         max_rounds: Some(rounds),
         target_accuracy: None,
         duration: Some(Duration::from_secs(60)),
+        eval_samples: None,
         eval_every: 1,
         reconnect: false,
         gate: Gate::default(),

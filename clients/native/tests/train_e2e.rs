@@ -28,6 +28,7 @@ fn config(url: &str, id: &str, role: Role, shard: usize) -> Config {
         max_rounds: Some(25),
         target_accuracy: None,
         duration: None,
+        eval_samples: None,
         eval_every: 5,
         reconnect: false,
         gate: Gate::default(),

@@ -1,0 +1,469 @@
+//! `sparsync experiment`: the same clients, data split and seeds under each synchronization
+//! policy (and, for the staleness study, each weighting on ASP); time and bytes to a target
+//! accuracy, final accuracy, staleness, commits per client. Writes results.csv, results.json
+//! and PNG plots; prints medians over repeats.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{ClientSpec, Launcher, OrchestrateError, io};
+use crate::config::{PolicyKind, ServerConfig};
+use crate::policy::staleness::WeightingKind;
+use crate::server::record::Event;
+
+/// Settings of an experiment.
+#[derive(Clone, Debug)]
+pub struct ExperimentConfig {
+    /// Among bsp, asp, ssp, fedbuff, adsp, hermes, nbsync.
+    pub policies: Vec<String>,
+    /// Staleness study: ASP once per weighting (none: no study).
+    pub sweep: Vec<WeightingKind>,
+    /// The weighting of the policy comparison's runs (Hermes uses `loss`).
+    pub weighting: WeightingKind,
+    pub clients: usize,
+    /// Slowdown of each client, cycled when there are more clients than values.
+    pub slowdowns: Vec<f64>,
+    pub partition: String,
+    pub target_accuracy: f64,
+    pub repeat: usize,
+    pub seed: u64,
+    /// Stop a run after this many seconds even when the target is not reached.
+    pub max_seconds: f64,
+    pub out: PathBuf,
+    pub client_bin: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub eval_samples: Option<usize>,
+    /// Base server settings (model, engine, densities…); the policy's own are set per run.
+    pub server: ServerConfig,
+    /// Extra arguments for every trainer (e.g. --local-steps).
+    pub trainer_args: Vec<String>,
+}
+
+/// One point of a run's curve.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// Seconds since the first trainer joined.
+    pub t: f64,
+    pub version: u64,
+    pub accuracy: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// One run of one variant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    /// e.g. "asp", "nbsync", "asp-hinge".
+    pub variant: String,
+    pub policy: String,
+    pub weighting: String,
+    pub mode: String,
+    pub repeat: usize,
+    pub seed: u64,
+    pub reached: bool,
+    pub time_to_target_s: Option<f64>,
+    pub bytes_up_to_target: Option<u64>,
+    pub bytes_down_to_target: Option<u64>,
+    pub final_accuracy: Option<f64>,
+    pub best_accuracy: Option<f64>,
+    pub duration_s: f64,
+    pub versions: u64,
+    pub accepted: u64,
+    /// Aggregated updates per staleness 0..=20; the last bin holds 20 and more.
+    pub staleness_histogram: Vec<u64>,
+    pub mean_staleness: f64,
+    /// Aggregated pushes per client id.
+    pub commits: BTreeMap<String, u64>,
+    pub curve: Vec<Point>,
+}
+
+/// What `results.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub target_accuracy: f64,
+    pub clients: usize,
+    pub slowdowns: Vec<f64>,
+    pub repeat: usize,
+    pub seed: u64,
+    pub environment: crate::bench::Environment,
+    pub command: String,
+    pub runs: Vec<RunResult>,
+}
+
+/// Bins of the staleness histogram in results (0..=20, last bin 20+).
+pub const STALENESS_BINS: usize = 21;
+
+struct Variant {
+    name: String,
+    server: ServerConfig,
+    mode: Option<&'static str>,
+}
+
+fn variants(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
+    let mut out = Vec::new();
+    let base = || ServerConfig { weighting: cfg.weighting, ..cfg.server.clone() };
+    for p in &cfg.policies {
+        let (server, mode) = match p.as_str() {
+            "bsp" => (ServerConfig { policy: PolicyKind::Bsp, bsp_deadline_s: 10.0, ..base() }, None),
+            "nbsync" => {
+                (ServerConfig { policy: PolicyKind::Bsp, bsp_deadline_s: 10.0, ..base() }, Some("nbsync"))
+            }
+            "asp" => (ServerConfig { policy: PolicyKind::Asp, ..base() }, None),
+            "ssp" => (ServerConfig { policy: PolicyKind::Ssp, ..base() }, None),
+            "fedbuff" => (
+                ServerConfig { policy: PolicyKind::Fedbuff, fedbuff_k: cfg.clients.clamp(2, 10), ..base() },
+                None,
+            ),
+            // Scaled to a short run: a 4 s check period, commits at least 50 ms apart.
+            "adsp" => (
+                ServerConfig {
+                    policy: PolicyKind::Adsp,
+                    adsp_period_s: 4.0,
+                    adsp_min_interval_s: 0.05,
+                    ..base()
+                },
+                None,
+            ),
+            // Scaled: rounds of 512 samples, one epoch; updates weighted by inverse loss.
+            "hermes" => (
+                ServerConfig {
+                    policy: PolicyKind::Hermes,
+                    hermes_samples: 512,
+                    hermes_epochs: 1,
+                    hermes_tolerance_s: 0.25,
+                    weighting: WeightingKind::Loss,
+                    ..base()
+                },
+                None,
+            ),
+            other => {
+                return Err(OrchestrateError::Invalid(format!(
+                    "unknown policy {other:?} (bsp, asp, ssp, fedbuff, adsp, hermes, nbsync)"
+                )));
+            }
+        };
+        out.push(Variant { name: p.clone(), server, mode });
+    }
+    for w in &cfg.sweep {
+        let name = format!(
+            "asp-{}",
+            serde_json::to_value(w).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+        );
+        out.push(Variant {
+            name,
+            server: ServerConfig { policy: PolicyKind::Asp, weighting: *w, ..cfg.server.clone() },
+            mode: None,
+        });
+    }
+    Ok(out)
+}
+
+fn weighting_name(w: WeightingKind) -> String {
+    serde_json::to_value(w).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
+async fn run_one(
+    cfg: &ExperimentConfig,
+    v: &Variant,
+    repeat: usize,
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<RunResult, OrchestrateError> {
+    let seed = cfg.seed.wrapping_mul(1000).wrapping_add(repeat as u64);
+    let logs = dir.join("clients").join(format!("{}-{repeat}", v.name));
+    std::fs::create_dir_all(&logs).map_err(io(format!("creating {}", logs.display())))?;
+    let server_cfg =
+        ServerConfig { listen: "127.0.0.1:0".parse().expect("static address"), seed, ..v.server.clone() };
+    let listener =
+        tokio::net::TcpListener::bind(server_cfg.listen).await.map_err(io("binding a loopback port"))?;
+    let h = crate::server::start(server_cfg.clone(), listener).await?;
+    let launcher = Launcher {
+        bin: bin.to_path_buf(),
+        url: format!("ws://{}/ws", h.addr),
+        model: server_cfg.model.clone(),
+        data: cfg.data.clone(),
+        log_dir: logs,
+    };
+    let mut children = Vec::new();
+    let mut ev = ClientSpec::evaluator("evaluator");
+    if let Some(s) = cfg.eval_samples {
+        ev.extra = vec!["--eval-samples".into(), s.to_string()];
+    }
+    children.push(launcher.spawn(&ev)?);
+    for i in 0..cfg.clients {
+        let slow = cfg.slowdowns.get(i % cfg.slowdowns.len().max(1)).copied().unwrap_or(1.0);
+        let mut spec = ClientSpec::trainer(format!("c{i}-x{slow}"), (i, cfg.clients), slow, seed + i as u64);
+        spec.partition = cfg.partition.clone();
+        spec.mode = v.mode.map(String::from);
+        spec.extra = cfg.trainer_args.clone();
+        children.push(launcher.spawn(&spec)?);
+    }
+    let start = Instant::now();
+    let max = Duration::from_secs_f64(cfg.max_seconds);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = h.status();
+        if s.evals.iter().any(|e| e.accuracy >= cfg.target_accuracy) || start.elapsed() >= max {
+            break;
+        }
+        let mut exited = 0;
+        for c in children.iter_mut() {
+            if let Ok(Some(_)) = c.try_wait() {
+                exited += 1;
+            }
+        }
+        if exited == children.len() {
+            break;
+        }
+    }
+    let status = h.status();
+    let (_, events) = h.record(0).await?;
+    let _ = h.shutdown("experiment run finished").await?;
+    super::reap(&mut children, Duration::from_secs(5)).await;
+
+    let mut names = BTreeMap::new();
+    let mut t0 = None;
+    let mut hist = vec![0u64; STALENESS_BINS];
+    let mut commits: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &events {
+        match e {
+            Event::Join { t, client, name, role, .. } => {
+                names.insert(*client, name.clone());
+                if *role == crate::protocol::message::Role::Trainer {
+                    t0.get_or_insert(*t);
+                }
+            }
+            Event::Aggregate { items, .. } => {
+                for i in items {
+                    hist[(i.staleness as usize).min(STALENESS_BINS - 1)] += 1;
+                    *commits
+                        .entry(names.get(&i.client).cloned().unwrap_or_else(|| i.client.to_string()))
+                        .or_default() += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let t0 = t0.unwrap_or(0.0);
+    let curve: Vec<Point> = status
+        .evals
+        .iter()
+        .map(|e| Point {
+            t: (e.t - t0).max(0.0),
+            version: e.version,
+            accuracy: e.accuracy,
+            bytes_up: e.bytes_in,
+            bytes_down: e.bytes_out,
+        })
+        .collect();
+    let hit = curve.iter().find(|p| p.accuracy >= cfg.target_accuracy);
+    let total: u64 = hist.iter().sum();
+    let mean_staleness = if total == 0 {
+        0.0
+    } else {
+        hist.iter().enumerate().map(|(s, &c)| s as f64 * c as f64).sum::<f64>() / total as f64
+    };
+    Ok(RunResult {
+        variant: v.name.clone(),
+        policy: v.server.policy.name().into(),
+        weighting: weighting_name(v.server.weighting),
+        mode: v.mode.unwrap_or("auto").into(),
+        repeat,
+        seed,
+        reached: hit.is_some(),
+        time_to_target_s: hit.map(|p| p.t),
+        bytes_up_to_target: hit.map(|p| p.bytes_up),
+        bytes_down_to_target: hit.map(|p| p.bytes_down),
+        final_accuracy: curve.last().map(|p| p.accuracy),
+        best_accuracy: curve.iter().map(|p| p.accuracy).reduce(f64::max),
+        duration_s: start.elapsed().as_secs_f64(),
+        versions: status.version,
+        accepted: status.accepted,
+        staleness_histogram: hist,
+        mean_staleness,
+        commits,
+        curve,
+    })
+}
+
+/// Median of present values.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
+/// CSV: one row per run.
+pub fn to_csv(runs: &[RunResult]) -> String {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
+    let opt_u = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
+    let mut s = String::from(
+        "variant,policy,weighting,mode,repeat,seed,reached,time_to_target_s,bytes_up_to_target,bytes_down_to_target,\
+         final_accuracy,best_accuracy,duration_s,versions,accepted,mean_staleness,commits\n",
+    );
+    for r in runs {
+        let commits: Vec<String> = r.commits.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{}\n",
+            r.variant,
+            r.policy,
+            r.weighting,
+            r.mode,
+            r.repeat,
+            r.seed,
+            r.reached,
+            opt(r.time_to_target_s),
+            opt_u(r.bytes_up_to_target),
+            opt_u(r.bytes_down_to_target),
+            opt(r.final_accuracy),
+            opt(r.best_accuracy),
+            r.duration_s,
+            r.versions,
+            r.accepted,
+            r.mean_staleness,
+            commits.join(";")
+        ));
+    }
+    s
+}
+
+/// The table of medians over repeats, one line per variant (in the order run).
+pub fn summary_table(runs: &[RunResult]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    for r in runs {
+        if !order.contains(&r.variant.as_str()) {
+            order.push(&r.variant);
+        }
+    }
+    let mb = |v: Option<f64>| v.map(|x| format!("{:.2}", x / 1e6)).unwrap_or_else(|| "-".into());
+    let f = |v: Option<f64>, p: usize| v.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = order
+        .iter()
+        .map(|name| {
+            let rs: Vec<&RunResult> = runs.iter().filter(|r| r.variant == *name).collect();
+            let med =
+                |g: &dyn Fn(&RunResult) -> Option<f64>| median(rs.iter().filter_map(|r| g(r)).collect());
+            vec![
+                name.to_string(),
+                format!("{}/{}", rs.iter().filter(|r| r.reached).count(), rs.len()),
+                f(med(&|r| r.time_to_target_s), 1),
+                mb(med(&|r| r.bytes_up_to_target.map(|b| b as f64))),
+                mb(med(&|r| r.bytes_down_to_target.map(|b| b as f64))),
+                f(med(&|r| r.final_accuracy), 3),
+                f(med(&|r| Some(r.mean_staleness)), 2),
+                f(med(&|r| Some(r.versions as f64)), 0),
+            ]
+        })
+        .collect();
+    crate::bench::table(
+        &["variant", "reached", "s to target", "MB up", "MB down", "final acc", "staleness", "versions"],
+        &rows,
+    )
+}
+
+/// Runs the experiment and writes its files; returns the results.
+pub async fn run(cfg: &ExperimentConfig, command: &str) -> Result<Results, OrchestrateError> {
+    if cfg.clients == 0 || cfg.repeat == 0 {
+        return Err(OrchestrateError::Invalid("--clients and --repeat must be at least 1".into()));
+    }
+    let bin = super::find_client(cfg.client_bin.as_deref())?;
+    std::fs::create_dir_all(&cfg.out).map_err(io(format!("creating {}", cfg.out.display())))?;
+    let vs = variants(cfg)?;
+    let mut runs = Vec::new();
+    for repeat in 0..cfg.repeat {
+        for v in &vs {
+            eprintln!("experiment: {} (repeat {}/{})", v.name, repeat + 1, cfg.repeat);
+            let r = run_one(cfg, v, repeat, &bin, &cfg.out).await?;
+            eprintln!(
+                "  {}: {} in {:.1} s, final accuracy {}",
+                v.name,
+                if r.reached { "reached the target" } else { "did not reach the target" },
+                r.time_to_target_s.unwrap_or(r.duration_s),
+                r.final_accuracy.map(|a| format!("{a:.3}")).unwrap_or_else(|| "-".into())
+            );
+            runs.push(r);
+        }
+    }
+    let results = Results {
+        target_accuracy: cfg.target_accuracy,
+        clients: cfg.clients,
+        slowdowns: cfg.slowdowns.clone(),
+        repeat: cfg.repeat,
+        seed: cfg.seed,
+        environment: crate::bench::Environment::detect(None),
+        command: command.into(),
+        runs,
+    };
+    write_files(cfg, &results)?;
+    Ok(results)
+}
+
+fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), OrchestrateError> {
+    let write = |name: &str, text: String| {
+        let p = cfg.out.join(name);
+        std::fs::write(&p, text).map_err(io(format!("writing {}", p.display())))
+    };
+    write("results.csv", to_csv(&results.runs))?;
+    write("results.json", serde_json::to_string_pretty(results).expect("results serialize"))?;
+    write("summary.txt", summary_table(&results.runs))?;
+    // Plots of the first repeat: one line per variant.
+    let first: Vec<&RunResult> = results.runs.iter().filter(|r| r.repeat == 0).collect();
+    let comparison: Vec<&RunResult> =
+        first.iter().copied().filter(|r| !r.variant.starts_with("asp-")).collect();
+    let sweep: Vec<&RunResult> = first.iter().copied().filter(|r| r.variant.starts_with("asp-")).collect();
+    let target = format!("target {:.0}%", results.target_accuracy * 100.0);
+    let series = |rs: &[&RunResult], x: &dyn Fn(&Point) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        rs.iter().map(|r| (r.variant.clone(), r.curve.iter().map(|p| (x(p), p.accuracy)).collect())).collect()
+    };
+    if !comparison.is_empty() {
+        super::plot::lines(
+            &cfg.out.join("accuracy_vs_time.png"),
+            &format!("Test accuracy over time ({} clients, {target})", results.clients),
+            "seconds",
+            "accuracy",
+            &series(&comparison, &|p| p.t),
+        )?;
+        super::plot::lines(
+            &cfg.out.join("accuracy_vs_bytes.png"),
+            &format!("Test accuracy over uplink traffic ({} clients)", results.clients),
+            "uplink MB",
+            "accuracy",
+            &series(&comparison, &|p| p.bytes_up as f64 / 1e6),
+        )?;
+    }
+    let hist = |rs: &[&RunResult]| -> Vec<(String, Vec<f64>)> {
+        rs.iter()
+            .map(|r| {
+                let total: u64 = r.staleness_histogram.iter().sum::<u64>().max(1);
+                (r.variant.clone(), r.staleness_histogram.iter().map(|&c| c as f64 / total as f64).collect())
+            })
+            .collect()
+    };
+    let all: Vec<&RunResult> = first.to_vec();
+    if !all.is_empty() {
+        super::plot::histograms(
+            &cfg.out.join("staleness.png"),
+            "Staleness of aggregated updates (fraction; last bin 20+)",
+            "staleness",
+            &hist(&all),
+        )?;
+    }
+    if !sweep.is_empty() {
+        super::plot::lines(
+            &cfg.out.join("staleness_weighting.png"),
+            &format!("ASP with each staleness weighting ({target})"),
+            "seconds",
+            "accuracy",
+            &series(&sweep, &|p| p.t),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! PNG charts with plotters: lines (accuracy over time or bytes) and histograms (staleness).
+//! Text uses an embedded ASCII subset of DejaVu Sans (`data/font/`), so charts render on
+//! machines without fonts.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+
+use super::OrchestrateError;
+
+static FONT: &[u8] = include_bytes!("../../data/font/DejaVuSans-subset.ttf");
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Registration only fails on a malformed font, which the tests would catch.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Colours for series, readable on white.
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+pub fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+fn err(path: &Path) -> impl Fn(String) -> OrchestrateError + '_ {
+    move |message| OrchestrateError::Plot { path: path.display().to_string(), message }
+}
+
+/// A line chart: one line per series, with a legend.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), OrchestrateError> {
+    register_font();
+    let e = err(path);
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x1, mut y0, mut y1) = (1e-9f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in pts {
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !y0.is_finite() {
+        (y0, y1) = (0.0, 1.0);
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-3);
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x1 * 1.02, (y0 - pad)..(y1 + pad))
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (i, (name, p)) in series.iter().enumerate() {
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+/// Histograms side by side: one panel per series, bars over the bins 0..counts.len().
+pub fn histograms(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<f64>)],
+) -> Result<(), OrchestrateError> {
+    register_font();
+    let e = err(path);
+    let cols = series.len().clamp(1, 4);
+    let rows = series.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(path, (300 * cols as u32, 240 * rows as u32 + 40)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(|x| e(x.to_string()))?;
+    let panels = root.split_evenly((rows, cols));
+    for (i, ((name, counts), area)) in series.iter().zip(panels.iter()).enumerate() {
+        let top = counts.iter().copied().fold(0.0, f64::max).max(1e-9);
+        let bins = counts.len().max(1) as u32;
+        let mut chart = ChartBuilder::on(area)
+            .caption(name, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d((0u32..bins).into_segmented(), 0.0..top * 1.1)
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc(x_label)
+            .label_style(("sans-serif", 11))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        let c = color(i);
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(c.filled())
+                    .margin(1)
+                    .data(counts.iter().enumerate().map(|(b, &v)| (b as u32, v))),
+            )
+            .map_err(|x| e(x.to_string()))?;
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_pngs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.png");
+        lines(
+            &p,
+            "accuracy",
+            "seconds",
+            "accuracy",
+            &[("asp".into(), vec![(0.0, 0.1), (1.0, 0.5), (2.0, 0.7)])],
+        )
+        .unwrap();
+        let h = dir.path().join("h.png");
+        histograms(
+            &h,
+            "staleness",
+            "staleness",
+            &[("asp".into(), vec![0.5, 0.3, 0.2]), ("bsp".into(), vec![1.0])],
+        )
+        .unwrap();
+        for f in [p, h] {
+            let bytes = std::fs::read(&f).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        }
+    }
+}

@@ -9,7 +9,11 @@
 //!   with the smallest D whose predicted round time E·D·k_i/b is within ±tolerance of T_med
 //!   (among the b that reach that D, the one closest to its current b), sent as a directive.
 //!
-//! With the `loss` weighting, updates count in inverse proportion to their loss.
+//! Updates are aggregated as they arrive, as shares of the active population: with the `loss`
+//! weighting, w_i = (1/L_i) / Σ_j 1/L_j over every active client's latest loss (from its pushes
+//! and skips). The reference code keeps a running weighted average of updates (weights 1/loss);
+//! normalising per batch instead would give each lone update w = 1, and the accumulated,
+//! stale updates of many gated clients then add up and diverge (seen with 8 clients).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -40,6 +44,8 @@ struct Alloc {
     d: u64,
     b: u64,
     last_round_s: Option<f64>,
+    /// The latest loss the client reported (push or skip).
+    loss: Option<f64>,
 }
 
 /// The Hermes policy.
@@ -121,6 +127,23 @@ impl Hermes {
         self.t_med
     }
 
+    /// Σ 1/L over the active clients' latest losses (a client without one yet counts as the
+    /// mean of the others, or 1 when nobody reported).
+    fn population(&self) -> Normalization {
+        let known: Vec<f64> = self
+            .clients
+            .values()
+            .filter_map(|a| a.loss)
+            .map(|l| 1.0 / l.max(super::staleness::MIN_LOSS))
+            .collect();
+        let mean = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+        let missing = self.clients.len() - known.len();
+        Normalization::Population {
+            clients: self.clients.len().max(1),
+            inverse_loss_sum: known.iter().sum::<f64>() + mean * missing as f64,
+        }
+    }
+
     fn round_time(&mut self, client: ClientId, seconds: f64) -> Vec<Action> {
         let Some(a) = self.clients.get_mut(&client) else { return Vec::new() };
         a.last_round_s = Some(seconds);
@@ -172,7 +195,8 @@ impl SyncPolicy for Hermes {
     }
 
     fn on_join(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
-        self.clients.insert(client, Alloc { d: self.cfg.samples, b: self.cfg.batch, last_round_s: None });
+        self.clients
+            .insert(client, Alloc { d: self.cfg.samples, b: self.cfg.batch, last_round_s: None, loss: None });
         vec![Action::Directive {
             client,
             directive: Directive {
@@ -191,11 +215,20 @@ impl SyncPolicy for Hermes {
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
+        if let Some(a) = self.clients.get_mut(&push.client) {
+            a.loss = Some(push.loss as f64);
+        }
         self.pending.push(push.id);
         vec![Action::Ack(push.id)]
     }
 
     fn on_skip(&mut self, _now: Duration, client: ClientId, report: &SkipReport) -> Vec<Action> {
+        if let Some(a) = self.clients.get_mut(&client)
+            && report.loss.is_finite()
+            && report.loss >= 0.0
+        {
+            a.loss = Some(report.loss);
+        }
         match report.round_seconds {
             Some(s) if s.is_finite() && s >= 0.0 => self.round_time(client, s),
             _ => Vec::new(),
@@ -212,11 +245,12 @@ impl SyncPolicy for Hermes {
         }
         let take = self.pending.len().min(self.cfg.max_batch);
         let pushes: Vec<PushId> = self.pending.drain(..take).collect();
-        vec![Action::Aggregate { pushes, normalization: Normalization::Batch }]
+        vec![Action::Aggregate { pushes, normalization: self.population() }]
     }
 
     fn drain(&mut self) -> Vec<Action> {
-        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, Normalization::Batch)
+        let n = self.population();
+        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, n)
     }
 
     fn state(&self) -> serde_json::Value {

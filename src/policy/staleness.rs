@@ -82,6 +82,11 @@ pub enum Normalization {
     Batch,
     /// w_i = α(s_i) / M: ADSP, M = active clients.
     Fixed(usize),
+    /// Hermes: shares of the active population. With the `loss` weighting
+    /// w_i = (1/L_i) / Σ_{j active} 1/L_j over each client's latest loss (1/M when losses are
+    /// equal), so stale, accumulated updates average instead of adding up; with a staleness
+    /// weighting, α(s_i) / M.
+    Population { clients: usize, inverse_loss_sum: f64 },
 }
 
 /// Smallest loss used by the `loss` weighting (a zero loss would get infinite weight).
@@ -110,6 +115,17 @@ pub fn batch_weights(w: &Weighting, norm: Normalization, batch: &[WeightInput], 
         }
         (_, Normalization::Fixed(m)) => {
             out.extend(batch.iter().map(|u| (w.alpha(u.staleness) / m.max(1) as f64) as f32));
+        }
+        (WeightingKind::Loss, Normalization::Population { clients, inverse_loss_sum }) => {
+            let total = if inverse_loss_sum > 0.0 && inverse_loss_sum.is_finite() {
+                inverse_loss_sum
+            } else {
+                clients.max(1) as f64
+            };
+            out.extend(batch.iter().map(|u| (1.0 / (u.loss as f64).max(MIN_LOSS) / total).min(1.0) as f32));
+        }
+        (_, Normalization::Population { clients, .. }) => {
+            out.extend(batch.iter().map(|u| (w.alpha(u.staleness) / clients.max(1) as f64) as f32));
         }
     }
 }
@@ -151,8 +167,14 @@ mod tests {
         assert_eq!(out, vec![0.5, 0.5]);
         batch_weights(&no_samples, Normalization::Fixed(4), &b, &mut out);
         assert_eq!(out, vec![0.25, 0.25]);
-        // Hermes: w ∝ 1/L (with samples: 30/1 and 10/0.5 = 20 → 0.6, 0.4)
+        // Loss weighting within a batch: w ∝ 1/L (with samples: 30/1 and 10/0.5 = 20 → 0.6, 0.4)
         batch_weights(&with(WeightingKind::Loss), Normalization::Batch, &b, &mut out);
         assert_eq!(out, vec![0.6, 0.4]);
+        // Hermes: shares of the population's inverse losses (1/1 + 1/0.5 + 1/2 + 1/1 = 4.5).
+        let pop = Normalization::Population { clients: 4, inverse_loss_sum: 4.5 };
+        batch_weights(&with(WeightingKind::Loss), pop, &b, &mut out);
+        assert_eq!(out, vec![(1.0 / 4.5) as f32, (2.0 / 4.5) as f32]);
+        batch_weights(&with(WeightingKind::Polynomial), pop, &b, &mut out);
+        assert_eq!(out, vec![0.25, 0.125]);
     }
 }

@@ -180,7 +180,10 @@ settings! {
     model: val String = "mlp", "Built-in model family: logreg, mlp or cnn (ignored with --init)";
     init: opt PathBuf = "none", "Start from this safetensors file (any layout of F32 tensors)";
     seed: val u64 = "0", "Seed of the built-in model's initialisation";
-    data_dir: opt PathBuf = "auto", "Fashion-MNIST IDX directory for browser shards (auto: Debian's, else the embedded subset)";
+        data_dir: opt PathBuf = "auto", "Fashion-MNIST IDX directory for browser shards (auto: Debian's, else the embedded subset)";
+    browser_shards: val u16 = "8", "Browsers joining at /join get one of this many IID shards of the training set, in turn";
+    browser_samples: val u32 = "2000", "Images per browser shard (at most)";
+    web_dir: opt PathBuf = "embedded", "Serve the dashboard and browser client from this directory instead of the built-in copy";
 
     ["Engine"]
     engine: val EngineChoice = "auto", "Aggregation engine: auto (a hardware GPU if present, else CPU), gpu (any adapter, lavapipe included) or cpu";

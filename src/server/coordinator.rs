@@ -74,6 +74,10 @@ pub enum Inbound {
     State {
         reply: oneshot::Sender<Result<ModelState, String>>,
     },
+    /// The public replica and its version.
+    Replica {
+        reply: oneshot::Sender<Result<(u64, Vec<f32>), String>>,
+    },
     /// Stop: aggregate every accepted push, say Bye to every session, return the final state.
     Shutdown {
         reason: String,
@@ -337,6 +341,11 @@ impl Coordinator {
             }
             Inbound::Record { since, reply } => {
                 let _ = reply.send(self.record.since(since));
+            }
+            Inbound::Replica { reply } => {
+                let v = self.replica_version;
+                let r = self.with_engine(|e| e.read_replica()).await;
+                let _ = reply.send(r.map(|values| (v, values)).map_err(|e| e.to_string()));
             }
             Inbound::State { reply } => {
                 let r = self.with_engine(|e| e.read_state()).await;

@@ -29,6 +29,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/status", get(status))
         .route("/api/record", get(record))
         .route("/metrics", get(metrics))
+        .merge(super::web::routes())
         .with_state(shared)
 }
 

@@ -12,6 +12,7 @@ pub mod outbox;
 pub mod record;
 pub mod session;
 pub mod status;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,6 +43,10 @@ pub struct Shared {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub status: watch::Receiver<Arc<Status>>,
+    /// Fashion-MNIST for browser shards, loaded on first request.
+    pub data: tokio::sync::OnceCell<Arc<crate::data::FashionMnist>>,
+    /// The next browser shard to hand out.
+    pub next_shard: std::sync::atomic::AtomicUsize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -263,6 +268,8 @@ pub async fn start_with(
         auth,
         metrics,
         status: status_rx,
+        data: tokio::sync::OnceCell::new(),
+        next_shard: std::sync::atomic::AtomicUsize::new(0),
         shutdown: shutdown_rx.clone(),
         cfg: cfg.clone(),
     });

@@ -1,0 +1,110 @@
+// End to end in real headless Chromium (driven by playwright-core): the browser joins training
+// at /join, its pushes are accepted, a forged frame gets the same Reject as from a native
+// client, the dashboard at / shows both clients and a rising version (screenshot saved), and
+// once everyone stops the page's replica checksum equals the server's.
+//
+//   node test/e2e.mjs http://127.0.0.1:PORT OUT_DIR
+//
+// The caller (clients/native/tests/browser.rs) runs the server with a native client and an
+// evaluator. Exit code 0 means every check passed; each failure says which.
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const [base, out = '.'] = process.argv.slice(2);
+mkdirSync(out, { recursive: true });
+const step = (msg) => console.log(`e2e: ${msg}`);
+const fail = (msg) => {
+  console.error(`e2e FAILED: ${msg}`);
+  process.exitCode = 1;
+  throw new Error(msg);
+};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const json = async (path) => (await fetch(`${base}${path}`)).json();
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+try {
+  const page = await browser.newPage();
+  page.on('console', (m) => console.log(`[page] ${m.text()}`));
+  page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
+  await page.goto(`${base}/join?id=browser-e2e`);
+  await page.waitForFunction(() => window.sparsync?.state.backend, null, { timeout: 60000 });
+  const backend = await page.evaluate(() => window.sparsync.state.backend);
+  step(`TensorFlow.js backend: ${backend}`);
+    await page.waitForFunction(() => window.sparsync.state.acked >= 3, null, { timeout: 60000 });
+  const acked = await page.evaluate(() => window.sparsync.state.acked);
+  step(`the browser's pushes are accepted (${acked} so far)`);
+
+  // The server's own record shows the browser client's commits.
+  const st = await json('/api/status');
+  const me = st.clients.find((c) => c.client_id === 'browser-e2e');
+  if (!me || me.kind !== 'browser' || me.accepted < 3) fail(`server status lacks the browser's pushes: ${JSON.stringify(me)}`);
+  const { events } = await json('/api/record');
+  const joined = events.find((e) => e.event === 'join' && e.name === 'browser-e2e');
+  const commits = events.filter((e) => e.event === 'aggregate').flatMap((e) => e.items).filter((i) => i.client === joined.client);
+  if (commits.length < 1) fail('no aggregated push of the browser client in the record');
+  step(`server record: ${commits.length} aggregated pushes of the browser client`);
+
+  // A forged frame from the page: an index past the end of the model.
+  const reject = await page.evaluate(async () => {
+    const s = window.sparsync;
+    const P = s.protocol;
+    const seq = s.state.seq + 1000;
+    const frame = P.encodePush({ baseVersion: s.version(), seq, samples: 1, localSteps: 1, loss: 1 }, [s.params() + 5], [P.f32ToF16Sat(0.1)]);
+    s.sendRaw(frame);
+    for (let i = 0; i < 200; i++) {
+      if (s.state.lastReject?.seq === seq) return s.state.lastReject;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    return null;
+  });
+  if (!reject || reject.field !== 'indices' || !reject.reason.includes('out of range')) fail(`forged frame: ${JSON.stringify(reject)}`);
+  step(`forged frame refused: ${reject.field}: ${reject.reason}`);
+
+  // The dashboard: both clients, a rising version.
+  const dash = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  await dash.goto(`${base}/`);
+  await dash.waitForFunction(() => (window.sparsyncStatus?.clients ?? []).some((c) => c.kind === 'native') && window.sparsyncStatus.clients.some((c) => c.kind === 'browser'), null, { timeout: 30000 });
+  const v1 = await dash.evaluate(() => window.sparsyncStatus.version);
+  await dash.waitForFunction((v) => window.sparsyncStatus.version > v, v1, { timeout: 30000 });
+  const v2 = await dash.evaluate(() => window.sparsyncStatus.version);
+  const table = await dash.textContent('#clients');
+  if (!table.includes('browser-e2e') || !table.includes('native')) fail(`dashboard table: ${table}`);
+  await sleep(1500);
+  await dash.screenshot({ path: `${out}/dashboard.png`, fullPage: true });
+  step(`dashboard shows both clients; version rose ${v1} → ${v2}; screenshot ${out}/dashboard.png`);
+  await page.screenshot({ path: `${out}/join.png`, fullPage: true });
+
+  // Quiesce: the native trainer stops on its own; pause the page; wait until the server's
+  // version stops moving, then compare replicas at that version.
+  await page.evaluate(() => window.sparsync.pause());
+  for (let i = 0; ; i++) {
+    const s = await json('/api/status');
+    if (!s.clients.some((c) => c.kind === 'native' && c.role === 'trainer') && s.pending === 0) break;
+    if (i > 600) fail('the native trainer did not finish');
+    await sleep(100);
+  }
+  let server = await json('/api/replica');
+  for (let i = 0; i < 20; i++) {
+    await sleep(250);
+    const again = await json('/api/replica');
+    if (again.version === server.version) break;
+    server = again;
+  }
+  await page.waitForFunction((v) => window.sparsync.version() === v, server.version, { timeout: 30000 });
+  const mine = await page.evaluate(() => window.sparsync.checksum());
+  if (mine !== server.checksum) fail(`replica checksum ${mine} differs from the server's ${server.checksum} at version ${server.version}`);
+  step(`replica equals the server's x̂ at version ${server.version} (checksum ${mine})`);
+  console.log('e2e: 5 passed, 0 failed');} catch (e) {
+  for (const p of browser.contexts().flatMap((c) => c.pages())) {
+    const s = await p.evaluate(() => (window.sparsync ? { ...window.sparsync.state, log: window.sparsync.state.log.slice(-15) } : null)).catch(() => null);
+    if (s) console.error(`page state: ${JSON.stringify(s, null, 1)}`);
+  }
+  console.error(`e2e FAILED: ${e.message}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

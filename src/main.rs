@@ -161,6 +161,9 @@ struct ServeArgs {
     /// TOML file of settings (keys are the flag names with underscores); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Once serving, write the address (http://HOST:PORT) to this file.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     #[command(flatten)]
     flags: ServeFlags,
 }
@@ -195,7 +198,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.apply(args.flags);
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
-    let state = sparsync::server::run(cfg, listener, shutdown_signal()).await?;
+    let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
+    let handle = sparsync::server::start(cfg, listener).await?;
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{scheme}://{}", handle.addr))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: applying accepted updates");
+    let state = handle.shutdown("server shutting down").await?;
     tracing::info!(version = state.version, "stopped");
     Ok(())
 }

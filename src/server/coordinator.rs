@@ -157,6 +157,18 @@ pub struct Coordinator {
     evals: Vec<EvalPoint>,
     weights: Vec<f32>,
     metrics: Arc<super::metrics::Metrics>,
+    durable: Option<Durable>,
+    /// Pushes to apply before serving (from a checkpoint and its WAL).
+    resume: Vec<super::durability::PendingPush>,
+}
+
+/// Checkpoint and WAL state (with `--checkpoint-dir`).
+struct Durable {
+    dir: std::path::PathBuf,
+    wal: Option<super::durability::Wal>,
+    wal_seq: u64,
+    last_at: Instant,
+    last_version: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -193,6 +205,8 @@ pub struct CoordinatorParts {
     pub rx: mpsc::Receiver<Inbound>,
     pub status_tx: watch::Sender<Arc<Status>>,
     pub metrics: Arc<super::metrics::Metrics>,
+    /// A checkpoint to continue from: its client registry and the pushes to apply first.
+    pub resume: Option<super::durability::Checkpoint>,
 }
 
 impl Coordinator {
@@ -200,7 +214,24 @@ impl Coordinator {
         let version = p.engine.version();
         let replica_version = p.engine.replica_version();
         let engine_info = p.engine.info();
+        let durable = p.cfg.checkpoint_dir.clone().map(|dir| Durable {
+            wal_seq: super::durability::Wal::next_seq(&dir),
+            dir,
+            wal: None,
+            last_at: Instant::now(),
+            last_version: version,
+        });
+        let mut registry = HashMap::new();
+        let mut resume = Vec::new();
+        if let Some(c) = p.resume {
+            for (id, seq) in c.registry {
+                registry.insert(id, Registry { last_seq: Some(seq), ..Default::default() });
+            }
+            resume = c.pending;
+        }
         Self {
+            durable,
+            resume,
             weighting: p.cfg.weighting(),
             selection: p.cfg.selection,
             layout: p.layout,
@@ -210,7 +241,7 @@ impl Coordinator {
             rx: p.rx,
             clients: HashMap::new(),
             by_name: HashMap::new(),
-            registry: HashMap::new(),
+            registry,
             pending: HashMap::new(),
             unacked: HashMap::new(),
             next_client: 1,
@@ -238,6 +269,13 @@ impl Coordinator {
 
     /// Runs until every sender is gone or a Shutdown arrives.
     pub async fn run(mut self) {
+        if let Err(e) = self.start_durability().await {
+            tracing::error!(error = %e, "cannot start checkpoints; stopping");
+            self.rx.close();
+            return;
+        }
+        // The status reflects the (possibly resumed) model before anything happens.
+        self.publish_status(true);
         loop {
             let wake = self.policy.next_wakeup().map(|d| self.started + d);
             let status_due = self.status_dirty.then(|| self.last_status.map(|t| t + STATUS_PERIOD)).flatten();
@@ -262,9 +300,113 @@ impl Coordinator {
                 break;
             }
             self.poll_policy().await;
+            self.maybe_checkpoint().await;
             self.publish_status(false);
         }
         self.publish_status(true);
+    }
+
+    /// Applies what a checkpoint and its WAL hold, writes a fresh checkpoint and opens a WAL.
+    async fn start_durability(&mut self) -> Result<(), String> {
+        let resume = std::mem::take(&mut self.resume);
+        if !resume.is_empty() {
+            let n = resume.len();
+            let limits = crate::protocol::frame::PushLimits {
+                num_params: self.layout.num_params() as u64,
+                max_nnz: self.layout.num_params() as u64,
+            };
+            let mut ids = Vec::new();
+            for p in resume {
+                let header = match PushView::decode(&p.frame, &limits) {
+                    Ok(v) => v.header,
+                    Err(e) => {
+                        tracing::warn!(error = %e, client = %p.client_id, "a recovered push does not decode; skipped");
+                        continue;
+                    }
+                };
+                let r = self.registry.entry(p.client_id.clone()).or_default();
+                r.last_seq = Some(r.last_seq.map_or(header.seq, |s| s.max(header.seq)));
+                let id = self.next_push;
+                self.next_push += 1;
+                self.pending
+                    .insert(id, Pending { client: 0, header, frame: p.frame, accepted_at: self.now() });
+                ids.push(id);
+            }
+            for batch in ids.chunks(self.cfg.max_batch) {
+                self.step(batch.to_vec(), Normalization::Batch).await;
+            }
+            tracing::info!(
+                pushes = n,
+                version = self.version,
+                "applied the pushes recovered from the checkpoint and WAL"
+            );
+        }
+        if self.durable.is_some() {
+            self.checkpoint().await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn maybe_checkpoint(&mut self) {
+        let Some(d) = &self.durable else { return };
+        let by_time = self.cfg.checkpoint_every_s > 0.0
+            && d.last_at.elapsed() >= Duration::from_secs_f64(self.cfg.checkpoint_every_s);
+        let by_versions = self.cfg.checkpoint_every_versions > 0
+            && self.version >= d.last_version + self.cfg.checkpoint_every_versions;
+        if (by_time || by_versions)
+            && self.version != d.last_version
+            && let Err(e) = self.checkpoint().await
+        {
+            tracing::error!(error = %e, "checkpoint failed");
+        }
+    }
+
+    /// Writes a checkpoint of everything accepted so far, then starts a new WAL file.
+    async fn checkpoint(&mut self) -> Result<std::path::PathBuf, String> {
+        let Some(d) = &self.durable else { return Err("no checkpoint directory".into()) };
+        let dir = d.dir.clone();
+        let wal_seq = d.wal_seq;
+        let state = self.with_engine(|e| e.read_state()).await.map_err(|e| e.to_string())?;
+        let mut ids: Vec<&PushId> = self.pending.keys().collect();
+        ids.sort();
+        let pending = ids
+            .into_iter()
+            .map(|id| {
+                let p = &self.pending[id];
+                let name = self.clients.get(&p.client).map(|c| c.name.clone()).unwrap_or_default();
+                super::durability::PendingPush { client_id: name, frame: p.frame.clone() }
+            })
+            .collect();
+        let ckpt = super::durability::Checkpoint {
+            model: self.layout.name.clone(),
+            layout: self.layout.tensors.clone(),
+            registry: self.registry.iter().filter_map(|(k, r)| r.last_seq.map(|s| (k.clone(), s))).collect(),
+            pending,
+            policy: self.policy.name().into(),
+            policy_state: self.policy.state(),
+            wal_seq,
+            state,
+        };
+        let version = ckpt.state.version;
+        let written = tokio::task::spawn_blocking(move || ckpt.write(&dir, 3))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let d = self.durable.as_mut().expect("checked above");
+        if self.cfg.wal {
+            // The checkpoint naming this WAL file is durable: records before it can go.
+            match &mut d.wal {
+                Some(w) => w.rotate(wal_seq).map_err(|e| e.to_string())?,
+                None => {
+                    d.wal = Some(super::durability::Wal::start(&d.dir, wal_seq).map_err(|e| e.to_string())?)
+                }
+            }
+        }
+        d.wal_seq = wal_seq + 1;
+        d.last_at = Instant::now();
+        d.last_version = version;
+        tracing::info!(version, path = %written.display(), "checkpoint written");
+        Ok(written)
     }
 
     async fn poll_policy(&mut self) {
@@ -524,6 +666,12 @@ impl Coordinator {
                     self.version, header.base_version, self.cfg.max_staleness
                 ),
             );
+        }
+        if let Some(w) = self.durable.as_mut().and_then(|d| d.wal.as_mut())
+            && let Err(e) = w.append(&c.name, &frame)
+        {
+            tracing::error!(error = %e, "write-ahead log failed");
+            return self.reject(client, header.seq, "server", format!("write-ahead log failed: {e}"));
         }
         let id = self.next_push;
         self.next_push += 1;
@@ -813,6 +961,12 @@ impl Coordinator {
         let unacked: Vec<PushId> = self.unacked.keys().copied().collect();
         for id in unacked {
             self.ack(id);
+        }
+        if self.durable.is_some() {
+            match self.checkpoint().await {
+                Ok(path) => tracing::info!(path = %path.display(), "final checkpoint written"),
+                Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
+            }
         }
         for c in self.clients.values() {
             c.outbox.push(Outbound::Text(ServerMessage::Bye { reason: reason.into() }.to_json()));

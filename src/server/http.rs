@@ -29,6 +29,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/status", get(status))
         .route("/api/record", get(record))
         .route("/metrics", get(metrics))
+        .route("/api/model.safetensors", get(model))
         .merge(super::web::routes())
         .with_state(shared)
 }
@@ -53,6 +54,29 @@ async fn record(State(shared): State<Arc<Shared>>, Query(q): Query<Since>) -> Re
     match rx.await {
         Ok((next, events)) => json_response(&serde_json::json!({ "next": next, "events": events })),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response(),
+    }
+}
+
+/// The current model x as a safetensors file (layout order in its metadata).
+async fn model(State(shared): State<Arc<Shared>>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if shared.tx.send(Inbound::State { reply: tx }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response();
+    }
+    let state = match rx.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response(),
+    };
+    match shared.layout.to_safetensors(&state.x) {
+        Ok(bytes) => {
+            let mut r = bytes.into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            r.headers_mut().insert("x-sparsync-version", HeaderValue::from(state.version));
+            r
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod coordinator;
+pub mod durability;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -77,6 +78,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("policy: {0}")]
     Policy(String),
+    #[error("resume: {0}")]
+    Resume(String),
     #[error("the coordinator stopped: {0}")]
     Stopped(String),
 }
@@ -213,17 +216,51 @@ fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>,
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
-/// Starts a server on `listener` with the engine the config asks for.
+/// Starts a server on `listener` with the engine the config asks for (resuming from a
+/// checkpoint with `--resume`).
 pub async fn start(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
     let (layout, values) = load_model(&cfg)?;
+    let resume = match &cfg.resume {
+        Some(dir) => Some(resume_from(dir, &layout)?),
+        None => None,
+    };
     let engine = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || build_engine(&cfg, values))
-            .await
-            .map_err(|e| ServerError::Stopped(e.to_string()))??
+        let state = resume.as_ref().map(|c| c.state.clone());
+        tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
+            let mut e = build_engine(&cfg, values)?;
+            if let Some(s) = state {
+                e.load_state(&s)?;
+            }
+            Ok(e)
+        })
+        .await
+        .map_err(|e| ServerError::Stopped(e.to_string()))??
     };
-    start_with(cfg, listener, layout, engine).await
+    start_inner(cfg, listener, layout, engine, resume).await
+}
+
+/// The newest valid checkpoint in `dir`, with the WAL records written after it appended to its
+/// pending pushes.
+fn resume_from(dir: &Path, layout: &ModelLayout) -> Result<durability::Checkpoint, ServerError> {
+    let (path, mut c) =
+        durability::Checkpoint::newest(dir).map_err(|e| ServerError::Resume(e.to_string()))?;
+    if c.layout != layout.tensors {
+        return Err(ServerError::Resume(format!(
+            "{} holds model {:?} with another layout than the one configured ({:?})",
+            path.display(),
+            c.model,
+            layout.name
+        )));
+    }
+    let wal = durability::replay(dir, c.wal_seq).map_err(|e| ServerError::Resume(e.to_string()))?;
+    tracing::info!(
+        path = %path.display(), version = c.state.version, pending = c.pending.len(), wal_records = wal.len(),
+        "resuming from checkpoint"
+    );
+    c.pending.extend(wal);
+    Ok(c)
 }
 
 /// Starts a server with a given layout and engine (tests inject their own).
@@ -232,6 +269,16 @@ pub async fn start_with(
     listener: TcpListener,
     layout: ModelLayout,
     engine: Box<dyn Aggregator>,
+) -> Result<ServerHandle, ServerError> {
+    start_inner(cfg, listener, layout, engine, None).await
+}
+
+async fn start_inner(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    layout: ModelLayout,
+    engine: Box<dyn Aggregator>,
+    resume: Option<durability::Checkpoint>,
 ) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
     let info = engine.info();
@@ -259,6 +306,7 @@ pub async fn start_with(
         rx,
         status_tx,
         metrics: metrics.clone(),
+        resume,
     });
     let shared = Arc::new(Shared {
         max_nnz: cfg.max_nnz.unwrap_or(n).min(n),

@@ -676,10 +676,10 @@ impl Runner {
                 _ = sleep_until(deadline) => {}
             }
         };
-        if let Some(j) = job {
-            if let Ok((work, _)) = j.await {
-                self.work = Some(work);
-            }
+        if let Some(j) = job
+            && let Ok((work, _)) = j.await
+        {
+            self.work = Some(work);
         }
         let (down, up) = s.traffic();
         self.summary.bytes_down += down;

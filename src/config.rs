@@ -232,7 +232,8 @@ settings! {
     ["Limits"]
     max_frame_bytes: val usize = "67108864", "Largest WebSocket message accepted, bytes";
     max_nnz: opt u64 = "parameter count", "Largest nnz accepted in one Push";
-    max_clients: val usize = "1024", "Most concurrent connections";
+        max_clients: val usize = "1024", "Most concurrent connections";
+    max_connections_per_ip: val usize = "0", "Most concurrent connections from one IP address (0: no per-address limit)";
     max_push_rate: val f64 = "0", "Pushes per second per client (0: unlimited)";
     max_pending_bytes: val usize = "67108864", "Bytes queued to one client before it is switched to a later snapshot";
     handshake_timeout_s: val f64 = "10", "Seconds a connection has to complete HTTP headers and Hello";

@@ -33,3 +33,16 @@ pub mod orchestrate;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;
+
+/// The log filter of the binaries: `RUST_LOG` when set, else `spec` (EnvFilter syntax). Either
+/// way tungstenite's per-message trace lines are capped at debug: they would print every Hello,
+/// tokens included, and tokens never go to the log.
+#[cfg(feature = "server")]
+pub fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(spec));
+    match "tungstenite::protocol=debug".parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    }
+}

@@ -72,6 +72,21 @@ impl Auth {
         }
         ok.into()
     }
+
+    /// Whether `token` is any accepted token (join or per-client): what the HTTP endpoints that
+    /// hand out the model or data ask of a request. Constant time per token, like `check`.
+    pub fn check_any(&self, token: Option<&str>) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let Some(token) = token else { return false };
+        let t = token.as_bytes();
+        let mut ok = subtle::Choice::from(0u8);
+        for j in self.join.iter().chain(self.per_client.values()) {
+            ok |= j.as_slice().ct_eq(t);
+        }
+        ok.into()
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +106,9 @@ mod tests {
         assert!(!a.check("bob", Some("s3cret")));
         assert!(!a.check("bob", Some("joi")));
         assert!(!a.check("bob", None));
+        assert!(a.check_any(Some("s3cret")) && a.check_any(Some("join")));
+        assert!(!a.check_any(Some("s3cre")) && !a.check_any(None));
+        assert!(Auth::default().check_any(None));
         std::fs::write(f.path(), "a b c\n").unwrap();
         assert!(matches!(Auth::default().load_file(f.path()), Err(AuthError::Syntax { line: 1, .. })));
     }

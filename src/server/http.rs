@@ -23,15 +23,64 @@ use super::Shared;
 use super::coordinator::Inbound;
 
 /// The router for one server.
+///
+/// With tokens configured, the endpoints that hand out the model, the data or the update
+/// record ask for one (`Authorization: Bearer TOKEN` or `?token=TOKEN`); the WebSocket checks
+/// its Hello instead. Status, metrics and the pages stay open: they carry no model.
 pub fn router(shared: Arc<Shared>) -> Router {
+    let protected = Router::new()
+        .route("/api/record", get(record))
+        .route("/api/model.safetensors", get(model))
+        .merge(super::web::protected_routes())
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token));
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/api/status", get(status))
-        .route("/api/record", get(record))
         .route("/metrics", get(metrics))
-        .route("/api/model.safetensors", get(model))
         .merge(super::web::routes())
+        .merge(protected)
         .with_state(shared)
+}
+
+/// Refuses a request to a protected endpoint that carries no accepted token (401, naming what
+/// to send). The token is never logged.
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    if !shared.auth.enabled() {
+        return next.run(req).await;
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let query = Query::<TokenQuery>::try_from_uri(req.uri()).ok().and_then(|q| q.0.token);
+    let ok = match bearer.or(query.as_deref()) {
+        Some(t) => shared.auth.check_any(Some(t)),
+        None => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        let what = if bearer.is_none() && query.is_none() { "missing" } else { "invalid" };
+        shared.metrics.refused(if what == "missing" { "http_token_missing" } else { "http_token_invalid" });
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            format!("token {what}: send `Authorization: Bearer TOKEN` or `?token=TOKEN`\n"),
+        )
+            .into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {

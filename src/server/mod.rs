@@ -323,13 +323,17 @@ async fn start_inner(
     });
     let coordinator = tokio::spawn(coordinator.run());
     let router = http::router(shared.clone());
-    let header_timeout = Duration::from_secs_f64(cfg.handshake_timeout_s);
+    let limits = listener::Limits {
+        max_connections: cfg.max_clients,
+        max_per_ip: cfg.max_connections_per_ip,
+        header_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
+    };
     let listener = tokio::spawn(listener::serve(
         listener,
         router,
         tls.clone(),
-        cfg.max_clients,
-        header_timeout,
+        limits,
+        shared.metrics.clone(),
         shutdown_rx,
     ));
     let scheme = if tls.is_some() { "https" } else { "http" };

@@ -69,6 +69,8 @@ struct Inner {
     queued_version: Option<u64>,
     /// The replica version of the last snapshot or Delta handed to the writer.
     delivered_version: Option<u64>,
+    /// A resync was asked for and the coordinator has not answered yet.
+    resync_pending: bool,
     closed: bool,
 }
 
@@ -120,6 +122,7 @@ impl Outbox {
         g.queue.retain(|m| !matches!(m, Outbound::Delta { .. }));
         g.bytes = g.queue.iter().map(Outbound::len).sum();
         g.lagging = false;
+        g.resync_pending = false;
         g.queued_version = Some(version);
         g.bytes += frame.len();
         g.queue.push_back(Outbound::Snapshot { version, frame });
@@ -149,13 +152,16 @@ impl Outbox {
     }
 
     /// Answers a resync with the chain of Deltas from `from` (what the client has). Returns
-    /// false if the session's position moved meanwhile (the coordinator then sends a snapshot).
+    /// false if the session's position moved meanwhile or the chain does not fit the byte
+    /// budget (the coordinator then sends a snapshot).
     pub fn resync_with_deltas(&self, from: u64, chain: &[(u64, u64, Bytes)]) -> bool {
         let mut g = self.lock();
-        if g.closed || g.queued_version != Some(from) {
+        let chain_bytes: usize = chain.iter().map(|(_, _, f)| f.len()).sum();
+        if g.closed || g.queued_version != Some(from) || g.bytes + chain_bytes > self.limit {
             return false;
         }
         g.lagging = false;
+        g.resync_pending = false;
         for (_, version, frame) in chain {
             g.bytes += frame.len();
             g.queued_version = Some(*version);
@@ -197,8 +203,9 @@ impl Outbox {
     }
 
     /// Waits for the next thing to do. A lagging session with an empty queue gets one
-    /// [`Next::Resync`] and then waits for the coordinator's answer.
-    pub async fn next(&self, resync_asked: &mut bool) -> Next {
+    /// [`Next::Resync`] and then waits for the coordinator's answer (a snapshot or a chain of
+    /// Deltas); lagging again later asks again.
+    pub async fn next(&self) -> Next {
         loop {
             let notified = self.notify.notified();
             {
@@ -213,12 +220,9 @@ impl Outbox {
                 if g.closed {
                     return Next::Closed;
                 }
-                if g.lagging && !*resync_asked {
-                    *resync_asked = true;
+                if g.lagging && !g.resync_pending {
+                    g.resync_pending = true;
                     return Next::Resync(g.delivered_version);
-                }
-                if !g.lagging {
-                    *resync_asked = false;
                 }
             }
             notified.await;
@@ -242,16 +246,29 @@ mod tests {
         assert!(!o.push_delta(1, 2, frame(50))); // 110 > 100: lagging
         assert!(o.is_lagging());
         assert!(!o.push_delta(2, 3, frame(1)));
-        let mut asked = false;
-        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Snapshot { version: 0, .. })));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Snapshot { version: 0, .. })));
         // The Delta to version 1 was dropped, so the client has version 0.
-        assert!(matches!(o.next(&mut asked).await, Next::Resync(Some(0))));
+        assert!(matches!(o.next().await, Next::Resync(Some(0))));
         o.push_snapshot(3, frame(10));
         assert!(!o.is_lagging());
-        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Snapshot { version: 3, .. })));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Snapshot { version: 3, .. })));
         assert!(o.push_delta(3, 4, frame(10)));
-        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Delta { version: 4, .. })));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Delta { version: 4, .. })));
         assert_eq!(o.queued_bytes(), 0);
+        // Lagging again after a resync was answered (with the queue never empty in between)
+        // asks again.
+        assert!(o.push_delta(4, 5, frame(60)));
+        assert!(!o.push_delta(5, 6, frame(60)));
+        assert!(matches!(o.next().await, Next::Resync(Some(4))));
+        assert!(o.resync_with_deltas(4, &[(4, 5, frame(20)), (5, 6, frame(20))]));
+        assert!(!o.is_lagging());
+        assert!(o.push_delta(6, 7, frame(30)));
+        assert!(!o.push_delta(7, 8, frame(40)), "over the budget");
+        assert!(matches!(o.next().await, Next::Resync(Some(4))));
+        // A chain over the budget is declined: the coordinator sends a snapshot instead.
+        assert!(!o.resync_with_deltas(4, &[(4, 5, frame(60)), (5, 6, frame(60))]));
+        o.push_snapshot(8, frame(10));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Snapshot { version: 8, .. })));
     }
 
     #[tokio::test]
@@ -260,10 +277,9 @@ mod tests {
         o.push(Outbound::Text("bye".into()));
         o.close("shutting down");
         o.push(Outbound::Text("ignored after close".into()));
-        let mut asked = false;
-        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Text(_))));
-        assert!(matches!(o.next(&mut asked).await, Next::Send(Outbound::Close(_))));
-        assert!(matches!(o.next(&mut asked).await, Next::Closed));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Text(_))));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Close(_))));
+        assert!(matches!(o.next().await, Next::Closed));
         assert_eq!(o.queued_bytes(), 0);
     }
 

@@ -97,9 +97,8 @@ where
     let writer_tx = shared.tx.clone();
     let writer_outbox = outbox.clone();
     let mut writer = tokio::spawn(async move {
-        let mut resync_asked = false;
         loop {
-            match writer_outbox.next(&mut resync_asked).await {
+            match writer_outbox.next().await {
                 Next::Send(Outbound::Text(t)) => sink.send(Message::text(t)).await?,
                 Next::Send(
                     Outbound::Binary(b)

@@ -35,6 +35,11 @@ pub fn routes() -> Router<Arc<Shared>> {
         )
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/api/events", get(events))
+}
+
+/// The routes that hand out the model or the data: behind the join token when auth is on.
+pub fn protected_routes() -> Router<Arc<Shared>> {
+    Router::new()
         .route("/api/replica", get(replica))
         .route("/api/data/shard", get(shard))
         .route("/api/data/test", get(test_set))

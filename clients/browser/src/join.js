@@ -73,8 +73,9 @@ async function pickBackend() {
 
 // Data: the server's shard of the training set (and test images for the page's own check).
 async function fetchData(path) {
-  const r = await fetch(path);
-  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+    // With auth on, the data is behind the same token as the WebSocket.
+  const r = await fetch(path, token ? { headers: { Authorization: `Bearer ${token}` } } : {});
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status} ${await r.text()}`);
   const buf = await r.arrayBuffer();
   const v = new DataView(buf);
   const magic = String.fromCharCode(...new Uint8Array(buf, 0, 4));

@@ -118,9 +118,10 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(sparsync::log_filter(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
     let data = sparsync::data::load(cli.data.as_deref()).context("loading Fashion-MNIST")?;
     let emul = Emulation::new(cli.slowdown, cli.uplink_kbps, cli.latency_ms, cli.jitter, cli.seed);
     let cfg = Config {

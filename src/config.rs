@@ -177,7 +177,7 @@ value_enum_from_str!(EngineChoice, GpuMode, PolicyKind, WeightingKind);
 settings! {
     ["Server"]
     listen: val SocketAddr = "127.0.0.1:7070", "Address to listen on (HTTP and WebSocket on one port)";
-    model: val String = "mlp", "Built-in model family: logreg, mlp or cnn (ignored with --init)";
+    model: val String = "mlp", "Built-in model: logreg, mlp, cnn, or flat-N (N parameters, for benchmarks); ignored with --init";
     init: opt PathBuf = "none", "Start from this safetensors file (any layout of F32 tensors)";
     seed: val u64 = "0", "Seed of the built-in model's initialisation";
         data_dir: opt PathBuf = "auto", "Fashion-MNIST IDX directory for browser shards (auto: Debian's, else the embedded subset)";
@@ -232,7 +232,8 @@ settings! {
     ["Limits"]
     max_frame_bytes: val usize = "67108864", "Largest WebSocket message accepted, bytes";
     max_nnz: opt u64 = "parameter count", "Largest nnz accepted in one Push";
-        max_clients: val usize = "1024", "Most concurrent connections";
+            max_clients: val usize = "1024", "Most concurrent connections";
+    record_events: val usize = "200000", "Events the server keeps for /api/record (oldest dropped first)";
     max_connections_per_ip: val usize = "0", "Most concurrent connections from one IP address (0: no per-address limit)";
     max_push_rate: val f64 = "0", "Pushes per second per client (0: unlimited)";
     max_pending_bytes: val usize = "67108864", "Bytes queued to one client before it is switched to a later snapshot";

@@ -2,6 +2,7 @@
 //! benchmark. Prints tables, writes JSON.
 
 pub mod kernels;
+pub mod load;
 
 use serde::{Deserialize, Serialize};
 

@@ -25,6 +25,7 @@ pub struct CpuAggregator {
     keys: Vec<u32>,
     scratch: Vec<u32>,
     selected: Vec<u32>,
+    encode_time: std::time::Duration,
 }
 
 impl CpuAggregator {
@@ -43,6 +44,7 @@ impl CpuAggregator {
             keys: Vec::new(),
             scratch: Vec::new(),
             selected: Vec::new(),
+            encode_time: std::time::Duration::ZERO,
         }
     }
 
@@ -155,7 +157,10 @@ impl Aggregator for CpuAggregator {
             nnz: self.selected.len() as u32,
         };
         self.replica_version = self.version;
-        Ok(Broadcast { header, frame: encode_delta(&header, &self.selected, &values), exact })
+        let t0 = std::time::Instant::now();
+        let frame = encode_delta(&header, &self.selected, &values);
+        self.encode_time += t0.elapsed();
+        Ok(Broadcast { header, frame, exact })
     }
 
     fn read_replica(&mut self) -> Result<Vec<f32>, EngineError> {
@@ -170,6 +175,10 @@ impl Aggregator for CpuAggregator {
             version: self.version,
             replica_version: self.replica_version,
         })
+    }
+
+    fn take_stage_times(&mut self) -> super::StageTimes {
+        super::StageTimes { upload: std::time::Duration::ZERO, encode: std::mem::take(&mut self.encode_time) }
     }
 
     fn load_state(&mut self, s: &ModelState) -> Result<(), EngineError> {

@@ -164,6 +164,21 @@ pub trait Aggregator: Send {
     fn read_state(&mut self) -> Result<ModelState, EngineError>;
     /// Replaces the whole state (values are canonicalised on load).
     fn load_state(&mut self, state: &ModelState) -> Result<(), EngineError>;
+    /// Time spent inside `aggregate` copying updates to the device and inside `broadcast`
+    /// encoding the Delta frame since the last call (then reset). The server's stage
+    /// breakdown subtracts these from the calls' wall time.
+    fn take_stage_times(&mut self) -> StageTimes {
+        StageTimes::default()
+    }
+}
+
+/// Parts of an engine call that are not computation (see [`Aggregator::take_stage_times`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    /// Host-to-device copies of update payloads (zero on the CPU engine).
+    pub upload: std::time::Duration,
+    /// Writing the Delta frame.
+    pub encode: std::time::Duration,
 }
 
 /// k = ⌈ρ · n⌉, clamped to n.

@@ -26,6 +26,8 @@ impl TensorSpec {
 
 /// The built-in model families (all for 28×28×1 inputs and 10 classes).
 pub const BUILTIN_FAMILIES: [&str; 3] = ["logreg", "mlp", "cnn"];
+/// Largest `flat-N` model (2^30 parameters: 4 GiB of f32 per state vector).
+pub const MAX_FLAT_PARAMS: usize = 1 << 30;
 
 /// Input features of the built-in families (28×28 grey images).
 pub const INPUT_FEATURES: usize = 28 * 28;
@@ -47,7 +49,7 @@ pub struct ModelLayout {
 /// Errors reading or checking a layout.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("unknown model {0:?}; built-in models are logreg, mlp, cnn")]
+    #[error("unknown model {0:?}; built-in models are logreg, mlp, cnn and flat-N (1 ≤ N ≤ 2^30)")]
     Unknown(String),
     #[error("safetensors: {0}")]
     Safetensors(String),
@@ -84,7 +86,11 @@ impl ModelLayout {
                 t("fc.weight", &[16 * 4 * 4, CLASSES]),
                 t("fc.bias", &[CLASSES]),
             ],
-            other => return Err(LayoutError::Unknown(other.into())),
+            // A bare vector of N parameters, for benchmarks and load tests: `flat-1048576`.
+            other => match other.strip_prefix("flat-").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if (1..=MAX_FLAT_PARAMS).contains(&n) => vec![t("w", &[n])],
+                _ => return Err(LayoutError::Unknown(other.into())),
+            },
         };
         Ok(Self { name: name.into(), tensors })
     }
@@ -267,6 +273,10 @@ mod tests {
         assert_eq!(ModelLayout::builtin("mlp").unwrap().num_params(), 101_770);
         assert_eq!(ModelLayout::builtin("cnn").unwrap().num_params(), 5994);
         assert!(ModelLayout::builtin("resnet").is_err());
+        assert_eq!(ModelLayout::builtin("flat-1048576").unwrap().num_params(), 1 << 20);
+        for bad in ["flat-0", "flat-", "flat-x", "flat-1073741825"] {
+            assert!(ModelLayout::builtin(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

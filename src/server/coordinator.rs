@@ -251,7 +251,7 @@ impl Coordinator {
             deltas: VecDeque::new(),
             snapshot: None,
             started: Instant::now(),
-            record: Record::new(500_000),
+            record: Record::new(p.cfg.record_events.max(1)),
             status_tx: p.status_tx,
             last_status: None,
             status_dirty: false,
@@ -628,6 +628,7 @@ impl Coordinator {
     }
 
     async fn push(&mut self, client: ClientId, header: PushHeader, frame: Bytes) {
+        let started = std::time::Instant::now();
         let now = self.now();
         let Some(c) = self.clients.get(&client) else { return };
         if c.role != Role::Trainer {
@@ -667,11 +668,16 @@ impl Coordinator {
                 ),
             );
         }
-        if let Some(w) = self.durable.as_mut().and_then(|d| d.wal.as_mut())
-            && let Err(e) = w.append(&c.name, &frame)
-        {
-            tracing::error!(error = %e, "write-ahead log failed");
-            return self.reject(client, header.seq, "server", format!("write-ahead log failed: {e}"));
+        let mut wal_time = std::time::Duration::ZERO;
+        if let Some(w) = self.durable.as_mut().and_then(|d| d.wal.as_mut()) {
+            let t0 = std::time::Instant::now();
+            let appended = w.append(&c.name, &frame);
+            wal_time = t0.elapsed();
+            self.metrics.stage("wal", wal_time);
+            if let Err(e) = appended {
+                tracing::error!(error = %e, "write-ahead log failed");
+                return self.reject(client, header.seq, "server", format!("write-ahead log failed: {e}"));
+            }
         }
         let id = self.next_push;
         self.next_push += 1;
@@ -713,6 +719,7 @@ impl Coordinator {
             loss: header.loss,
         };
         let actions = self.policy.on_push(now, &meta);
+        self.metrics.stage("policy", started.elapsed().saturating_sub(wal_time));
         self.execute(actions).await;
     }
 
@@ -825,11 +832,11 @@ impl Coordinator {
                 let agg = t0.elapsed();
                 let t1 = std::time::Instant::now();
                 let bc = if broadcast_now { Some(e.broadcast(selection)?) } else { None };
-                Ok((bc, agg, t1.elapsed()))
+                Ok((bc, agg, t1.elapsed(), e.take_stage_times()))
             })
             .await;
         let now = self.now();
-        let (bc, agg_time, topk_time) = match result {
+        let (bc, agg_time, topk_time, parts) = match result {
             Ok(r) => r,
             Err(e) => {
                 // The engine failed (device lost): acknowledged updates cannot be applied.
@@ -845,6 +852,10 @@ impl Coordinator {
                 return Vec::new();
             }
         };
+        self.metrics.stage("upload", parts.upload);
+        self.metrics.stage("aggregate", agg_time.saturating_sub(parts.upload));
+        self.metrics.stage("topk", topk_time.saturating_sub(parts.encode));
+        self.metrics.stage("encode", parts.encode);
         self.version = t + 1;
         self.counters.steps += 1;
         self.counters.aggregated += items.len() as u64;
@@ -883,7 +894,9 @@ impl Coordinator {
             delta_nnz: bc.as_ref().map(|b| b.header.nnz as u64),
         });
         if let Some(bc) = bc {
+            let t0 = std::time::Instant::now();
             self.publish(bc);
+            self.metrics.stage("fanout", t0.elapsed());
         }
         self.policy.on_aggregated(now, self.version, &taken)
     }

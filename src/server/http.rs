@@ -181,7 +181,10 @@ async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Request<Body>) -
                 return;
             }
         };
+        // A 16 KiB read buffer (tungstenite preallocates 128 KiB per connection): it grows for
+        // a larger frame, and 1000 idle sessions then cost 16 MB instead of 128 MB.
         let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
             .accept_unmasked_frames(false);

@@ -19,6 +19,16 @@ struct DirectionLabel {
     direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+/// Where an update's time goes, in the order it travels. Sessions decode and send in parallel,
+/// so those stages add up time across connections.
+pub const STAGES: [&str; 9] =
+    ["decode", "policy", "wal", "upload", "aggregate", "topk", "encode", "fanout", "send"];
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -33,6 +43,7 @@ pub struct Metrics {
     topk_seconds: Histogram,
     bytes: Family<DirectionLabel, Counter>,
     version: Gauge,
+    stages: Family<StageLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -71,6 +82,16 @@ impl Metrics {
         r.register("bytes", "Frame bytes received (in) and sent (out)", bytes.clone());
         let version = Gauge::default();
         r.register("model_version", "Model version t", version.clone());
+        let stages = Family::<StageLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        r.register(
+            "stage_seconds",
+            "Time per stage of an update's path: decode, policy, wal, upload, aggregate, topk, encode, \
+             fanout (coordinator) and send (session writers, summed over sessions)",
+            stages.clone(),
+        );
+        for stage in STAGES {
+            let _ = stages.get_or_create(&StageLabel { stage });
+        }
         Self {
             registry: Mutex::new(r),
             accepted,
@@ -84,7 +105,13 @@ impl Metrics {
             topk_seconds,
             bytes,
             version,
+            stages,
         }
+    }
+
+    /// Adds `d` to a stage's time (`stage` is one of [`STAGES`]).
+    pub fn stage(&self, stage: &'static str, d: std::time::Duration) {
+        self.stages.get_or_create(&StageLabel { stage }).inc_by(d.as_secs_f64());
     }
 
     pub fn accepted(&self, bytes: u64) {

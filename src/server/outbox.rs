@@ -194,6 +194,11 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().queue.is_empty()
+    }
+
     pub fn is_lagging(&self) -> bool {
         self.lock().lagging
     }

@@ -96,15 +96,18 @@ where
     // 3. Writer: outbox → socket.
     let writer_tx = shared.tx.clone();
     let writer_outbox = outbox.clone();
+    let writer_metrics = shared.clone();
     let mut writer = tokio::spawn(async move {
         loop {
-            match writer_outbox.next().await {
-                Next::Send(Outbound::Text(t)) => sink.send(Message::text(t)).await?,
+            // Messages are fed without flushing while more are queued, and flushed once the
+            // queue is empty: a burst of Acks and a Delta leave in one write.
+            let msg = match writer_outbox.next().await {
+                Next::Send(Outbound::Text(t)) => Message::text(t),
                 Next::Send(
                     Outbound::Binary(b)
                     | Outbound::Delta { frame: b, .. }
                     | Outbound::Snapshot { frame: b, .. },
-                ) => sink.send(Message::Binary(b)).await?,
+                ) => Message::Binary(b),
                 Next::Send(Outbound::Close(reason)) => {
                     let frame = CloseFrame { code: CloseCode::Normal, reason: truncate(&reason, 120).into() };
                     let _ = sink.send(Message::Close(Some(frame))).await;
@@ -119,8 +122,15 @@ where
                     if writer_tx.send(Inbound::Resync { client, have }).await.is_err() {
                         return Ok(());
                     }
+                    continue;
                 }
+            };
+            let t0 = std::time::Instant::now();
+            sink.feed(msg).await?;
+            if writer_outbox.is_empty() {
+                sink.flush().await?;
             }
+            writer_metrics.metrics.stage("send", t0.elapsed());
         }
     });
 
@@ -214,7 +224,10 @@ async fn handle_push(
     limits: &PushLimits,
     rate: &mut RateLimiter,
 ) {
-    match PushView::decode(&frame, limits) {
+    let t0 = std::time::Instant::now();
+    let decoded = PushView::decode(&frame, limits);
+    shared.metrics.stage("decode", t0.elapsed());
+    match decoded {
         Ok(view) => {
             if !rate.allow(tokio::time::Instant::now()) {
                 shared.metrics.rejected("rate");

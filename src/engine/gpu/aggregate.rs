@@ -133,6 +133,8 @@ pub struct Scatter {
     buffers_generation: u64,
     /// Largest input buffer (one binding).
     max_input: u64,
+    /// Time spent handing update payloads to the queue since the engine last asked.
+    pub upload_time: std::time::Duration,
 }
 
 impl Scatter {
@@ -170,6 +172,7 @@ impl Scatter {
             det_groups: Vec::new(),
             fast_groups: Vec::new(),
             groups_key: (u64::MAX, 0, 0, 0),
+            upload_time: std::time::Duration::ZERO,
             buffers_generation: 0,
             det_layout,
             det,
@@ -341,11 +344,13 @@ impl Scatter {
             .collect();
         let nseg: usize = ranges.iter().flatten().filter(|(lo, hi)| hi > lo).count();
         self.ensure(bytes, (nseg.max(1) * std::mem::size_of::<FastSeg>()) as u64);
+        let t0 = std::time::Instant::now();
         for (u, &w) in units.iter().zip(&words) {
             let off = 4 * w as u64;
             self.ctx.queue.write_buffer(&self.input, off, u.indices);
             self.ctx.queue.write_buffer(&self.input, off + u.indices.len() as u64, u.values);
         }
+        self.upload_time += t0.elapsed();
         self.slots.clear();
         let mut dispatches = Vec::new();
         if fast {

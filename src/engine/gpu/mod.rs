@@ -84,6 +84,7 @@ pub struct GpuAggregator {
     d_stale: bool,
     /// Identifies this engine's chunk buffers for the scatter's bind group cache.
     id: u64,
+    encode_time: std::time::Duration,
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -192,6 +193,7 @@ impl GpuAggregator {
             readback: Readback::new(),
             d_stale: true,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            encode_time: std::time::Duration::ZERO,
             ctx,
         };
         let values: Vec<f32> = values.iter().copied().map(canon).collect();
@@ -336,15 +338,21 @@ impl Aggregator for GpuAggregator {
         self.d_stale = true;
         let header = DeltaHeader { version: self.version, base_version: self.replica_version, nnz: sel.nnz };
         self.replica_version = self.version;
-        Ok(Broadcast {
-            header,
-            frame: encode_delta_with_body(&header, &sel.body),
-            exact: matches!(selection, Selection::Exact { .. }),
-        })
+        let t0 = std::time::Instant::now();
+        let frame = encode_delta_with_body(&header, &sel.body);
+        self.encode_time += t0.elapsed();
+        Ok(Broadcast { header, frame, exact: matches!(selection, Selection::Exact { .. }) })
     }
 
     fn read_replica(&mut self) -> Result<Vec<f32>, EngineError> {
         self.read_chunks(|c| &c.xhat)
+    }
+
+    fn take_stage_times(&mut self) -> crate::engine::StageTimes {
+        crate::engine::StageTimes {
+            upload: std::mem::take(&mut self.scatter.upload_time),
+            encode: std::mem::take(&mut self.encode_time),
+        }
     }
 
     fn read_state(&mut self) -> Result<ModelState, EngineError> {

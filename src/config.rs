@@ -236,7 +236,7 @@ settings! {
     record_events: val usize = "200000", "Events the server keeps for /api/record (oldest dropped first)";
     max_connections_per_ip: val usize = "0", "Most concurrent connections from one IP address (0: no per-address limit)";
     max_push_rate: val f64 = "0", "Pushes per second per client (0: unlimited)";
-    max_pending_bytes: val usize = "67108864", "Bytes queued to one client before it is switched to a later snapshot";
+    max_pending_bytes: val usize = "8388608", "Bytes queued to one client before it is switched to a later snapshot (snapshots are shared and always queued)";
     handshake_timeout_s: val f64 = "10", "Seconds a connection has to complete HTTP headers and Hello";
     idle_timeout_s: val f64 = "300", "Close sessions silent for this many seconds";
 

@@ -148,12 +148,89 @@ struct BenchArgs {
     log2_sizes: Vec<u32>,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq)]
+#[derive(Subcommand, Clone)]
 enum BenchWhat {
     /// Weighted sparse aggregation: updates/s and GB/s against a device copy.
     Aggregate,
     /// Exact Top-k of the model delta: time against a device copy of the input.
     Topk,
+    /// The whole server under load: simulated clients in a separate process push over
+    /// loopback WebSockets; rates, latency, queue depth, where the time goes, and the
+    /// fraction of raw loopback TCP throughput.
+    E2e(E2eArgs),
+    /// Kernels and e2e: one JSON report, a PNG plot and a text summary to paste into an issue.
+    All(AllArgs),
+    /// The load generator process of `bench e2e` (internal).
+    #[command(hide = true)]
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct E2eArgs {
+    /// Client counts of the clients sweep [default: 1,8,64,256,1000; quick: 4,16].
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// Model size of the clients sweep, log2 [default: 20; quick: 16].
+    #[arg(long)]
+    log2_params: Option<u32>,
+    /// Clients of the model-size sweep (sizes from --log2-sizes) [default: 64; quick: 8].
+    #[arg(long)]
+    size_clients: Option<usize>,
+    /// nnz of each push as a fraction of the model.
+    #[arg(long, default_value_t = 0.01)]
+    density: f64,
+    /// Pushes per second per client (0: closed loop with --window pushes outstanding).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Most unanswered pushes per client.
+    #[arg(long, default_value_t = 2)]
+    window: usize,
+    /// Seconds of pushing per configuration [default: 10; quick: 2].
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// Aggregation engine of the servers.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Skip the raw loopback TCP baseline.
+    #[arg(long)]
+    no_raw: bool,
+}
+
+#[derive(clap::Args, Clone)]
+struct AllArgs {
+    /// Directory for bench.json, bench.png and summary.txt.
+    #[arg(long, default_value = "runs/bench")]
+    out: PathBuf,
+    #[command(flatten)]
+    e2e: E2eArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadgenArgs {
+    #[arg(long, default_value = "")]
+    url: String,
+    #[arg(long, default_value = "flat-65536")]
+    model: String,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 0.01)]
+    density: f64,
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 2)]
+    window: usize,
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    #[arg(long, env = "SPARSYNC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Write the report here (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Raw TCP baseline: blast --frame-bytes writes at this address instead.
+    #[arg(long)]
+    raw: Option<String>,
+    #[arg(long, default_value_t = 65536)]
+    frame_bytes: usize,
 }
 
 #[derive(clap::Args)]
@@ -213,7 +290,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use sparsync::bench::{self, kernels};
+    use sparsync::bench;
+    let rt = || tokio::runtime::Runtime::new().context("starting the tokio runtime");
+    match args.what.clone() {
+        BenchWhat::Loadgen(a) => return rt()?.block_on(loadgen(a)),
+        BenchWhat::E2e(e) => {
+            let spec = e2e_spec(&args, &e)?;
+            // Describe the adapter the servers will pick (dropped before they start theirs).
+            let ctx = (spec.engine != "cpu")
+                .then(|| {
+                    sparsync::engine::gpu::device::open(&sparsync::engine::gpu::device::DeviceOptions {
+                        adapter: args.adapter.clone(),
+                        ..Default::default()
+                    })
+                    .ok()
+                })
+                .flatten();
+            let env = bench::Environment::detect(ctx.as_deref());
+            drop(ctx);
+            println!("{}", env.summary());
+            let report = rt()?.block_on(run_e2e(&spec))?;
+            println!("{}", bench::e2e::table(&report.rows));
+            let json = serde_json::json!({ "environment": env, "e2e": report });
+            return write_json(&args, &json);
+        }
+        _ => {}
+    }
     let ctx = match sparsync::engine::gpu::device::open(&sparsync::engine::gpu::device::DeviceOptions {
         adapter: args.adapter.clone(),
         ..Default::default()
@@ -226,51 +328,193 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let env = bench::Environment::detect(ctx.as_deref());
     println!("{}", env.summary());
-    let reps = if args.quick { args.reps.min(2) } else { args.reps };
-    let sizes = |default: &[u32], quick: &[u32]| -> Vec<usize> {
-        let l = if !args.log2_sizes.is_empty() {
-            args.log2_sizes.clone()
-        } else if args.quick {
-            quick.to_vec()
-        } else {
-            default.to_vec()
-        };
-        l.into_iter().map(|p| 1usize << p).collect()
-    };
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let progress = |msg: &str| bar.set_message(msg.to_string());
-    let report = match args.what {
+    let report = match &args.what {
         BenchWhat::Aggregate => {
-            let spec = kernels::AggregateSpec {
-                sizes: sizes(&[20, 24], &[16]),
-                batches: if args.quick { vec![1, 16] } else { vec![1, 16, 64] },
-                density: 0.01,
-                reps,
-                cpu: !args.no_cpu,
-            };
-            let rows = kernels::aggregate(ctx.as_ref(), &spec, progress)?;
-            bar.finish_and_clear();
+            let rows = bench_aggregate(&args, ctx.as_ref())?;
             println!("{}", bench::aggregate_table(&rows));
             serde_json::json!({ "environment": env, "aggregate": rows })
         }
         BenchWhat::Topk => {
-            let spec = kernels::TopkSpec {
-                sizes: sizes(&[20, 24, 26], &[16, 18]),
-                densities: vec![0.001, 0.01],
-                reps,
-                cpu: !args.no_cpu,
-            };
-            let rows = kernels::topk(ctx.as_ref(), &spec, progress)?;
-            bar.finish_and_clear();
+            let rows = bench_topk(&args, ctx.as_ref())?;
             println!("{}", bench::topk_table(&rows));
             serde_json::json!({ "environment": env, "topk": rows })
         }
+        BenchWhat::All(a) => {
+            let agg = bench_aggregate(&args, ctx.as_ref())?;
+            let topk = bench_topk(&args, ctx.as_ref())?;
+            // The GPU context is dropped before the servers start theirs.
+            drop(ctx);
+            let spec = e2e_spec(&args, &a.e2e)?;
+            let e2e = rt()?.block_on(run_e2e(&spec))?;
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let summary = bench::summary(&env, &command, &agg, &topk, &e2e);
+            std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+            bench::plot_e2e(&a.out.join("bench.png"), &e2e.rows)?;
+            std::fs::write(a.out.join("summary.txt"), &summary)?;
+            let json = serde_json::json!({
+                "environment": env, "command": command, "aggregate": agg, "topk": topk, "e2e": e2e,
+            });
+            std::fs::write(a.out.join("bench.json"), serde_json::to_string_pretty(&json)?)?;
+            println!("{summary}");
+            println!("wrote {}/bench.json, bench.png, summary.txt", a.out.display());
+            json
+        }
+        BenchWhat::E2e(_) | BenchWhat::Loadgen(_) => unreachable!("handled above"),
     };
+    write_json(&args, &report)
+}
+
+fn write_json(args: &BenchArgs, report: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn log2_sizes(args: &BenchArgs, default: &[u32], quick: &[u32]) -> Vec<usize> {
+    let l = if !args.log2_sizes.is_empty() {
+        args.log2_sizes.clone()
+    } else if args.quick {
+        quick.to_vec()
+    } else {
+        default.to_vec()
+    };
+    l.into_iter().map(|p| 1usize << p).collect()
+}
+
+fn spinner() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+fn bench_aggregate(
+    args: &BenchArgs,
+    ctx: Option<&std::sync::Arc<sparsync::engine::gpu::device::GpuContext>>,
+) -> anyhow::Result<Vec<sparsync::bench::kernels::AggregateRow>> {
+    use sparsync::bench::kernels;
+    let bar = spinner();
+    let spec = kernels::AggregateSpec {
+        sizes: log2_sizes(args, &[20, 24], &[16]),
+        batches: if args.quick { vec![1, 16] } else { vec![1, 16, 64] },
+        density: 0.01,
+        reps: if args.quick { args.reps.min(2) } else { args.reps },
+        cpu: !args.no_cpu,
+    };
+    let rows = kernels::aggregate(ctx, &spec, |m: &str| bar.set_message(m.to_string()))?;
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+fn bench_topk(
+    args: &BenchArgs,
+    ctx: Option<&std::sync::Arc<sparsync::engine::gpu::device::GpuContext>>,
+) -> anyhow::Result<Vec<sparsync::bench::kernels::TopkRow>> {
+    use sparsync::bench::kernels;
+    let bar = spinner();
+    let spec = kernels::TopkSpec {
+        sizes: log2_sizes(args, &[20, 24, 26], &[16, 18]),
+        densities: vec![0.001, 0.01],
+        reps: if args.quick { args.reps.min(2) } else { args.reps },
+        cpu: !args.no_cpu,
+    };
+    let rows = kernels::topk(ctx, &spec, |m: &str| bar.set_message(m.to_string()))?;
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+fn e2e_spec(args: &BenchArgs, e: &E2eArgs) -> anyhow::Result<sparsync::bench::e2e::E2eSpec> {
+    let q = args.quick;
+    let clients = if !e.clients.is_empty() {
+        e.clients.clone()
+    } else if q {
+        vec![4, 16]
+    } else {
+        vec![1, 8, 64, 256, 1000]
+    };
+    if clients.contains(&0) {
+        anyhow::bail!("--clients: each count must be at least 1");
+    }
+    if !(e.density > 0.0 && e.density <= 1.0) {
+        anyhow::bail!("--density must be in (0, 1], got {}", e.density);
+    }
+    Ok(sparsync::bench::e2e::E2eSpec {
+        exe: std::env::current_exe().context("locating the sparsync executable")?,
+        engine: e.engine.clone(),
+        clients,
+        params: 1usize << e.log2_params.unwrap_or(if q { 16 } else { 20 }),
+        sizes: log2_sizes(args, &[16, 18, 20, 22], &[14, 16]),
+        size_clients: e.size_clients.unwrap_or(if q { 8 } else { 64 }),
+        density: e.density,
+        rate: e.rate,
+        window: e.window.max(1),
+        duration_s: e.duration_s.unwrap_or(if q { 2.0 } else { 10.0 }),
+        raw_baseline: !e.no_raw,
+        adapter: args.adapter.clone(),
+    })
+}
+
+/// A progress bar over the seconds an e2e run pushes.
+struct Bar(indicatif::ProgressBar);
+
+impl sparsync::bench::e2e::Progress for Bar {
+    fn config(&self, label: &str) {
+        self.0.set_message(label.to_string());
+    }
+    fn advance(&self, seconds: f64) {
+        self.0.inc((seconds * 10.0).round().max(0.0) as u64);
+    }
+}
+
+async fn run_e2e(spec: &sparsync::bench::e2e::E2eSpec) -> anyhow::Result<sparsync::bench::e2e::E2eReport> {
+    let total = (sparsync::bench::e2e::planned_seconds(spec) * 10.0) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {percent:>3}% ~{eta} left  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let bar = Bar(bar);
+    let report = sparsync::bench::e2e::run(spec, &bar).await;
+    bar.0.finish_and_clear();
+    report
+}
+
+/// `sparsync bench loadgen`: prints `pushing S` and `draining` lines, writes the report.
+async fn loadgen(a: LoadgenArgs) -> anyhow::Result<()> {
+    use sparsync::bench::load;
+    use std::io::Write;
+    if let Some(addr) = &a.raw {
+        let bytes =
+            load::raw_blast(addr, a.clients, a.frame_bytes, a.duration).await.map_err(anyhow::Error::msg)?;
+        println!("{bytes}");
+        return Ok(());
+    }
+    let spec = load::LoadSpec {
+        url: a.url,
+        token: a.token,
+        model: a.model,
+        clients: a.clients,
+        density: a.density,
+        rate: a.rate,
+        window: a.window,
+        duration_s: a.duration,
+        ..Default::default()
+    };
+    let report = load::run(&spec, |p| {
+        let mut out = std::io::stdout().lock();
+        let _ = match p {
+            load::Phase::Pushing(s) => writeln!(out, "pushing {s}"),
+            load::Phase::Draining => writeln!(out, "draining"),
+        };
+        let _ = out.flush();
+    })
+    .await;
+    let json = serde_json::to_string_pretty(&report)?;
+    match &a.out {
+        Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{json}"),
     }
     Ok(())
 }

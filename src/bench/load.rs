@@ -302,9 +302,19 @@ fn frame_version(b: &[u8]) -> u64 {
     b.get(8..16).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
+/// Where a load run is, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Phase {
+    /// Clients are pushing; seconds since the window opened (0 when it opens, then each second).
+    Pushing(f64),
+    /// The window closed; waiting for the last answers.
+    Draining,
+}
+
 /// Runs a load: connects every client, pushes for `duration_s`, drains, and (with `latency`)
-/// reads the server's record. `progress` is told each second that passes in the push window.
-pub async fn run(spec: &LoadSpec, progress: impl Fn(f64) + Send + Sync + 'static) -> LoadReport {
+/// reads the server's record. `progress` hears when the window opens, each second of it, and
+/// when it closes.
+pub async fn run(spec: &LoadSpec, progress: impl Fn(Phase) + Send + Sync + 'static) -> LoadReport {
     let base = spec.url.trim_end_matches("/ws").replacen("ws://", "http://", 1);
     let (start_tx, start_rx) = watch::channel(None::<Instant>);
     let connect_started = Instant::now();
@@ -361,14 +371,17 @@ pub async fn run(spec: &LoadSpec, progress: impl Fn(f64) + Send + Sync + 'static
     let before = metrics(&base, spec.token.as_deref()).await.unwrap_or_default();
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
+    let progress = Arc::new(progress);
+    progress(Phase::Pushing(0.0));
     let ticker = {
         let duration = spec.duration_s;
+        let progress = progress.clone();
         tokio::spawn(async move {
             let mut s = 0.0;
-            while s < duration {
+            while s + 1.0 < duration {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 s += 1.0;
-                progress(s.min(duration));
+                progress(Phase::Pushing(s));
             }
         })
     };
@@ -377,6 +390,7 @@ pub async fn run(spec: &LoadSpec, progress: impl Fn(f64) + Send + Sync + 'static
     report.window_s = t0.elapsed().as_secs_f64();
     report.server = after.since(&before);
     ticker.abort();
+    progress(Phase::Draining);
 
     let mut logs = Vec::with_capacity(tasks.len());
     for t in tasks {

@@ -1,6 +1,7 @@
-//! `sparsync bench`: kernel benchmarks (aggregation, Top-k) and, later, the end-to-end server
-//! benchmark. Prints tables, writes JSON.
+//! `sparsync bench`: kernel benchmarks (aggregation, Top-k), the end-to-end server benchmark
+//! (`e2e`, with its load generator in `load`), and `all` (one JSON report, a plot, a summary).
 
+pub mod e2e;
 pub mod kernels;
 pub mod load;
 
@@ -114,4 +115,92 @@ pub fn topk_table(rows: &[kernels::TopkRow]) -> String {
         })
         .collect();
     table(&["engine", "n", "k", "k entries", "ms", "M elem/s", "copy ms", "copy-passes"], &body)
+}
+
+/// The one-screen text summary of `sparsync bench all`, to paste into an issue.
+pub fn summary(
+    env: &Environment,
+    command: &str,
+    aggregate: &[kernels::AggregateRow],
+    topk: &[kernels::TopkRow],
+    e2e: &e2e::E2eReport,
+) -> String {
+    let s = &e2e.spec;
+    let mut out = String::new();
+    out.push_str(&format!("$ {command}\n{}\nOS: {}\n", env.summary(), env.os));
+    if let Some(d) = &env.driver {
+        out.push_str(&format!("driver: {d}\n"));
+    }
+    // Kernels: the largest batch of each engine and size; Top-k at each density's largest k.
+    let top_batch = aggregate.iter().map(|r| r.batch).max().unwrap_or(0);
+    let agg: Vec<_> = aggregate.iter().filter(|r| r.batch == top_batch).cloned().collect();
+    out.push_str(&format!("\naggregation kernels (batch {top_batch}, 1% updates, median):\n"));
+    out.push_str(&aggregate_table(&agg));
+    out.push_str("\nTop-k (median):\n");
+    out.push_str(&topk_table(topk));
+    out.push_str(&format!(
+        "\nend to end: servers with --engine {}, pushes of {:.2}% of the model, {}, {} s per row\n",
+        s.engine,
+        100.0 * s.density,
+        if s.rate > 0.0 {
+            format!("{} pushes/s per client", s.rate)
+        } else {
+            format!("closed loop, {} outstanding per client", s.window)
+        },
+        s.duration_s
+    ));
+    out.push_str(&e2e::table(&e2e.rows));
+    out
+}
+
+/// The e2e plot: throughput against clients and against model size, latency against clients.
+pub fn plot_e2e(path: &std::path::Path, rows: &[e2e::E2eRow]) -> anyhow::Result<()> {
+    use crate::orchestrate::plot::{Panel, line_panels};
+    let pick = |sweep: &str| -> Vec<&e2e::E2eRow> { rows.iter().filter(|r| r.sweep == sweep).collect() };
+    let (by_clients, by_size) = (pick("clients"), pick("size"));
+    let series = |rs: &[&e2e::E2eRow], x: &dyn Fn(&e2e::E2eRow) -> f64| {
+        let mut v = vec![
+            ("server MB/s in".to_string(), rs.iter().map(|r| (x(r), r.mb_in_per_s)).collect::<Vec<_>>()),
+            ("server MB/s out".to_string(), rs.iter().map(|r| (x(r), r.mb_out_per_s)).collect()),
+        ];
+        let raw: Vec<_> = rs.iter().filter_map(|r| Some((x(r), r.raw_tcp_mb_per_s?))).collect();
+        if !raw.is_empty() {
+            v.push(("raw loopback TCP MB/s".to_string(), raw));
+        }
+        v
+    };
+    let clients_x = |r: &e2e::E2eRow| (r.clients as f64).log2();
+    let size_x = |r: &e2e::E2eRow| (r.params as f64).log2();
+    let a = series(&by_clients, &clients_x);
+    let b = series(&by_size, &size_x);
+    let lat = vec![
+        (
+            "Push to Delta p50".to_string(),
+            by_clients.iter().map(|r| (clients_x(r), r.delta_latency_s.p50 * 1e3)).collect(),
+        ),
+        (
+            "Push to Delta p99".to_string(),
+            by_clients.iter().map(|r| (clients_x(r), r.delta_latency_s.p99 * 1e3)).collect(),
+        ),
+        (
+            "Push to Ack p50".to_string(),
+            by_clients.iter().map(|r| (clients_x(r), r.ack_latency_s.p50 * 1e3)).collect(),
+        ),
+    ];
+    let params =
+        by_clients.first().map(|r| format!("2^{:.0} params", (r.params as f64).log2())).unwrap_or_default();
+    let clients = by_size.first().map(|r| format!("{} clients", r.clients)).unwrap_or_default();
+    let t1 = format!("throughput vs clients ({params})");
+    let t2 = format!("throughput vs model size ({clients})");
+    let t3 = format!("latency vs clients ({params})");
+    line_panels(
+        path,
+        "sparsync bench e2e",
+        &[
+            Panel { title: &t1, x_label: "log2 clients", y_label: "MB/s", series: &a },
+            Panel { title: &t2, x_label: "log2 parameters", y_label: "MB/s", series: &b },
+            Panel { title: &t3, x_label: "log2 clients", y_label: "ms", series: &lat },
+        ],
+    )?;
+    Ok(())
 }

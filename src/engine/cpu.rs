@@ -4,12 +4,13 @@
 //! is tested to produce the same bits.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::select::{self, exact_topk};
 use super::{
     Aggregator, Broadcast, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection, UpdateRef,
 };
-use crate::protocol::frame::{DeltaHeader, encode_delta, sparse_entries};
+use crate::protocol::frame::{DeltaHeader, encode_delta};
 use crate::protocol::numerics::{self, add, canon, mul};
 
 /// The reference aggregation engine.
@@ -25,6 +26,8 @@ pub struct CpuAggregator {
     keys: Vec<u32>,
     scratch: Vec<u32>,
     selected: Vec<u32>,
+    /// One update's values widened to f32.
+    values: Vec<f32>,
     encode_time: std::time::Duration,
 }
 
@@ -44,6 +47,7 @@ impl CpuAggregator {
             keys: Vec::new(),
             scratch: Vec::new(),
             selected: Vec::new(),
+            values: Vec::new(),
             encode_time: std::time::Duration::ZERO,
         }
     }
@@ -52,9 +56,23 @@ impl CpuAggregator {
     fn accumulate(&mut self, batch: &[UpdateRef<'_>]) {
         for u in batch {
             let (hi, lo) = numerics::split_weight(u.weight);
-            for (i, v) in sparse_entries(u.indices, u.values) {
-                let a = &mut self.acc[i as usize];
-                *a = numerics::accumulate(*a, hi, lo, v.to_f32());
+            // Widen the values in bulk (SIMD F16C where the CPU has it) rather than one call
+            // per element; then the scatter loop is loads, two multiplies and two adds.
+            let nnz = u.values.len() / 2;
+            self.values.clear();
+            self.values.resize(nnz, 0.0);
+            match bytemuck::try_cast_slice::<u8, f16>(u.values) {
+                Ok(h) => h.convert_to_f32_slice(&mut self.values),
+                Err(_) => {
+                    for (dst, v) in self.values.iter_mut().zip(u.values.chunks_exact(2)) {
+                        *dst = f16::from_le_bytes([v[0], v[1]]).to_f32();
+                    }
+                }
+            }
+            for (c, &v) in u.indices.chunks_exact(4).zip(&self.values) {
+                let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+                let a = &mut self.acc[i];
+                *a = numerics::accumulate(*a, hi, lo, v);
             }
         }
     }

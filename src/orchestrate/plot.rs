@@ -39,50 +39,99 @@ fn err(path: &Path) -> impl Fn(String) -> OrchestrateError + '_ {
     move |message| OrchestrateError::Plot { path: path.display().to_string(), message }
 }
 
+/// Series of (x, y) points with their names.
+pub type Series = [(String, Vec<(f64, f64)>)];
+
 /// A line chart: one line per series, with a legend.
 pub fn lines(
     path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(String, Vec<(f64, f64)>)],
+    series: &Series,
 ) -> Result<(), OrchestrateError> {
     register_font();
     let e = err(path);
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    draw_lines(&root, title, 22, x_label, y_label, series).map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+/// One panel of [`line_panels`].
+pub struct Panel<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a Series,
+}
+
+/// Line charts side by side under one title.
+pub fn line_panels(path: &Path, title: &str, panels: &[Panel<'_>]) -> Result<(), OrchestrateError> {
+    register_font();
+    let e = err(path);
+    let n = panels.len().max(1);
+    let root = BitMapBackend::new(path, (640 * n as u32, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(|x| e(x.to_string()))?;
+    for (p, area) in panels.iter().zip(root.split_evenly((1, n)).iter()) {
+        draw_lines(area, p.title, 17, p.x_label, p.y_label, p.series).map_err(&e)?;
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+fn draw_lines(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    title_size: u32,
+    x_label: &str,
+    y_label: &str,
+    series: &Series,
+) -> Result<(), String> {
     let pts = series.iter().flat_map(|(_, p)| p.iter());
-    let (mut x1, mut y0, mut y1) = (1e-9f64, f64::INFINITY, f64::NEG_INFINITY);
+    let (mut x0, mut x1, mut y0, mut y1) =
+        (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in pts {
+        x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
     if !y0.is_finite() {
-        (y0, y1) = (0.0, 1.0);
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
+    // Time-like axes start at zero; others span their data.
+    let x0 = if x0 >= 0.0 && x0 <= 0.2 * x1 { 0.0 } else { x0 };
+    let xpad = ((x1 - x0) * 0.02).max(1e-9);
     let pad = ((y1 - y0) * 0.05).max(1e-3);
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let s = |x: DrawingAreaErrorKind<_>| x.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", title_size))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x1 * 1.02, (y0 - pad)..(y1 + pad))
-        .map_err(|x| e(x.to_string()))?;
+        .build_cartesian_2d(x0..x1 + xpad, (y0 - pad)..(y1 + pad))
+        .map_err(s)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()
-        .map_err(|x| e(x.to_string()))?;
+        .map_err(s)?;
     for (i, (name, p)) in series.iter().enumerate() {
         let c = color(i);
         chart
             .draw_series(LineSeries::new(p.iter().copied(), c.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?
+            .map_err(s)?
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        if p.len() <= 30 {
+            // Few points (a sweep): mark each measurement.
+            chart.draw_series(p.iter().map(|&pt| Circle::new(pt, 3, c.filled()))).map_err(s)?;
+        }
     }
     chart
         .configure_series_labels()
@@ -91,8 +140,7 @@ pub fn lines(
         .label_font(("sans-serif", 14))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))?;
+        .map_err(s)?;
     Ok(())
 }
 

@@ -299,7 +299,9 @@ impl Coordinator {
             if stop {
                 break;
             }
-            self.poll_policy().await;
+            if self.poll_policy().await {
+                break;
+            }
             self.maybe_checkpoint().await;
             self.publish_status(false);
         }
@@ -409,20 +411,28 @@ impl Coordinator {
         Ok(written)
     }
 
-    async fn poll_policy(&mut self) {
+    /// Runs the policy's actions until it has none; returns true when a Shutdown arrived.
+    async fn poll_policy(&mut self) -> bool {
         loop {
             let now = self.now();
             let actions = self.policy.poll(now);
             if actions.is_empty() {
-                break;
+                return false;
             }
             self.execute(actions).await;
-            // Handle what arrived during the step before the next batch forms.
-            while let Ok(m) = self.rx.try_recv() {
+            // Handle what arrived during the step before the next batch forms, but at most
+            // one batch worth: while the engine is the bottleneck the backlog of accepted
+            // pushes stays bounded, the inbound channel fills and sessions stop reading their
+            // sockets (TCP backpressure) instead of the server buffering without limit.
+            for _ in 0..self.cfg.max_batch {
+                let Ok(m) = self.rx.try_recv() else { break };
                 if self.handle(m).await {
-                    return;
+                    return true;
                 }
             }
+            // A server saturated for minutes still publishes its status and checkpoints.
+            self.maybe_checkpoint().await;
+            self.publish_status(false);
         }
     }
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# sparsync's whole test suite, on a fresh Debian machine or a developer's.
+#
+# Installs what the tests need when it is missing (Mesa's lavapipe Vulkan driver so the GPU
+# tests have an adapter on a machine without a GPU, Chromium and Node for the browser tests,
+# the browser client's npm packages, cargo-fuzz), then runs:
+#   formatting and lints; the embedded browser bundle rebuilt from its sources and compared;
+#   the browser client's unit tests; every Rust test of the workspace, with GPU and browser
+#   tests failing (never skipping) when their adapter or browser is missing; and a bounded
+#   coverage-guided fuzzing run of each fuzz target.
+#
+# Environment: SPARSYNC_FUZZ_SECONDS (default 60 per target; 0 skips fuzzing, for quick local
+# runs), CARGO_TARGET_DIR (where builds go; .ci/run keeps it outside the clone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+FUZZ_SECONDS=${SPARSYNC_FUZZ_SECONDS:-60}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+started=$(date +%s)
+
+step() { printf '\n==> %s (%ds)\n' "$*" $(($(date +%s) - started)); }
+
+# --- system packages ---------------------------------------------------------------------
+need=()
+compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need+=(mesa-vulkan-drivers)
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+command -v c++ >/dev/null || need+=(g++)
+if ((${#need[@]})); then
+    step "installing ${need[*]}"
+    SUDO=
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if [ "$FUZZ_SECONDS" != 0 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+    step "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+fi
+
+# --- browser client ------------------------------------------------------------------------
+step "browser client: npm ci"
+(cd clients/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+step "browser client: the embedded bundle (clients/browser/dist) is built from its sources"
+(cd clients/browser && npm run --silent build)
+if ! git diff --quiet -- clients/browser/dist; then
+    git --no-pager diff --stat -- clients/browser/dist
+    echo "clients/browser/dist is stale: run 'npm run build' in clients/browser and commit it" >&2
+    exit 1
+fi
+
+step "browser client: unit tests"
+(cd clients/browser && npm run --silent test:unit)
+
+# --- Rust ----------------------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test --workspace (GPU and browser tests required)"
+SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
+
+# --- fuzzing ---------------------------------------------------------------------------------
+if [ "$FUZZ_SECONDS" != 0 ]; then
+    for t in frame_decode handshake; do
+        step "fuzzing $t for ${FUZZ_SECONDS}s"
+        # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+        # libFuzzer exits non-zero on any crash, leak or failed assertion and saves the input
+        # under fuzz/artifacts/.
+        mkdir -p "$TARGET_DIR"
+        log="$TARGET_DIR/fuzz-$t.log"
+        if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --target-dir "$TARGET_DIR/fuzz" "$t" -- \
+            -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 >"$log" 2>&1; then
+            tail -n 60 "$log" >&2
+            echo "fuzzing $t failed: see fuzz/artifacts/$t/ (reproduce: cargo fuzz run $t FILE)" >&2
+            exit 1
+        fi
+        grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+    done
+fi
+
+step "all tests passed"

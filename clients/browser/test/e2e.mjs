@@ -34,13 +34,19 @@ try {
   await page.waitForFunction(() => window.sparsync?.state.backend, null, { timeout: 60000 });
   const backend = await page.evaluate(() => window.sparsync.state.backend);
   step(`TensorFlow.js backend: ${backend}`);
-    await page.waitForFunction(() => window.sparsync.state.acked >= 3, null, { timeout: 60000 });
+  await page.waitForFunction(() => window.sparsync.state.acked >= 3, null, { timeout: 60000 });
   const acked = await page.evaluate(() => window.sparsync.state.acked);
   step(`the browser's pushes are accepted (${acked} so far)`);
 
-  // The server's own record shows the browser client's commits.
-  const st = await json('/api/status');
-  const me = st.clients.find((c) => c.client_id === 'browser-e2e');
+  // The server's own status shows the browser client's commits. The status is republished at
+  // most every 100 ms, so it may trail the Acks the page already has: wait for it (5 s at most).
+  let me;
+  for (let i = 0; i < 50; i++) {
+    const st = await json('/api/status');
+    me = st.clients.find((c) => c.client_id === 'browser-e2e');
+    if (me && me.accepted >= 3) break;
+    await sleep(100);
+  }
   if (!me || me.kind !== 'browser' || me.accepted < 3) fail(`server status lacks the browser's pushes: ${JSON.stringify(me)}`);
   const { events } = await json('/api/record');
   const joined = events.find((e) => e.event === 'join' && e.name === 'browser-e2e');

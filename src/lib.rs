@@ -41,8 +41,37 @@ pub mod server;
 pub fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(spec));
+    cap_frame_dumps(filter)
+}
+
+#[cfg(feature = "server")]
+fn cap_frame_dumps(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    // Only a filter that enables TRACE somewhere could let tungstenite's frame dumps through:
+    // cap that target at DEBUG then. (Adding the directive unconditionally would *raise* it to
+    // DEBUG under the default INFO filter.)
+    let may_trace =
+        filter.max_level_hint().is_none_or(|l| l >= tracing_subscriber::filter::LevelFilter::TRACE);
     match "tungstenite::protocol=debug".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
+        Ok(cap) if may_trace => filter.add_directive(cap),
+        _ => filter,
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn frame_dumps_are_capped_without_raising_quiet_filters() {
+        // The default filter stays as quiet as asked: no tungstenite debug lines.
+        let f = super::cap_frame_dumps(EnvFilter::new("info"));
+        assert_eq!(f.max_level_hint(), Some(LevelFilter::INFO));
+        assert!(!f.to_string().contains("tungstenite"), "{f}");
+        // A filter that traces everything gets tungstenite's frames capped at debug.
+        for spec in ["trace", "info,tungstenite=trace"] {
+            let f = super::cap_frame_dumps(EnvFilter::new(spec));
+            assert!(f.to_string().contains("tungstenite::protocol=debug"), "{spec}: {f}");
+        }
     }
 }

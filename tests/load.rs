@@ -35,34 +35,18 @@ fn vm_hwm_mb(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let log = dir.path().join("server.log");
     let model = format!("flat-{PARAMS}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--model", &model, "--log", "warn"])
-        .args(["--max-clients", "1024", "--max-staleness", "1000", "--record-events", "1000000"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut addr = None;
-    for _ in 0..600 {
-        if let Some(a) =
-            std::fs::read_to_string(&ready).ok().and_then(|s| Some(s.strip_prefix("http://")?.to_string()))
-        {
-            addr = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(addr) = addr else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    };
+    let (dir, mut child, addr) = start_server(&[
+        "--model",
+        &model,
+        "--max-clients",
+        "1024",
+        "--max-staleness",
+        "1000",
+        "--record-events",
+        "1000000",
+    ])
+    .await;
     let spec = LoadSpec {
         url: format!("ws://{addr}/ws"),
         model: model.clone(),
@@ -158,7 +142,7 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
 
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(!text.contains("panicked"), "server log:\n{text}");
     assert!(status.success(), "server exit {status:?}:\n{text}");
 }
@@ -173,36 +157,11 @@ async fn a_saturated_engine_pushes_back_instead_of_buffering() {
     const MAX_BATCH: f64 = 2.0;
     /// The coordinator's inbound channel capacity (`server::mod`).
     const CHANNEL: f64 = 1024.0;
-    let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let log = dir.path().join("server.log");
     // 2^20 parameters: each step's Top-k scans a million entries, so a step of two small
     // pushes costs far more than receiving them.
     let model = "flat-1048576";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--model", model, "--log", "warn"])
-        .args(["--max-batch", "2", "--max-staleness", "1000000000"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut addr = None;
-    for _ in 0..600 {
-        if let Some(a) =
-            std::fs::read_to_string(&ready).ok().and_then(|s| Some(s.strip_prefix("http://")?.to_string()))
-        {
-            addr = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(addr) = addr else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    };
+    let (_dir, mut child, addr) =
+        start_server(&["--model", model, "--max-batch", "2", "--max-staleness", "1000000000"]).await;
     let base = format!("http://{addr}");
     let spec = LoadSpec {
         url: format!("ws://{addr}/ws"),
@@ -243,4 +202,71 @@ async fn a_saturated_engine_pushes_back_instead_of_buffering() {
         "accepted pushes waiting for the engine grew to {max_pending}"
     );
     assert!(max_pending > 0.0, "the engine was never behind: the test measures nothing");
+}
+
+/// Starts `sparsync serve` on a free loopback port with the CPU engine and `args`; returns its
+/// directory (keep it alive), the child and its address.
+async fn start_server(args: &[&str]) -> (tempfile::TempDir, std::process::Child, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let log = dir.path().join("server.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--log", "warn"])
+        .args(args)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if let Some(a) =
+            std::fs::read_to_string(&ready).ok().and_then(|s| Some(s.strip_prefix("http://")?.to_string()))
+        {
+            return (dir, child, a);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("server not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+/// Large binary messages do not pin memory per session: 64 clients of a 2^20-parameter model
+/// each receive a 4 MB Snapshot and Deltas, and the server's peak memory stays far below the
+/// 256 MB that one Snapshot-sized write buffer per session would hold (the server writes
+/// messages over 64 KiB as WebSocket fragments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_do_not_pin_a_write_buffer_per_session() {
+    const BOUND_MB: f64 = 160.0;
+    let model = "flat-1048576";
+    let (_dir, mut child, addr) = start_server(&["--model", model, "--max-staleness", "1000000000"]).await;
+    let spec = LoadSpec {
+        url: format!("ws://{addr}/ws"),
+        model: model.into(),
+        clients: 64,
+        density: 0.001,
+        rate: 2.0,
+        window: 2,
+        duration_s: 2.0,
+        drain_s: 60.0,
+        seed: 11,
+        ..Default::default()
+    };
+    let report = load::run(&spec, |_| {}).await;
+    let hwm = vm_hwm_mb(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "64 clients of flat-1048576: {} snapshots, {} deltas; server peak {hwm:.1} MB",
+        report.snapshots, report.deltas
+    );
+    assert_eq!(
+        (report.connected, report.unanswered, report.sessions_lost),
+        (64, 0, 0),
+        "{:?}",
+        report.server_errors
+    );
+    assert!(report.snapshots >= 64 && report.deltas > 0, "clients did not receive the model");
+    assert!(hwm < BOUND_MB, "server peak memory {hwm:.1} MB over {BOUND_MB} MB");
 }

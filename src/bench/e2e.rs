@@ -83,6 +83,7 @@ pub struct E2eRow {
     /// decode and send time as shares of the window summed over sessions.
     pub stage_share: BTreeMap<String, f64>,
     pub coordinator_busy: f64,
+    /// Largest resident memory of the server sampled while the clients pushed, MB.
     pub server_peak_mb: f64,
     pub raw_tcp_mb_per_s: Option<f64>,
     /// Server MB/s in as a fraction of raw loopback TCP.
@@ -234,6 +235,10 @@ async fn one(
     let mut in_window = false;
     let mut last_tick = 0.0;
     let mut sampler = tokio::time::interval(Duration::from_millis(200));
+    // The server's resident memory while clients push (sampled with the metrics). Its
+    // lifetime peak (VmHWM) also counts serving the whole event record to the load generator
+    // afterwards, which says nothing about the server under load.
+    let mut peak_rss = 0.0f64;
     loop {
         tokio::select! {
             line = lines.next_line() => match line? {
@@ -250,9 +255,12 @@ async fn one(
                     }
                 }
             },
-            _ = sampler.tick(), if in_window => {
+                        _ = sampler.tick(), if in_window => {
                 if let Ok(c) = load::metrics(&base, None).await {
                     samples.push(c);
+                }
+                if let Some(pid) = server.0.id() {
+                    peak_rss = peak_rss.max(vm_rss_mb(pid));
                 }
             }
         }
@@ -263,7 +271,7 @@ async fn one(
     }
     let report: LoadReport =
         serde_json::from_slice(&std::fs::read(&out)?).context("reading the load report")?;
-    let peak = server.0.id().map(vm_hwm_mb).unwrap_or(0.0);
+    let peak = peak_rss;
     // SIGTERM: the server drains and exits.
     if let Some(pid) = server.0.id() {
         let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -423,13 +431,17 @@ async fn raw_baseline(
     Ok(if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 })
 }
 
-/// Peak resident memory of a process, MB (Linux; 0 elsewhere).
-pub fn vm_hwm_mb(pid: u32) -> f64 {
+/// Resident memory of a process now, MB (0 where /proc is not available).
+pub fn vm_rss_mb(pid: u32) -> f64 {
+    proc_status_mb(pid, "VmRSS:")
+}
+
+fn proc_status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)

@@ -107,6 +107,21 @@ where
                     Outbound::Binary(b)
                     | Outbound::Delta { frame: b, .. }
                     | Outbound::Snapshot { frame: b, .. },
+                ) if b.len() > FRAGMENT_BYTES => {
+                    let t0 = std::time::Instant::now();
+                    for f in fragments(b) {
+                        sink.feed(Message::Frame(f)).await?;
+                    }
+                    if writer_outbox.is_empty() {
+                        sink.flush().await?;
+                    }
+                    writer_metrics.metrics.stage("send", t0.elapsed());
+                    continue;
+                }
+                Next::Send(
+                    Outbound::Binary(b)
+                    | Outbound::Delta { frame: b, .. }
+                    | Outbound::Snapshot { frame: b, .. },
                 ) => Message::Binary(b),
                 Next::Send(Outbound::Close(reason)) => {
                     let frame = CloseFrame { code: CloseCode::Normal, reason: truncate(&reason, 120).into() };
@@ -316,4 +331,28 @@ impl RateLimiter {
             false
         }
     }
+}
+
+/// Largest WebSocket frame the server writes; longer binary messages go out as fragments.
+///
+/// tungstenite copies each outgoing frame into its write buffer, and that buffer keeps its
+/// largest size for the life of the session: one 4 MB Snapshot would otherwise pin 4 MB per
+/// client (4 GB for 1,000 clients of a 2^20-parameter model). Fragments are reassembled by
+/// every WebSocket client (RFC 6455 §5.4), so the protocol is unchanged.
+pub const FRAGMENT_BYTES: usize = 64 * 1024;
+
+/// `message` as a binary WebSocket message in fragments of at most [`FRAGMENT_BYTES`] (shared
+/// slices of the same bytes, no copy).
+fn fragments(
+    message: bytes::Bytes,
+) -> impl Iterator<Item = tokio_tungstenite::tungstenite::protocol::frame::Frame> {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let n = message.len().div_ceil(FRAGMENT_BYTES).max(1);
+    (0..n).map(move |i| {
+        let start = i * FRAGMENT_BYTES;
+        let end = (start + FRAGMENT_BYTES).min(message.len());
+        let opcode = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
+        Frame::message(message.slice(start..end), opcode, i + 1 == n)
+    })
 }

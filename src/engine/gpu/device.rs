@@ -88,12 +88,15 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
     }
     // Compute needs storage buffers in compute shaders: GL adapters without them are skipped.
     adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 7);
+    let had_software = adapters.iter().any(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
     if opts.hardware_only {
         adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
     }
     adapters.sort_by_key(|a| rank(&a.get_info()));
     let adapter = adapters.into_iter().next().ok_or_else(|| {
-        let hint = if cfg!(target_os = "linux") {
+        let hint = if opts.hardware_only && had_software {
+            " (only software adapters, skipped: --engine gpu uses them)"
+        } else if cfg!(target_os = "linux") {
             " (on Linux without a GPU, install mesa-vulkan-drivers for lavapipe)"
         } else {
             ""

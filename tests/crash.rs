@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
@@ -20,35 +20,15 @@ struct Server {
 }
 
 fn start(dir: &Path, extra: &[&str], resume: bool) -> Server {
-    let ready = dir.join(format!("ready-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparsync"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--model", "logreg", "--log", "warn"])
-        .arg("--checkpoint-dir")
-        .arg(dir.join("ckpt"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("server.log")).unwrap()));
+    let ckpt = dir.join("ckpt");
+    let ckpt = ckpt.to_str().expect("utf-8 temp path");
+    let mut args = vec!["--engine", "cpu", "--model", "logreg", "--log", "warn", "--checkpoint-dir", ckpt];
+    args.extend_from_slice(extra);
     if resume {
-        cmd.arg("--resume").arg(dir.join("ckpt"));
+        args.extend(["--resume", ckpt]);
     }
-    let mut child = cmd.spawn().expect("sparsync serve starts");
-    for _ in 0..300 {
-        if let Ok(s) = std::fs::read_to_string(&ready)
-            && let Some(a) = s.strip_prefix("http://")
-        {
-            return Server { child, addr: a.parse().unwrap() };
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!(
-        "server did not become ready: {}",
-        std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
-    );
+    let (child, addr) = spawn_serve(dir, &args);
+    Server { child, addr }
 }
 
 fn signal(s: &Server, sig: &str) {

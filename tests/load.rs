@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -45,8 +45,7 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
         "1000",
         "--record-events",
         "1000000",
-    ])
-    .await;
+    ]);
     let spec = LoadSpec {
         url: format!("ws://{addr}/ws"),
         model: model.clone(),
@@ -161,7 +160,7 @@ async fn a_saturated_engine_pushes_back_instead_of_buffering() {
     // pushes costs far more than receiving them.
     let model = "flat-1048576";
     let (_dir, mut child, addr) =
-        start_server(&["--model", model, "--max-batch", "2", "--max-staleness", "1000000000"]).await;
+        start_server(&["--model", model, "--max-batch", "2", "--max-staleness", "1000000000"]);
     let base = format!("http://{addr}");
     let spec = LoadSpec {
         url: format!("ws://{addr}/ws"),
@@ -204,32 +203,14 @@ async fn a_saturated_engine_pushes_back_instead_of_buffering() {
     assert!(max_pending > 0.0, "the engine was never behind: the test measures nothing");
 }
 
-/// Starts `sparsync serve` on a free loopback port with the CPU engine and `args`; returns its
-/// directory (keep it alive), the child and its address.
-async fn start_server(args: &[&str]) -> (tempfile::TempDir, std::process::Child, String) {
+/// Starts `sparsync serve` with the CPU engine and `args`; returns its directory (keep it
+/// alive), the child and its address.
+fn start_server(args: &[&str]) -> (tempfile::TempDir, std::process::Child, String) {
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
-    let log = dir.path().join("server.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--log", "warn"])
-        .args(args)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    for _ in 0..600 {
-        if let Some(a) =
-            std::fs::read_to_string(&ready).ok().and_then(|s| Some(s.strip_prefix("http://")?.to_string()))
-        {
-            return (dir, child, a);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("server not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let mut all = vec!["--engine", "cpu", "--log", "warn"];
+    all.extend_from_slice(args);
+    let (child, addr) = spawn_serve(dir.path(), &all);
+    (dir, child, addr.to_string())
 }
 
 /// Large binary messages do not pin memory per session: 64 clients of a 2^20-parameter model
@@ -240,7 +221,7 @@ async fn start_server(args: &[&str]) -> (tempfile::TempDir, std::process::Child,
 async fn snapshots_do_not_pin_a_write_buffer_per_session() {
     const BOUND_MB: f64 = 160.0;
     let model = "flat-1048576";
-    let (_dir, mut child, addr) = start_server(&["--model", model, "--max-staleness", "1000000000"]).await;
+    let (_dir, mut child, addr) = start_server(&["--model", model, "--max-staleness", "1000000000"]);
     let spec = LoadSpec {
         url: format!("ws://{addr}/ws"),
         model: model.into(),

@@ -486,34 +486,13 @@ async fn a_reader_too_slow_for_its_deltas_gets_a_snapshot_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_appear_in_the_log() {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
-    let ready = dir.path().join("ready");
     let log = dir.path().join("server.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--model", "logreg"])
-        .args(["--log", "trace", "--token", "Tok-Right-4711"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut addr = None;
-    for _ in 0..300 {
-        if let Some(a) =
-            std::fs::read_to_string(&ready).ok().and_then(|s| s.strip_prefix("http://")?.parse().ok())
-        {
-            addr = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(addr): Option<SocketAddr> = addr else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    };
+    let (mut child, addr) = spawn_serve(
+        dir.path(),
+        &["--engine", "cpu", "--model", "logreg", "--log", "trace", "--token", "Tok-Right-4711"],
+    );
     let mut opts = sparsync::client::ClientOptions::new(format!("ws://{addr}/ws"), "c", "logreg");
     for token in ["Tok-Wrong-0815", "Tok-Right-4711"] {
         opts.token = Some(token.into());

@@ -144,3 +144,33 @@ pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec
     let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (code, buf[split..].to_vec())
 }
+
+/// Starts the `sparsync serve` binary on a free loopback port with `args` (after
+/// `serve --listen 127.0.0.1:0`), its log in `dir/server.log`; waits for its ready file and
+/// returns the child and its address. Panics with the log when it does not come up in 30 s.
+pub fn spawn_serve(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+    use std::process::{Command, Stdio};
+    let ready = dir.join("ready");
+    let log = dir.join("server.log");
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsync"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("server log file")))
+        .spawn()
+        .expect("sparsync serve starts");
+    for _ in 0..600 {
+        if let Some(addr) =
+            std::fs::read_to_string(&ready).ok().and_then(|s| s.strip_prefix("http://")?.parse().ok())
+        {
+            return (child, addr);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("server did not become ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}

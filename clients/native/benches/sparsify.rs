@@ -1,5 +1,7 @@
 //! The client's sparsify step (Top-k + error feedback + f16 encode into a Push frame) for 2^20
-//! parameters at 1%, next to one local training step of `mlp` (batch 32) on the same machine.
+//! parameters at 1%, next to one local training step of `mlp` (batch 32) on the same machine,
+//! the same step at mlp's own size, and the bare residual update r += Δ at 2^20 (the memory
+//! traffic every error-feedback sparsifier pays).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -27,6 +29,18 @@ fn bench(c: &mut Criterion) {
                 nnz: sparse.indices.len() as u32,
             };
             black_box(encode_push(&h, &sparse.indices, &sparse.values))
+        })
+    });
+
+    // The floor under any error-feedback sparsifier: r += Δ over the f64 residual (12 bytes
+    // read and 8 written per parameter), without selecting anything.
+    let mut residual = vec![0.0f64; n];
+    c.bench_function("residual_add_2^20", |b| {
+        b.iter(|| {
+            for (r, &d) in residual.iter_mut().zip(black_box(&delta)) {
+                *r += d as f64;
+            }
+            black_box(&residual);
         })
     });
 

@@ -228,13 +228,18 @@ impl Checkpoint {
 
 /// Checkpoint files in `dir`, oldest first, by version.
 pub fn list(dir: &Path) -> Vec<(u64, PathBuf)> {
+    numbered_files(dir, PREFIX, SUFFIX)
+}
+
+/// Files in `dir` named `{prefix}{number}{suffix}`, by number; unreadable entries are skipped.
+fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            let v = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.parse().ok()?;
+            let v = name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()?;
             Some((v, e.path()))
         })
         .collect();
@@ -307,18 +312,7 @@ impl Wal {
 }
 
 fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let v = name.strip_prefix("wal-")?.strip_suffix(".log")?.parse().ok()?;
-            Some((v, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
+    numbered_files(dir, "wal-", ".log")
 }
 
 /// The records of WAL files numbered `seq` and later, in order. A torn tail is reported and

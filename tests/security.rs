@@ -45,40 +45,27 @@ async fn refused(addr: SocketAddr, reason: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-/// A GET with extra header lines; (status, body).
-async fn get_with(addr: SocketAddr, path: &str, extra: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_and_data_endpoints_need_a_token() {
     let cfg = ServerConfig { token: Tokens(vec!["s3cret".into()]), ..Default::default() };
     let h = server(cfg, N).await;
     for path in ["/api/model.safetensors", "/api/replica", "/api/record", "/api/data/test"] {
-        let (code, body) = get_with(h.addr, path, "").await;
+        let (code, body) = http_get_with(h.addr, path, "").await;
         assert_eq!(code, 401, "{path} without a token");
         assert!(body.contains("token missing"), "{path}: {body}");
-        let (code, body) = get_with(h.addr, path, "Authorization: Bearer guess\r\n").await;
+        let (code, body) = http_get_with(h.addr, path, "Authorization: Bearer guess\r\n").await;
         assert_eq!(code, 401, "{path} with a wrong token");
         assert!(body.contains("token invalid"), "{path}: {body}");
-        let (code, _) = get_with(h.addr, &format!("{path}?token=guess"), "").await;
+        let (code, _) = http_get_with(h.addr, &format!("{path}?token=guess"), "").await;
         assert_eq!(code, 401, "{path} with a wrong query token");
     }
-    let (code, _) = get_with(h.addr, "/api/model.safetensors", "Authorization: Bearer s3cret\r\n").await;
+    let (code, _) = http_get_with(h.addr, "/api/model.safetensors", "Authorization: Bearer s3cret\r\n").await;
     assert_eq!(code, 200);
-    let (code, body) = get_with(h.addr, "/api/record?since=0&token=s3cret", "").await;
+    let (code, body) = http_get_with(h.addr, "/api/record?since=0&token=s3cret", "").await;
     assert_eq!(code, 200, "{body}");
     // What carries no model stays open: the dashboard, status and metrics.
     for path in ["/", "/api/status", "/metrics"] {
-        assert_eq!(get_with(h.addr, path, "").await.0, 200, "{path}");
+        assert_eq!(http_get_with(h.addr, path, "").await.0, 200, "{path}");
     }
     assert_eq!(refused(h.addr, "http_token_missing").await, 4);
     assert_eq!(refused(h.addr, "http_token_invalid").await, 8);
@@ -497,8 +484,8 @@ async fn tokens_never_appear_in_the_log() {
     for token in ["Tok-Wrong-0815", "Tok-Right-4711"] {
         opts.token = Some(token.into());
         let _ = Connection::connect(&opts).await;
-        let _ = get_with(addr, &format!("/api/model.safetensors?token={token}"), "").await;
-        let _ = get_with(addr, "/api/replica", &format!("Authorization: Bearer {token}\r\n")).await;
+        let _ = http_get_with(addr, &format!("/api/model.safetensors?token={token}"), "").await;
+        let _ = http_get_with(addr, "/api/replica", &format!("Authorization: Bearer {token}\r\n")).await;
     }
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let _ = child.wait();

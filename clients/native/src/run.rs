@@ -86,6 +86,37 @@ pub struct Config {
     pub gate: Gate,
 }
 
+impl Config {
+    /// A trainer of `model` with `sparsync-client`'s defaults: shard 0/1, IID, seed 0, the
+    /// server's directives for steps, batch, learning rate and density, no stop condition,
+    /// reconnecting.
+    pub fn new(server: &str, client_id: &str, model: &str) -> Self {
+        Self {
+            server: server.into(),
+            client_id: client_id.into(),
+            model: model.into(),
+            token: None,
+            ca: None,
+            role: Role::Trainer,
+            mode: Mode::Auto,
+            partition: Partition::Iid,
+            shard: (0, 1),
+            seed: 0,
+            local_steps: None,
+            batch_size: None,
+            learning_rate: None,
+            rho_up: None,
+            max_rounds: None,
+            target_accuracy: None,
+            duration: None,
+            eval_every: 1,
+            eval_samples: None,
+            reconnect: true,
+            gate: Gate::default(),
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Summary {

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sparsync::config::{EngineChoice, ServerConfig};
-use sparsync::data::Partition;
 use sparsync::protocol::message::Role;
 use sparsync_client::emulate::Emulation;
-use sparsync_client::run::{self, Config, Gate, Mode};
+use sparsync_client::run::{self, Config};
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../browser")
@@ -35,27 +34,14 @@ fn missing() -> Option<String> {
 
 fn client(url: &str, id: &str, role: Role) -> Config {
     Config {
-        server: url.into(),
-        client_id: id.into(),
-        model: "mlp".into(),
-        token: None,
-        ca: None,
         role,
-        mode: Mode::Auto,
-        partition: Partition::Iid,
         shard: (0, 2),
         seed: 3,
-        local_steps: None,
-        batch_size: None,
-        learning_rate: None,
-        rho_up: None,
-        max_rounds: None,
-        target_accuracy: None,
         duration: Some(Duration::from_secs(25)),
         eval_every: 5,
         eval_samples: Some(500),
         reconnect: false,
-        gate: Gate::default(),
+        ..Config::new(url, id, "mlp")
     }
 }
 

@@ -4,35 +4,22 @@
 use std::time::Duration;
 
 use sparsync::config::{EngineChoice, PolicyKind, ServerConfig};
-use sparsync::data::Partition;
-use sparsync::protocol::message::Role;
 use sparsync::server::record::Event;
 use sparsync_client::emulate::Emulation;
-use sparsync_client::run::{self, Config, Gate, Mode, Summary};
+use sparsync_client::run::{self, Config, Mode, Summary};
 
 fn config(url: &str, id: &str, mode: Mode, shard: usize, rounds: u64) -> Config {
     Config {
-        server: url.into(),
-        client_id: id.into(),
-        model: "logreg".into(),
-        token: None,
-        ca: None,
-        role: Role::Trainer,
         mode,
-        partition: Partition::Iid,
         shard: (shard, 2),
         seed: 3,
         local_steps: Some(4),
         batch_size: Some(16),
         learning_rate: Some(0.05),
-        rho_up: None,
         max_rounds: Some(rounds),
-        target_accuracy: None,
         duration: Some(Duration::from_secs(60)),
-        eval_samples: None,
-        eval_every: 1,
         reconnect: false,
-        gate: Gate::default(),
+        ..Config::new(url, id, "logreg")
     }
 }
 

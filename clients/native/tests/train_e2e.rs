@@ -4,34 +4,19 @@
 use std::time::Duration;
 
 use sparsync::config::{EngineChoice, ServerConfig};
-use sparsync::data::Partition;
 use sparsync::protocol::message::Role;
 use sparsync_client::emulate::Emulation;
-use sparsync_client::run::{self, Config, Gate, Mode};
+use sparsync_client::run::{self, Config};
 
 fn config(url: &str, id: &str, role: Role, shard: usize) -> Config {
     Config {
-        server: url.into(),
-        client_id: id.into(),
-        model: "mlp".into(),
-        token: None,
-        ca: None,
         role,
-        mode: Mode::Auto,
-        partition: Partition::Iid,
         shard: (shard, 3),
         seed: 11,
-        local_steps: None,
-        batch_size: None,
-        learning_rate: None,
-        rho_up: None,
         max_rounds: Some(25),
-        target_accuracy: None,
-        duration: None,
-        eval_samples: None,
         eval_every: 5,
         reconnect: false,
-        gate: Gate::default(),
+        ..Config::new(url, id, "mlp")
     }
 }
 

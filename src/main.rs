@@ -27,6 +27,23 @@ enum Command {
     Demo(DemoArgs),
     /// Compare synchronization policies (and staleness weightings) on the same clients and data.
     Experiment(ExperimentArgs),
+    /// List the GPU adapters wgpu finds and describe the one `--engine gpu` opens (name,
+    /// backend, driver, limits, features).
+    Adapters(AdaptersArgs),
+}
+
+#[derive(clap::Args)]
+struct AdaptersArgs {
+    /// Open the adapter whose name contains this text (as `serve --adapter`).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Fail (exit 1) when the adapter opened is a software one (a CPU emulating a GPU, such
+    /// as lavapipe): a measurement on it says nothing about a GPU.
+    #[arg(long)]
+    require_hardware: bool,
+    /// Write the description as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -574,17 +591,90 @@ async fn experiment(a: ExperimentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sparsync adapters`: what wgpu sees, and the device `--engine gpu` would open.
+fn adapters(args: AdaptersArgs) -> anyhow::Result<()> {
+    use sparsync::engine::gpu::device;
+    let all: Vec<serde_json::Value> = device::list_adapters()
+        .iter()
+        .map(|a| {
+            println!(
+                "adapter: {} | {:?} | {:?} | driver {} {}",
+                a.name, a.backend, a.device_type, a.driver, a.driver_info
+            );
+            serde_json::json!({
+                "name": a.name, "backend": format!("{:?}", a.backend),
+                "device_type": format!("{:?}", a.device_type), "driver": a.driver,
+                "driver_info": a.driver_info, "vendor": a.vendor, "device": a.device,
+            })
+        })
+        .collect();
+    let opened = device::open(&device::DeviceOptions { adapter: args.adapter.clone(), ..Default::default() });
+    let report = match &opened {
+        Ok(ctx) => {
+            let i = &ctx.info;
+            println!(
+                "opened: {} | {:?} | {:?} | driver {} {} | f16 {} | f32 atomics {} | timestamps {}",
+                i.name,
+                i.backend,
+                i.device_type,
+                i.driver,
+                i.driver_info,
+                ctx.f16,
+                ctx.float_atomics,
+                ctx.timestamps
+            );
+            println!(
+                "limits: max_buffer_size {} | max_storage_buffer_binding_size {} | max_compute_workgroups_per_dimension {} | max_compute_workgroup_storage_size {}",
+                ctx.limits.max_buffer_size,
+                ctx.limits.max_storage_buffer_binding_size,
+                ctx.limits.max_compute_workgroups_per_dimension,
+                ctx.limits.max_compute_workgroup_storage_size
+            );
+            serde_json::json!({
+                "adapters": all,
+                "opened": {
+                    "name": i.name, "backend": format!("{:?}", i.backend),
+                    "device_type": format!("{:?}", i.device_type), "driver": i.driver,
+                    "driver_info": i.driver_info, "shader_f16": ctx.f16,
+                    "float32_atomics": ctx.float_atomics, "timestamps": ctx.timestamps,
+                    "features": format!("{:?}", ctx.device.features()),
+                    "limits": format!("{:?}", ctx.limits),
+                },
+            })
+        }
+        Err(e) => {
+            println!("opened: none ({e})");
+            serde_json::json!({ "adapters": all, "opened": null, "error": e.to_string() })
+        }
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let ctx = opened.context("no GPU adapter could be opened")?;
+    if args.require_hardware && ctx.info.device_type == wgpu::DeviceType::Cpu {
+        anyhow::bail!(
+            "--require-hardware: the adapter opened, {} ({:?}), is a software adapter on the CPU",
+            ctx.info.name,
+            ctx.info.backend
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    if let Command::Bench(args) = cli.command {
-        return bench(args);
-    }
+    let cli = match cli.command {
+        Command::Bench(args) => return bench(args),
+        Command::Adapters(args) => return adapters(args),
+        command => Cli { command, ..cli },
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
-            Command::Bench(_) => unreachable!("handled before the runtime starts"),
+            Command::Bench(_) | Command::Adapters(_) => unreachable!("handled before the runtime starts"),
             Command::Demo(args) => demo(args).await,
             Command::Experiment(args) => experiment(args).await,
         }

@@ -1,5 +1,6 @@
 //! Criterion benches of the GPU kernels (on whatever adapter exists) and the CPU engine:
-//! aggregation of 16 updates at 1% of 2^20, exact Top-k of 2^20 at 1%.
+//! aggregation of 16 updates at 1% of 2^20 (the step's kernels alone, and the whole step with
+//! its upload), exact Top-k of 2^20 at 1% (steady state: from the previous threshold).
 //! `sparsync bench aggregate|topk` measures the full size grid with a copy reference.
 
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sparsync::bench::kernels::{gaussian, random_batch};
 use sparsync::config::GpuMode;
 use sparsync::engine::cpu::CpuAggregator;
+use sparsync::engine::gpu::aggregate::Replay;
 use sparsync::engine::gpu::device::{self, DeviceOptions};
 use sparsync::engine::gpu::topk::{GpuTopk, TopkChunk};
 use sparsync::engine::gpu::{GpuAggregator, GpuOptions, util};
@@ -34,15 +36,21 @@ fn bench(c: &mut Criterion) {
             let opts = GpuOptions { mode, ..Default::default() };
             let mut e =
                 GpuAggregator::with_context(ctx.clone(), &x0, OptimizerSettings::default(), &opts).unwrap();
-            let plan = e.bench_prepare(&batch, mode == GpuMode::Fast).unwrap();
-            g.bench_function(format!("gpu_scatter_{mode:?}"), |b| {
+            e.aggregate(&batch).unwrap();
+            e.wait().unwrap();
+            g.bench_function(format!("gpu_step_kernels_{mode:?}"), |b| {
                 b.iter_custom(|iters| {
                     let t = Instant::now();
                     for _ in 0..iters {
-                        e.bench_scatter(&plan);
+                        e.bench_replay(Replay::All).unwrap();
                     }
-                    e.wait().unwrap();
                     t.elapsed()
+                })
+            });
+            g.bench_function(format!("gpu_step_{mode:?}"), |b| {
+                b.iter(|| {
+                    e.aggregate(&batch).unwrap();
+                    e.wait().unwrap()
                 })
             });
         }
@@ -59,8 +67,7 @@ fn bench(c: &mut Criterion) {
     if let Some(ctx) = &ctx {
         let buf = util::storage(ctx, "d", 4 * N as u64, wgpu::BufferUsages::empty());
         ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&d));
-        let xhat = util::storage(ctx, "xhat", 4, wgpu::BufferUsages::empty());
-        let chunks = [TopkChunk { d: &buf, xhat: &xhat, len: N }];
+        let chunks = [TopkChunk { d: &buf, replica: None, len: N }];
         let mut t = GpuTopk::new(ctx.clone());
         g.bench_function("gpu_exact", |b| {
             b.iter(|| t.select(&chunks, Selection::Exact { k: N / 100 }, false).unwrap())

@@ -27,6 +27,7 @@ compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need+=(mesa-vu
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v c++ >/dev/null || need+=(g++)
+command -v python3 >/dev/null || need+=(python3)  # scripts/device/ (tests/device_check.rs)
 if ((${#need[@]})); then
     step "installing ${need[*]}"
     SUDO=

@@ -11,6 +11,8 @@
 //                   below 2^-126 gives +0.0 (inputs canonical and finite)
 //   f16_bits_to_f32 exact conversion of binary16 bits, subnormals included
 //   f32_to_f16_sat  round to nearest even, saturating at +-65504 (never infinity)
+//   scan_inclusive  a workgroup-wide inclusive prefix sum (its buffer, `scan_buf`, is
+//                   workgroup memory only of the kernels that call it)
 
 const WG: u32 = 256u;
 
@@ -140,4 +142,22 @@ fn f32_to_f16_sat(v: f32) -> u32 {
 // the lower index in the low half).
 fn packed_half(word: u32, e: u32) -> u32 {
     return (word >> ((e & 1u) * 16u)) & 0xffffu;
+}
+
+var<workgroup> scan_buf: array<u32, 256>;
+
+// Inclusive scan of scan_buf over the workgroup (Hillis–Steele); returns this lane's value.
+fn scan_inclusive(lid: u32, v: u32) -> u32 {
+    scan_buf[lid] = v;
+    workgroupBarrier();
+    for (var off = 1u; off < WG; off = off * 2u) {
+        var add = 0u;
+        if (lid >= off) {
+            add = scan_buf[lid - off];
+        }
+        workgroupBarrier();
+        scan_buf[lid] = scan_buf[lid] + add;
+        workgroupBarrier();
+    }
+    return scan_buf[lid];
 }

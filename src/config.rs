@@ -186,11 +186,12 @@ settings! {
     web_dir: opt PathBuf = "embedded", "Serve the dashboard and browser client from this directory instead of the built-in copy";
 
     ["Engine"]
-    engine: val EngineChoice = "auto", "Aggregation engine: auto (a hardware GPU if present, else CPU), gpu (any adapter, lavapipe included) or cpu";
+    engine: val EngineChoice = "auto", "Aggregation engine: auto (a hardware GPU if present, else CPU, also when the GPU fails), gpu (a hardware GPU; a software one such as lavapipe only when --adapter names it) or cpu";
     adapter: opt String = "best", "GPU adapter whose name contains this text";
     require_gpu: flag bool = "false", "Fail instead of falling back to the CPU engine when no adapter is found";
     gpu_mode: val GpuMode = "deterministic", "GPU aggregation mode: deterministic (bit-identical to CPU) or fast (atomics)";
     chunk_elems: opt usize = "adapter limit", "GPU storage chunk size in elements";
+    inject_gpu_fault: opt crate::engine::gpu::Fault = "none", "Testing: make the GPU engine fail (shader or alloc: while it is set up; step-alloc:N: in aggregation step N)";
     momentum: val f32 = "0", "Server momentum μ (FedAvgM when > 0)";
     server_lr: val f32 = "1", "Server learning rate η_s";
     max_batch: val usize = "64", "Most updates aggregated in one step";

@@ -171,6 +171,10 @@ enum BenchWhat {
     Aggregate,
     /// Exact Top-k of the model delta: time against a device copy of the input.
     Topk,
+    /// Device copies of 4 bytes × 2^s (--log2-sizes), in one buffer pair and in 64 MiB
+    /// buffers: the bandwidth reference of the other benchmarks, and whether buffer size
+    /// matters on this device.
+    Copy,
     /// The whole server under load: simulated clients in a separate process push over
     /// loopback WebSockets; rates, latency, queue depth, where the time goes, and the
     /// fraction of raw loopback TCP throughput.
@@ -208,6 +212,9 @@ struct E2eArgs {
     /// Aggregation engine of the servers.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// GPU aggregation mode of the servers: deterministic or fast.
+    #[arg(long, default_value = "deterministic")]
+    gpu_mode: String,
     /// Skip the raw loopback TCP baseline.
     #[arg(long)]
     no_raw: bool,
@@ -351,6 +358,23 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             println!("{}", bench::aggregate_table(&rows));
             serde_json::json!({ "environment": env, "aggregate": rows })
         }
+        BenchWhat::Copy => {
+            let Some(ctx) = ctx.as_ref() else { anyhow::bail!("bench copy needs a GPU adapter") };
+            let sizes: Vec<u64> =
+                log2_sizes(&args, &[20, 24, 26, 28], &[16]).into_iter().map(|n| 4 * n as u64).collect();
+            let rows = sparsync::bench::kernels::copy_sweep(ctx, &sizes, 64 << 20, args.reps)?;
+            for r in &rows {
+                println!(
+                    "copy {:>12} bytes in buffers of {:>12}: {:9.3} ms {:8.1} GB/s ({})",
+                    r.bytes,
+                    r.piece_bytes,
+                    r.time_s * 1e3,
+                    r.gbps,
+                    r.timing
+                );
+            }
+            serde_json::json!({ "environment": env, "copy": rows })
+        }
         BenchWhat::Topk => {
             let rows = bench_topk(&args, ctx.as_ref())?;
             println!("{}", bench::topk_table(&rows));
@@ -460,6 +484,7 @@ fn e2e_spec(args: &BenchArgs, e: &E2eArgs) -> anyhow::Result<sparsync::bench::e2
     Ok(sparsync::bench::e2e::E2eSpec {
         exe: std::env::current_exe().context("locating the sparsync executable")?,
         engine: e.engine.clone(),
+        gpu_mode: e.gpu_mode.clone(),
         clients,
         params: 1usize << e.log2_params.unwrap_or(if q { 16 } else { 20 }),
         sizes: log2_sizes(args, &[16, 18, 20, 22], &[14, 16]),
@@ -613,15 +638,8 @@ fn adapters(args: AdaptersArgs) -> anyhow::Result<()> {
         Ok(ctx) => {
             let i = &ctx.info;
             println!(
-                "opened: {} | {:?} | {:?} | driver {} {} | f16 {} | f32 atomics {} | timestamps {}",
-                i.name,
-                i.backend,
-                i.device_type,
-                i.driver,
-                i.driver_info,
-                ctx.f16,
-                ctx.float_atomics,
-                ctx.timestamps
+                "opened: {} | {:?} | {:?} | driver {} {} | f16 {} | timestamps {}",
+                i.name, i.backend, i.device_type, i.driver, i.driver_info, ctx.f16, ctx.timestamps
             );
             println!(
                 "limits: max_buffer_size {} | max_storage_buffer_binding_size {} | max_compute_workgroups_per_dimension {} | max_compute_workgroup_storage_size {}",
@@ -635,8 +653,7 @@ fn adapters(args: AdaptersArgs) -> anyhow::Result<()> {
                 "opened": {
                     "name": i.name, "backend": format!("{:?}", i.backend),
                     "device_type": format!("{:?}", i.device_type), "driver": i.driver,
-                    "driver_info": i.driver_info, "shader_f16": ctx.f16,
-                    "float32_atomics": ctx.float_atomics, "timestamps": ctx.timestamps,
+                    "driver_info": i.driver_info, "shader_f16": ctx.f16, "timestamps": ctx.timestamps,
                     "features": format!("{:?}", ctx.device.features()),
                     "limits": format!("{:?}", ctx.limits),
                 },

@@ -34,48 +34,57 @@ impl Gpu {
         Some(Self { topk: GpuTopk::new(ctx.clone()), ctx })
     }
 
-    /// Runs the GPU selection on `d` split into chunks of `chunk` elements.
+    /// Runs the GPU selection on `d` split into chunks of `chunk` elements. With `xhat`, the
+    /// selection applies the sent values to it (x = xhat + d) and returns x̂ and d after.
+    #[allow(clippy::type_complexity)]
     fn select(
         &mut self,
         d: &[f32],
         chunk: usize,
         sel: Selection,
         xhat: Option<&[f32]>,
-    ) -> (Vec<(u32, f16)>, Option<Vec<f32>>) {
-        let bufs: Vec<(wgpu::Buffer, wgpu::Buffer, usize)> = d
+    ) -> (Vec<(u32, f16)>, Option<(Vec<f32>, Vec<f32>, Vec<f32>)>) {
+        let upload = |label: &str, values: &[f32]| {
+            let b = util::storage(&self.ctx, label, 4 * values.len() as u64, wgpu::BufferUsages::empty());
+            self.ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(values));
+            b
+        };
+        let x: Option<Vec<f32>> = xhat.map(|xh| xh.iter().zip(d).map(|(a, b)| a + b).collect());
+        let bufs: Vec<(wgpu::Buffer, Option<(wgpu::Buffer, wgpu::Buffer)>, usize)> = d
             .chunks(chunk)
             .enumerate()
             .map(|(ci, part)| {
-                let db = util::storage(&self.ctx, "d", 4 * part.len() as u64, wgpu::BufferUsages::empty());
-                self.ctx.queue.write_buffer(&db, 0, bytemuck::cast_slice(part));
-                let xb = util::storage(&self.ctx, "xhat", 4 * part.len() as u64, wgpu::BufferUsages::empty());
-                if let Some(x) = xhat {
-                    self.ctx.queue.write_buffer(
-                        &xb,
-                        0,
-                        bytemuck::cast_slice(&x[ci * chunk..ci * chunk + part.len()]),
-                    );
-                }
-                (db, xb, part.len())
+                let range = ci * chunk..ci * chunk + part.len();
+                let replica = xhat
+                    .zip(x.as_ref())
+                    .map(|(xh, x)| (upload("xhat", &xh[range.clone()]), upload("x", &x[range.clone()])));
+                (upload("d", part), replica, part.len())
             })
             .collect();
-        let chunks: Vec<TopkChunk<'_>> =
-            bufs.iter().map(|(d, x, len)| TopkChunk { d, xhat: x, len: *len }).collect();
+        let chunks: Vec<TopkChunk<'_>> = bufs
+            .iter()
+            .map(|(d, r, len)| TopkChunk { d, replica: r.as_ref().map(|(xh, x)| (xh, x)), len: *len })
+            .collect();
         let s = self.topk.select(&chunks, sel, xhat.is_some()).expect("selection runs");
         let h = DeltaHeader { version: 1, base_version: 0, nnz: s.nnz };
         let frame = encode_delta_with_body(&h, &s.body);
         let entries =
             DeltaView::decode(&frame, d.len() as u64).expect("a valid Delta body").entries().collect();
-        let replica = xhat.map(|_| {
-            let mut all = Vec::new();
-            for (_, xb, len) in &bufs {
-                let enc = util::encoder(&self.ctx, "read");
-                let bytes = util::Readback::new().read(&self.ctx, enc, &[(xb, 0, 4 * *len as u64)]).unwrap();
-                all.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        let read = |b: &wgpu::Buffer, len: usize| -> Vec<f32> {
+            let enc = util::encoder(&self.ctx, "read");
+            let bytes = util::Readback::new().read(&self.ctx, enc, &[(b, 0, 4 * len as u64)]).unwrap();
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        let after = x.map(|x| {
+            let (mut xh_after, mut d_after) = (Vec::new(), Vec::new());
+            for (db, r, len) in &bufs {
+                let (xb, _) = r.as_ref().unwrap();
+                xh_after.extend(read(xb, *len));
+                d_after.extend(read(db, *len));
             }
-            all
+            (xh_after, d_after, x)
         });
-        (entries, replica)
+        (entries, after)
     }
 
     fn check_exact(&mut self, d: &[f32], k: usize, chunk: usize, what: &str) {
@@ -101,6 +110,8 @@ fn exact_topk_matches_reference_random_sizes() {
         let d = random(n, s as u64);
         for k in [0, 1, n / 100 + 1, n / 3, n.saturating_sub(1), n, n + 5] {
             g.check_exact(&d, k, n, "random");
+            // Again: the second selection starts from the first one's threshold.
+            g.check_exact(&d, k, n, "random, steady");
         }
     }
 }
@@ -140,6 +151,7 @@ fn exact_topk_adversarial_inputs() {
         for k in [1, 2, 100, 5000, n - 1, n] {
             for chunk in [n, 3000] {
                 g.check_exact(d, k, chunk, what);
+                g.check_exact(d, k, chunk, what);
             }
         }
     }
@@ -160,13 +172,47 @@ fn replica_update_adds_the_sent_values() {
     let n = 9000;
     let d = random(n, 5);
     let xhat = random(n, 6);
-    let (sent, replica) = g.select(&d, 4000, Selection::Exact { k: 300 }, Some(&xhat));
-    let replica = replica.unwrap();
-    let mut want = xhat.clone();
-    for (i, h) in &sent {
-        want[*i as usize] = sparsync::protocol::numerics::apply_delta_entry(want[*i as usize], *h);
+    for _ in 0..2 {
+        // The second selection of the same layout starts from the first one's threshold.
+        let (sent, after) = g.select(&d, 4000, Selection::Exact { k: 300 }, Some(&xhat));
+        let (replica, d_after, x) = after.unwrap();
+        let mut want = xhat.clone();
+        let mut want_d = d.clone();
+        for (i, h) in &sent {
+            let i = *i as usize;
+            want[i] = sparsync::protocol::numerics::apply_delta_entry(want[i], *h);
+            want_d[i] = sparsync::protocol::numerics::canon(x[i] - want[i]);
+        }
+        assert_eq!(common::bits(&replica), common::bits(&want));
+        // d is kept exact where values were sent, and untouched elsewhere.
+        assert_eq!(common::bits(&d_after), common::bits(&want_d));
     }
-    assert_eq!(common::bits(&replica), common::bits(&want));
+    assert!(g.topk.counters().selections >= 2);
+}
+
+#[test]
+fn steady_selections_read_d_once_and_stay_exact() {
+    let Some(mut g) = Gpu::new() else { return };
+    let n = 200_000;
+    let k = 2000;
+    // A drifting d: each round moves every value a little, as a step between broadcasts does.
+    let mut d = random(n, 7);
+    let mut r = SplitMix64::new(8);
+    g.topk.forget();
+    let before = g.topk.counters();
+    let rounds = 12;
+    for round in 0..rounds {
+        g.check_exact(&d, k, 70_000, &format!("round {round}"));
+        for v in d.iter_mut() {
+            *v *= 1.0 + (r.next_unit_f32() - 0.5) * 0.05;
+        }
+    }
+    let c = g.topk.counters();
+    let (selections, passes) = (c.selections - before.selections, c.input_passes - before.input_passes);
+    assert_eq!(selections, rounds);
+    // Cold: 4 passes (radix + collect); then one pass each while the threshold holds.
+    let mean = passes as f64 / selections as f64;
+    assert!(mean <= 1.5, "{passes} passes over d in {selections} selections ({} misses)", c.misses);
 }
 
 #[test]
@@ -210,4 +256,31 @@ fn gaussiank_is_a_threshold_selection_near_k() {
         let cpu_count = bc.header.nnz as f64;
         assert!((cpu_count - c).abs() <= 0.01 * c + 3.0, "k {k}: cpu {cpu_count} gpu {c}");
     }
+}
+
+/// GaussianK on a distribution far from Gaussian may select many more than k (here 90% of the
+/// entries): the output grows to what was selected, the same entries as the CPU engine's.
+#[test]
+fn gaussiank_output_grows_to_what_it_selects() {
+    let Some(mut g) = Gpu::new() else { return };
+    let n = 10_000;
+    // mean 0.45, deviation 0.15: the refinement ends at t0·0.5·1.5·0.5 ≈ 0.31, below 0.5.
+    let d: Vec<f32> = (0..n).map(|i| if i % 10 == 0 { 0.0 } else { 0.5 }).collect();
+    let (got, _) = g.select(&d, n, Selection::GaussianK { k: 100 }, None);
+    let mut cpu = sparsync::engine::cpu::CpuAggregator::new(d.clone(), Default::default());
+    sparsync::engine::Aggregator::load_state(
+        &mut cpu,
+        &sparsync::engine::ModelState {
+            x: d.clone(),
+            momentum: vec![],
+            replica: vec![0.0; n],
+            version: 1,
+            replica_version: 0,
+        },
+    )
+    .unwrap();
+    let bc = sparsync::engine::Aggregator::broadcast(&mut cpu, Selection::GaussianK { k: 100 }).unwrap();
+    assert_eq!(got.len(), bc.header.nnz as usize);
+    assert_eq!(got.len(), n - n / 10, "every 0.5 is above the refined threshold");
+    assert!(got.iter().all(|(i, h)| h.to_f32() == d[*i as usize]));
 }

@@ -123,12 +123,12 @@ proptest! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_runs_on_the_gpu_engine_end_to_end() {
-    if gpu::shared().is_none() {
-        return;
-    }
+    let Some(ctx) = gpu::shared() else { return };
     let cfg = ServerConfig {
         model: "logreg".into(),
         engine: sparsync::config::EngineChoice::Gpu,
+        // Named, so that a software adapter (lavapipe in CI) is used too.
+        adapter: Some(ctx.info.name.clone()),
         chunk_elems: Some(3000),
         ..Default::default()
     };

@@ -56,6 +56,11 @@ async fn serves_a_safetensors_model_and_reports_status() {
     let (code, metrics) = http_get(h.addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(metrics.contains("sparsync_updates_accepted_total 1"), "{metrics}");
+    // The engine's work: one step, one broadcast, its selection's passes over d (4 on the CPU
+    // engine: keys, histogram, bucket, emit).
+    assert!(metrics.contains(r#"sparsync_engine_total{what="steps"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"sparsync_engine_total{what="broadcasts"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"sparsync_engine_total{what="topk_input_passes"} 4"#), "{metrics}");
     let (code, _) = http_get(h.addr, "/nope").await;
     assert_eq!(code, 404);
     c.close("done").await;

@@ -6,9 +6,11 @@
 #   1. the adapter wgpu opens (name, backend, driver, limits, features); unless
 #      SPARSYNC_DEVICE_ALLOW_SOFTWARE=1, a software adapter (lavapipe) fails the check here;
 #   2. the GPU correctness tests (.gpu/tests/*) against the real driver;
-#   3. `sparsync bench aggregate` and `bench topk` with the device copy reference, and
+#   3. `sparsync bench copy` (one buffer pair against 64 MiB pieces), `bench aggregate` and
+#      `bench topk` with the device copy reference, and
 #      benches/peers/torch_ref.py (PyTorch, when installed) on the same sizes;
-#   4. `sparsync bench e2e --engine gpu` (server and load generator processes);
+#   4. `sparsync bench e2e --engine gpu` in deterministic and fast mode (server and load
+#      generator processes);
 #   5. check.json and summary.txt.
 # Results go to $OUT (default runs/device): summary.txt, check.json, and every step's own
 # output under raw/ (also packed as raw.tar.gz). Exit status: 0 when every step passed.
@@ -128,7 +130,8 @@ else
 fi
 
 # --- 3. kernels, and PyTorch on the same sizes -----------------------------------------------
-if [ $QUICK = 1 ]; then sizes=16; reps=2; else sizes=20,24,26; reps=7; fi
+if [ $QUICK = 1 ]; then sizes=16; reps=2; copies=16,18; else sizes=20,24,26; reps=7; copies=24,26,28; fi
+run copy 60 "$BIN" bench copy --log2-sizes "$copies" --reps $reps --json "$RAW/copy.json"
 run aggregate 240 "$BIN" bench aggregate --no-cpu --log2-sizes "$sizes" --reps $reps --json "$RAW/aggregate.json"
 run topk 180 "$BIN" bench topk --no-cpu --log2-sizes "$sizes" --reps $reps --json "$RAW/topk.json"
 if python3 -c 'import torch' 2>/dev/null; then
@@ -139,9 +142,18 @@ else
 fi
 
 # --- 4. the whole server --------------------------------------------------------------------
-if [ $QUICK = 1 ]; then e2e=(--clients 4 --log2-params 14 --log2-sizes 14 --size-clients 2 --duration-s 1)
-else e2e=(--clients 64 --log2-params 20 --log2-sizes 20 --size-clients 8 --duration-s 6); fi
-run e2e 200 "$BIN" bench e2e --engine gpu "${e2e[@]}" --json "$RAW/e2e.json"
+# The adapter the check opened, by name: `--engine gpu` uses a software adapter only when named.
+name=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["opened"]["name"])' "$RAW/adapter.json")
+if [ $QUICK = 1 ]; then
+    e2e=(--clients 4 --log2-params 14 --log2-sizes 14 --size-clients 2 --duration-s 1)
+    e2e_fast=(--clients 4 --log2-params 14 --log2-sizes 14 --size-clients 2 --duration-s 1 --no-raw)
+else
+    e2e=(--clients 8,64 --log2-params 20 --log2-sizes 20 --size-clients 256 --duration-s 5)
+    e2e_fast=(--clients 64 --log2-params 20 --log2-sizes 24 --size-clients 64 --duration-s 5)
+fi
+run e2e 200 "$BIN" bench e2e --engine gpu --adapter "$name" "${e2e[@]}" --json "$RAW/e2e.json"
+run e2e-fast 200 "$BIN" bench e2e --engine gpu --gpu-mode fast --adapter "$name" "${e2e_fast[@]}" \
+    --json "$RAW/e2e-fast.json"
 
 # --- 5. summary -------------------------------------------------------------------------------
 step "summary"

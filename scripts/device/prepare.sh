@@ -4,7 +4,7 @@
 # development machine (same x86-64 architecture), then carry `.gpu` and `.gl` there.
 #
 #   .gpu/sparsync        the release binary (bench, serve, adapters), stripped
-#   .gpu/tests/*         the GPU correctness tests (gpu_engine, gpu_topk) built with --release
+#   .gpu/tests/*         the GPU correctness tests (gpu_engine, gpu_topk, gpu_faults), --release
 #   .gl/*.deb            Debian's Vulkan loader (libvulkan1), unpacked there by check.sh
 #
 # Both folders are git-ignored (this script adds them to .git/info/exclude).
@@ -24,7 +24,7 @@ for l in sys.stdin:
 cp "$bin" .gpu/sparsync
 
 echo "==> cargo test --release --no-run (the GPU tests)"
-cargo test --release --no-run --test gpu_engine --test gpu_topk --message-format=json-render-diagnostics \
+cargo test --release --no-run --test gpu_engine --test gpu_topk --test gpu_faults --message-format=json-render-diagnostics \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

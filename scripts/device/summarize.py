@@ -30,7 +30,8 @@ def main():
     agg = (load(out, "aggregate.json") or {}).get("aggregate", [])
     topk = (load(out, "topk.json") or {}).get("topk", [])
     torch = load(out, "torch.json") or {}
-    e2e = ((load(out, "e2e.json") or {}).get("e2e") or {}).get("rows", [])
+    e2e = [r for f in ("e2e.json", "e2e-fast.json")
+           for r in ((load(out, f) or {}).get("e2e") or {}).get("rows", [])]
     t_agg = {(r["params"], r["batch"]): r for r in torch.get("aggregate", [])}
     t_topk = {(r["n"], r["k"]): r for r in torch.get("topk", [])}
 
@@ -38,7 +39,7 @@ def main():
     o = adapter.get("opened")
     if o:
         lines.append(f"adapter: {o['name']} | {o['backend']} | {o['device_type']} | driver {o['driver']} "
-                     f"{o['driver_info']} | f16 {o['shader_f16']} | f32 atomics {o['float32_atomics']}")
+                     f"{o['driver_info']} | f16 {o['shader_f16']} | timestamps {o.get('timestamps')}")
     else:
         lines.append(f"adapter: none ({adapter.get('error', 'see adapter.txt')})")
     if torch:
@@ -52,11 +53,20 @@ def main():
     lines.append("steps: " + ", ".join(f"{s['step']} {s['status']} ({s['seconds']} s)" for s in steps))
     lines.append("")
 
+    copies = (load(out, "copy.json") or {}).get("copy", [])
+    if copies:
+        lines.append("device copy (read + written bytes / time)")
+        for r in copies:
+            lines.append(f"  {r['bytes'] / 2**20:8.0f} MiB in buffers of {r['piece_bytes'] / 2**20:6.0f} MiB: "
+                         f"{r['time_s'] * 1e3:8.3f} ms {r['gbps']:8.1f} GB/s ({r['timing']})")
+        lines.append("")
     agg_rows = []
     if agg:
-        lines.append("aggregate (1% density; scatter = kernel alone, step = upload + scatter + apply)")
-        lines.append(f"{'engine':>28} {'params':>6} {'batch':>5} {'scatter ms':>10} {'step ms':>9} "
-                     f"{'upd/s':>10} {'GB/s':>7} {'of copy':>8} {'torch ms':>9} {'torch/ours':>10}")
+        lines.append("aggregate (1% density; kernels = the step's kernels alone (sum and apply), step = "
+                     "staging + upload + kernels, waited; GB/s counts payload + 8 B per entry, as torch's)")
+        lines.append(f"{'engine':>28} {'params':>6} {'batch':>5} {'kernels ms':>10} {'step ms':>9} "
+                     f"{'upd/s':>10} {'GB/s':>7} {'of copy':>8} {'torch ms':>9} {'torch/ours':>10} {'disp':>4} {'timing':>6} "
+                     f"{'bounds ms':>9} {'blocks ms':>9}")
         for r in agg:
             t = t_agg.get((r["params"], r["batch"]))
             vs = t["scatter_s"] / r["scatter_s"] if t else None
@@ -64,19 +74,23 @@ def main():
             lines.append(f"{r['engine']:>28} 2^{r['params'].bit_length() - 1:<4} {r['batch']:>5} "
                          f"{r['scatter_s'] * 1e3:10.3f} {r['step_s'] * 1e3:9.3f} {r['updates_per_s']:10.0f} "
                          f"{r['effective_gbps']:7.1f} {100 * r['ratio_to_copy']:7.1f}% "
-                         + (f"{t['scatter_s'] * 1e3:9.3f} {vs:10.2f}" if t else f"{'-':>9} {'-':>10}"))
+                         + (f"{t['scatter_s'] * 1e3:9.3f} {vs:10.2f}" if t else f"{'-':>9} {'-':>10}")
+                         + f" {r.get('dispatches_per_step', 0):4.1f} {r.get('timing', '-'):>6}"
+                         + f" {(r.get('bounds_s') or float('nan')) * 1e3:9.3f} {(r.get('blocks_s') or float('nan')) * 1e3:9.3f}")
         lines.append("")
     topk_rows = []
     if topk:
-        lines.append("top-k (exact; copy-passes = time / one device copy of the input, same run)")
-        lines.append(f"{'engine':>12} {'n':>6} {'k':>8} {'ms':>9} {'copy-passes':>11} {'torch ms':>9} "
-                     f"{'torch passes':>12} {'torch/ours':>10}")
+        lines.append("top-k (exact; steady state; copy-passes = time / one device copy of the input, same run; "
+                     "passes = full reads of the input per selection)")
+        lines.append(f"{'engine':>12} {'n':>6} {'k':>8} {'ms':>9} {'wall ms':>8} {'copy-passes':>11} {'cold':>6} "
+                     f"{'passes':>6} {'torch ms':>9} {'torch passes':>12} {'torch/ours':>10}")
         for r in topk:
             t = t_topk.get((r["n"], r["k"]))
             vs = t["time_s"] / r["time_s"] if t else None
             topk_rows.append(dict(r, torch_time_s=t["time_s"] if t else None, torch_over_ours=vs))
             lines.append(f"{r['engine']:>12} 2^{r['n'].bit_length() - 1:<4} {r['k']:>8} {r['time_s'] * 1e3:9.3f} "
-                         f"{r['passes_equivalent']:11.2f} "
+                         f"{r.get('wall_s', r['time_s']) * 1e3:8.3f} {r['passes_equivalent']:11.2f} "
+                         f"{r.get('cold_passes_equivalent', float('nan')):6.2f} {r.get('input_passes', float('nan')):6.2f} "
                          + (f"{t['time_s'] * 1e3:9.3f} {t['passes_equivalent']:12.2f} {vs:10.2f}"
                             if t else f"{'-':>9} {'-':>12} {'-':>10}"))
         lines.append("")
@@ -104,7 +118,7 @@ def main():
     with open(os.path.join(dest, "summary.txt"), "w") as f:
         f.write(text)
     with open(os.path.join(dest, "check.json"), "w") as f:
-        json.dump(dict(adapter=adapter, steps=steps, torch_environment=torch.get("environment"),
+        json.dump(dict(adapter=adapter, steps=steps, copy=copies, torch_environment=torch.get("environment"),
                        aggregate=agg_rows, topk=topk_rows, e2e=e2e, failed=failed), f, indent=1)
     print(text)
     return 1 if failed else 0

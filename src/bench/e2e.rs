@@ -28,6 +28,8 @@ pub struct E2eSpec {
     pub exe: PathBuf,
     /// `--engine` of the servers.
     pub engine: String,
+    /// `--gpu-mode` of the servers (deterministic or fast).
+    pub gpu_mode: String,
     /// Client counts of the clients sweep, at `params`.
     pub clients: Vec<usize>,
     pub params: usize,
@@ -165,6 +167,7 @@ async fn start_server(
     let _ = std::fs::remove_file(&ready);
     let child = tokio::process::Command::new(&spec.exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn", "--engine", &spec.engine])
+        .args(["--gpu-mode", &spec.gpu_mode])
         .args(spec.adapter.iter().flat_map(|a| ["--adapter", a.as_str()]))
         .arg("--model")
         .arg(format!("flat-{params}"))

@@ -9,9 +9,10 @@ use serde::Serialize;
 
 use crate::config::GpuMode;
 use crate::engine::cpu::CpuAggregator;
+use crate::engine::gpu::aggregate::Replay;
 use crate::engine::gpu::device::GpuContext;
 use crate::engine::gpu::topk::{GpuTopk, TopkChunk};
-use crate::engine::gpu::util::{self, UniformSlots};
+use crate::engine::gpu::util::{self, Readback, Timer, UniformSlots};
 use crate::engine::gpu::{GpuAggregator, GpuOptions, shaders};
 use crate::engine::{Aggregator, EngineError, OptimizerSettings, Selection, UpdateRef, select};
 use crate::protocol::frame::{PushHeader, PushLimits, PushView, encode_push};
@@ -35,17 +36,25 @@ pub struct CopyKernel {
     ctx: Arc<GpuContext>,
     pipeline: wgpu::ComputePipeline,
     groups: Vec<(wgpu::BindGroup, u32, u64)>,
+    timer: Option<Timer>,
+    readback: Readback,
 }
 
 impl CopyKernel {
     /// Buffers of `bytes` in total, split into pieces of at most one binding.
     pub fn new(ctx: Arc<GpuContext>, bytes: u64) -> Self {
+        let piece = ctx.max_binding();
+        Self::with_pieces(ctx, bytes, piece)
+    }
+
+    /// Buffers of `bytes` in total, split into pieces of at most `piece` bytes.
+    pub fn with_pieces(ctx: Arc<GpuContext>, bytes: u64, piece: u64) -> Self {
         let layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("copy"),
             entries: &[util::uniform_entry(0), util::read_entry(1), util::rw_entry(2)],
         });
         let pipeline = util::pipeline(&ctx, &layout, &shaders::COPY, &[], "main");
-        let piece = ctx.max_binding() & !15;
+        let piece = piece.min(ctx.max_binding()).max(16) & !15;
         let mut slots = UniformSlots::new(&ctx, "copy.params", 4);
         let mut parts = Vec::new();
         let mut left = bytes.next_multiple_of(16).max(16);
@@ -73,16 +82,18 @@ impl CopyKernel {
                 (g, *slot, *words)
             })
             .collect();
-        Self { ctx, pipeline, groups }
+        let timer = Timer::new(&ctx);
+        Self { ctx, pipeline, groups, timer, readback: Readback::new() }
     }
 
-    /// One copy of every piece; waits for it.
-    pub fn run(&self) -> Result<(), EngineError> {
+    /// One copy of every piece; waits for it. Returns the device seconds it took (None
+    /// without timestamp queries).
+    pub fn run(&mut self) -> Result<Option<f64>, EngineError> {
         let mut enc = util::encoder(&self.ctx, "copy");
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("copy"),
-                timestamp_writes: None,
+                timestamp_writes: self.timer.as_ref().and_then(|t| t.writes(true, true)),
             });
             pass.set_pipeline(&self.pipeline);
             for (g, slot, words) in &self.groups {
@@ -91,9 +102,71 @@ impl CopyKernel {
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
-        self.ctx.wait()
+        match &self.timer {
+            Some(t) => {
+                t.resolve(&mut enc);
+                let bytes = self.readback.read(&self.ctx, enc, &[(&t.resolved, 0, 16)])?;
+                Ok(t.seconds(&bytes))
+            }
+            None => {
+                self.ctx.queue.submit([enc.finish()]);
+                self.ctx.wait().map(|_| None)
+            }
+        }
     }
+
+    /// Median seconds of a copy over `reps`: device time where the device has timestamp
+    /// queries, else wall time including the submission.
+    pub fn median(&mut self, reps: usize) -> Result<f64, EngineError> {
+        self.run()?;
+        let mut t = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            let s = Instant::now();
+            let device = self.run()?;
+            t.push(device.unwrap_or_else(|| s.elapsed().as_secs_f64()));
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+}
+
+/// One device copy measurement (`sparsync bench copy`).
+#[derive(Clone, Debug, Serialize)]
+pub struct CopyRow {
+    /// Bytes read (and as many written).
+    pub bytes: u64,
+    /// Largest buffer of the copy.
+    pub piece_bytes: u64,
+    pub time_s: f64,
+    /// (read + written bytes) / time.
+    pub gbps: f64,
+    pub timing: String,
+}
+
+/// Device copies of `sizes` bytes, in one buffer pair and in `piece`-byte buffers (to tell
+/// whether large buffers copy slower).
+pub fn copy_sweep(
+    ctx: &Arc<GpuContext>,
+    sizes: &[u64],
+    piece: u64,
+    reps: usize,
+) -> Result<Vec<CopyRow>, EngineError> {
+    let timing = if ctx.timestamps { "device" } else { "wall" };
+    let mut rows = Vec::new();
+    for &bytes in sizes {
+        for p in [ctx.max_binding(), piece] {
+            let mut c = CopyKernel::with_pieces(ctx.clone(), bytes, p);
+            let t = c.median(reps)?;
+            rows.push(CopyRow {
+                bytes,
+                piece_bytes: p.min(bytes),
+                time_s: t,
+                gbps: 2.0 * bytes as f64 / t / 1e9,
+                timing: timing.into(),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// A batch of `updates` random updates of `density` over `n` parameters, as Push frames.
@@ -144,10 +217,20 @@ pub struct AggregateRow {
     pub payload_bytes: u64,
     /// Payload plus accumulator traffic (read and write, 8 bytes per entry).
     pub traffic_bytes: u64,
-    /// Median seconds of the scatter-add kernel(s) alone (GPU: data already uploaded).
+    /// Median seconds of the step's kernels alone (GPU: the sum and the apply, data already
+    /// on the device; device time where the device has timestamp queries, else wall time).
     pub scatter_s: f64,
-    /// Median seconds of a whole aggregation step (upload, scatter, dense apply).
+    /// Median wall seconds of a whole aggregation step (staging, upload, kernels, waited).
     pub step_s: f64,
+    /// GPU dispatches per step (CPU: 0).
+    pub dispatches_per_step: f64,
+    /// Staging buffers created during the timed steps (steady state: 0).
+    pub staging_allocations: u64,
+    /// "device" (timestamp queries) or "wall" for scatter_s and the copy.
+    pub timing: String,
+    /// GPU: median seconds of the bounds passes alone, and of the block passes alone.
+    pub bounds_s: f64,
+    pub blocks_s: f64,
     pub updates_per_s: f64,
     /// traffic_bytes / scatter_s.
     pub effective_gbps: f64,
@@ -195,7 +278,14 @@ pub fn aggregate(
             let entries: u64 = batch.iter().map(|u| u.nnz() as u64).sum();
             let payload: u64 = batch.iter().map(|u| u.payload.len() as u64).sum();
             let traffic = payload + 8 * entries;
-            let mut row = |engine: &str, scatter_s: f64, step_s: f64, copy_gbps: f64| {
+            let mut row = |engine: &str,
+                           parts: (f64, f64),
+                           scatter_s: f64,
+                           step_s: f64,
+                           copy_gbps: f64,
+                           dispatches_per_step: f64,
+                           staging_allocations: u64,
+                           timing: &str| {
                 let effective = traffic as f64 / scatter_s / 1e9;
                 rows.push(AggregateRow {
                     engine: engine.into(),
@@ -211,44 +301,79 @@ pub fn aggregate(
                     effective_gbps: effective,
                     copy_gbps,
                     ratio_to_copy: effective / copy_gbps,
+                    dispatches_per_step,
+                    staging_allocations,
+                    timing: timing.into(),
+                    bounds_s: parts.0,
+                    blocks_s: parts.1,
                 });
             };
             if let Some(ctx) = ctx {
-                let copy = CopyKernel::new(ctx.clone(), traffic / 2);
-                copy.run()?;
-                let copy_s = median_time(spec.reps, || copy.run())?;
+                let mut copy = CopyKernel::new(ctx.clone(), traffic / 2);
+                let copy_s = copy.median(spec.reps)?;
                 let copy_gbps = traffic as f64 / copy_s / 1e9;
+                let timing = if ctx.timestamps { "device" } else { "wall" };
                 for mode in [GpuMode::Deterministic, GpuMode::Fast] {
                     progress(&format!("aggregate n={n} batch={b} gpu {mode:?}"));
                     let opts = GpuOptions { mode, ..Default::default() };
                     let mut e =
                         GpuAggregator::with_context(ctx.clone(), &x0, OptimizerSettings::default(), &opts)?;
-                    let fast = mode == GpuMode::Fast;
-                    let plan = e.bench_prepare(&batch, fast)?;
-                    e.bench_scatter(&plan);
-                    e.wait()?;
-                    let scatter_s = median_time(spec.reps, || {
-                        e.bench_scatter(&plan);
-                        e.wait()
-                    })?;
+                    // Warm-up: pipelines, buffers, the staging pool.
                     e.aggregate(&batch)?;
                     e.wait()?;
+                    let before = e.counters();
                     let step_s = median_time(spec.reps, || {
                         e.aggregate(&batch)?;
                         e.wait()
                     })?;
+                    let after = e.counters();
+                    let steps = (after.steps - before.steps).max(1) as f64;
+                    let mut replays = |which: Replay| -> Result<f64, EngineError> {
+                        let mut t = Vec::with_capacity(spec.reps);
+                        for _ in 0..spec.reps.max(1) {
+                            let s = Instant::now();
+                            if !e.bench_replay(which)? {
+                                break;
+                            }
+                            let wall = s.elapsed().as_secs_f64();
+                            t.push(e.bench_device_time()?.unwrap_or(wall));
+                        }
+                        t.sort_by(f64::total_cmp);
+                        Ok(t.get(t.len() / 2).copied().unwrap_or(f64::NAN))
+                    };
+                    let scatter_s = replays(Replay::All)?;
+                    let parts = (replays(Replay::Bounds)?, replays(Replay::Main)?);
+                    let scatter_s = if scatter_s.is_nan() { step_s } else { scatter_s };
                     let name = match mode {
                         GpuMode::Deterministic => "gpu-deterministic".to_string(),
                         GpuMode::Fast => format!("gpu-fast ({})", e.fast_kind()),
                     };
-                    row(&name, scatter_s, step_s, copy_gbps);
+                    row(
+                        &name,
+                        parts,
+                        scatter_s,
+                        step_s,
+                        copy_gbps,
+                        (after.dispatches - before.dispatches) as f64 / steps,
+                        after.staging_allocations - before.staging_allocations,
+                        timing,
+                    );
                 }
             }
             if spec.cpu {
                 progress(&format!("aggregate n={n} batch={b} cpu"));
                 let mut e = CpuAggregator::new(x0.clone(), OptimizerSettings::default());
                 let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
-                row("cpu", step_s, step_s, cpu_copy_gbps(traffic, spec.reps));
+                row(
+                    "cpu",
+                    (f64::NAN, f64::NAN),
+                    step_s,
+                    step_s,
+                    cpu_copy_gbps(traffic, spec.reps),
+                    0.0,
+                    0,
+                    "wall",
+                );
             }
         }
     }
@@ -262,13 +387,27 @@ pub struct TopkRow {
     pub n: usize,
     pub k: usize,
     pub density: f64,
-    /// Median seconds: selection, compaction and readback of the k entries.
+    /// Median seconds of a steady-state selection (the previous one's threshold known): device
+    /// time of its kernels where the device has timestamp queries, else wall time.
     pub time_s: f64,
+    /// Median wall seconds of a steady-state selection, readback of the k entries included.
+    pub wall_s: f64,
+    /// A cold selection (no previous threshold), timed like time_s.
+    pub cold_s: f64,
     pub elements_per_s: f64,
-    /// Median seconds of one copy of the input (read 4n bytes, write 4n bytes), same run.
+    /// Median seconds of one copy of the input (read 4n bytes, write 4n bytes), same run, timed
+    /// like time_s.
     pub copy_s: f64,
     /// time_s / copy_s.
     pub passes_equivalent: f64,
+    /// cold_s / copy_s.
+    pub cold_passes_equivalent: f64,
+    /// Full passes over the input per steady-state selection (the engine's counter).
+    pub input_passes: f64,
+    /// Full passes over the input of the cold selection.
+    pub cold_input_passes: u64,
+    /// "device" or "wall", as for the aggregation rows.
+    pub timing: String,
 }
 
 /// Settings of `sparsync bench topk`.
@@ -310,28 +449,53 @@ pub fn topk(
                     (b, part.len())
                 })
                 .collect();
-            let placeholder = util::storage(ctx, "bench.xhat", 4, wgpu::BufferUsages::empty());
             let chunks: Vec<TopkChunk<'_>> =
-                bufs.iter().map(|(b, len)| TopkChunk { d: b, xhat: &placeholder, len: *len }).collect();
-            let copy = CopyKernel::new(ctx.clone(), 4 * n as u64);
-            copy.run()?;
-            let copy_s = median_time(spec.reps, || copy.run())?;
+                bufs.iter().map(|(b, len)| TopkChunk { d: b, replica: None, len: *len }).collect();
+            let mut copy = CopyKernel::new(ctx.clone(), 4 * n as u64);
+            let copy_s = copy.median(spec.reps)?;
+            let timing = if ctx.timestamps { "device" } else { "wall" };
             let mut t = GpuTopk::new(ctx.clone());
             for &rho in &spec.densities {
                 let k = crate::engine::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} gpu"));
-                t.select(&chunks, Selection::Exact { k }, false)?;
-                let time_s =
-                    median_time(spec.reps, || t.select(&chunks, Selection::Exact { k }, false).map(|_| ()))?;
+                let sel = Selection::Exact { k };
+                // Compile and size everything, then a cold selection.
+                t.select(&chunks, sel, false)?;
+                t.forget();
+                let c0 = t.counters();
+                let s = Instant::now();
+                t.select(&chunks, sel, false)?;
+                let cold_wall = s.elapsed().as_secs_f64();
+                let cold_s = t.last_device_time().unwrap_or(cold_wall);
+                let c1 = t.counters();
+                let (mut walls, mut devices) = (Vec::new(), Vec::new());
+                for _ in 0..spec.reps.max(1) {
+                    let s = Instant::now();
+                    t.select(&chunks, sel, false)?;
+                    let wall = s.elapsed().as_secs_f64();
+                    walls.push(wall);
+                    devices.push(t.last_device_time().unwrap_or(wall));
+                }
+                let c2 = t.counters();
+                walls.sort_by(f64::total_cmp);
+                devices.sort_by(f64::total_cmp);
+                let time_s = devices[devices.len() / 2];
                 rows.push(TopkRow {
                     engine: "gpu-exact".into(),
                     n,
                     k,
                     density: rho,
                     time_s,
+                    wall_s: walls[walls.len() / 2],
+                    cold_s,
                     elements_per_s: n as f64 / time_s,
                     copy_s,
                     passes_equivalent: time_s / copy_s,
+                    cold_passes_equivalent: cold_s / copy_s,
+                    input_passes: (c2.input_passes - c1.input_passes) as f64
+                        / (c2.selections - c1.selections).max(1) as f64,
+                    cold_input_passes: c1.input_passes - c0.input_passes,
+                    timing: timing.into(),
                 });
             }
         }
@@ -361,9 +525,15 @@ pub fn topk(
                     k,
                     density: rho,
                     time_s,
+                    wall_s: time_s,
+                    cold_s: time_s,
                     elements_per_s: n as f64 / time_s,
                     copy_s,
                     passes_equivalent: time_s / copy_s,
+                    cold_passes_equivalent: time_s / copy_s,
+                    input_passes: 4.0,
+                    cold_input_passes: 4,
+                    timing: "wall".into(),
                 });
             }
         }

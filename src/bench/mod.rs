@@ -89,11 +89,27 @@ pub fn aggregate_table(rows: &[kernels::AggregateRow]) -> String {
                 format!("{:.2}", r.effective_gbps),
                 format!("{:.2}", r.copy_gbps),
                 format!("{:.0}%", 100.0 * r.ratio_to_copy),
+                format!("{:.1}", r.dispatches_per_step),
+                r.staging_allocations.to_string(),
+                r.timing.clone(),
             ]
         })
         .collect();
     table(
-        &["engine", "params", "batch", "scatter ms", "step ms", "updates/s", "GB/s", "copy GB/s", "of copy"],
+        &[
+            "engine",
+            "params",
+            "batch",
+            "kernels ms",
+            "step ms",
+            "updates/s",
+            "GB/s",
+            "copy GB/s",
+            "of copy",
+            "dispatches",
+            "new staging",
+            "timing",
+        ],
         &body,
     )
 }
@@ -108,13 +124,35 @@ pub fn topk_table(rows: &[kernels::TopkRow]) -> String {
                 format!("{}%", r.density * 100.0),
                 r.k.to_string(),
                 format!("{:.3}", r.time_s * 1e3),
+                format!("{:.3}", r.wall_s * 1e3),
                 format!("{:.1}", r.elements_per_s / 1e6),
                 format!("{:.3}", r.copy_s * 1e3),
                 format!("{:.2}", r.passes_equivalent),
+                format!("{:.2}", r.cold_passes_equivalent),
+                format!("{:.2}", r.input_passes),
+                r.cold_input_passes.to_string(),
+                r.timing.clone(),
             ]
         })
         .collect();
-    table(&["engine", "n", "k", "k entries", "ms", "M elem/s", "copy ms", "copy-passes"], &body)
+    table(
+        &[
+            "engine",
+            "n",
+            "k",
+            "k entries",
+            "ms",
+            "wall ms",
+            "M elem/s",
+            "copy ms",
+            "copy-passes",
+            "cold copy-passes",
+            "input passes",
+            "cold input passes",
+            "timing",
+        ],
+        &body,
+    )
 }
 
 /// The one-screen text summary of `sparsync bench all`, to paste into an issue.

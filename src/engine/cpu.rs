@@ -29,6 +29,7 @@ pub struct CpuAggregator {
     /// One update's values widened to f32.
     values: Vec<f32>,
     encode_time: std::time::Duration,
+    counters: super::EngineCounters,
 }
 
 impl CpuAggregator {
@@ -49,6 +50,7 @@ impl CpuAggregator {
             selected: Vec::new(),
             values: Vec::new(),
             encode_time: std::time::Duration::ZERO,
+            counters: super::EngineCounters::default(),
         }
     }
 
@@ -134,6 +136,7 @@ impl Aggregator for CpuAggregator {
             }
         }
         self.version += 1;
+        self.counters.steps += 1;
         Ok(())
     }
 
@@ -143,9 +146,12 @@ impl Aggregator for CpuAggregator {
         self.keys.clear();
         self.keys
             .extend(self.x.iter().zip(&self.replica).map(|(&x, &r)| numerics::magnitude_key(canon(x - r))));
+        self.counters.broadcasts += 1;
         let exact = match selection {
             Selection::Exact { .. } => {
                 exact_topk(&self.keys, k, &mut self.scratch, &mut self.selected);
+                // d to keys, the histogram, the bucket's keys, the emitting pass.
+                self.counters.topk_input_passes += 4;
                 true
             }
             Selection::GaussianK { .. } => {
@@ -156,6 +162,7 @@ impl Aggregator for CpuAggregator {
                     let keys = &self.keys;
                     let count = |t: f64| keys.iter().filter(|&&key| f32::from_bits(key) as f64 > t).count();
                     let t = select::gaussiank_refine(t0, k, count);
+                    self.counters.topk_input_passes += 4;
                     self.selected
                         .extend((0..n as u32).filter(|&i| f32::from_bits(self.keys[i as usize]) as f64 > t));
                 }
@@ -193,6 +200,10 @@ impl Aggregator for CpuAggregator {
             version: self.version,
             replica_version: self.replica_version,
         })
+    }
+
+    fn counters(&self) -> super::EngineCounters {
+        self.counters
     }
 
     fn take_stage_times(&mut self) -> super::StageTimes {

@@ -119,7 +119,7 @@ pub struct ModelState {
 }
 
 /// What an engine is, for logs and `/api/status`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EngineInfo {
     /// "cpu" or "gpu".
     pub kind: String,
@@ -170,6 +170,36 @@ pub trait Aggregator: Send {
     fn take_stage_times(&mut self) -> StageTimes {
         StageTimes::default()
     }
+    /// What the engine has done so far (totals since it was built).
+    fn counters(&self) -> EngineCounters {
+        EngineCounters::default()
+    }
+}
+
+/// Totals an engine keeps, for `/metrics`, benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineCounters {
+    /// Aggregation steps.
+    pub steps: u64,
+    /// Broadcast selections.
+    pub broadcasts: u64,
+    /// Full passes the selections made over the model delta d (or its keys): the GPU's
+    /// steady state is 1 per selection, a radix select 4.
+    pub topk_input_passes: u64,
+    /// Selections whose first collection of candidates missed and took a second pass.
+    pub topk_recollections: u64,
+    /// Selections where both collections missed and a full radix select ran.
+    pub topk_misses: u64,
+    /// GPU dispatches recorded.
+    pub dispatches: u64,
+    /// GPU submissions.
+    pub submits: u64,
+    /// GPU submissions waited on (round trips).
+    pub waits: u64,
+    /// Staging buffers created for uploads.
+    pub staging_allocations: u64,
+    /// Bytes uploaded to the device.
+    pub uploaded_bytes: u64,
 }
 
 /// Parts of an engine call that are not computation (see [`Aggregator::take_stage_times`]).

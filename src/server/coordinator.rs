@@ -842,11 +842,11 @@ impl Coordinator {
                 let agg = t0.elapsed();
                 let t1 = std::time::Instant::now();
                 let bc = if broadcast_now { Some(e.broadcast(selection)?) } else { None };
-                Ok((bc, agg, t1.elapsed(), e.take_stage_times()))
+                Ok((bc, agg, t1.elapsed(), e.take_stage_times(), e.info(), e.counters()))
             })
             .await;
         let now = self.now();
-        let (bc, agg_time, topk_time, parts) = match result {
+        let (bc, agg_time, topk_time, parts, info, engine_counters) = match result {
             Ok(r) => r,
             Err(e) => {
                 // The engine failed (device lost): acknowledged updates cannot be applied.
@@ -862,6 +862,13 @@ impl Coordinator {
                 return Vec::new();
             }
         };
+        if info != self.engine_info {
+            tracing::info!(engine = %info.kind, adapter = %info.adapter, "engine changed");
+            self.engine_info = info;
+            // Published at the next chance, not at the end of the status period.
+            self.last_status = None;
+        }
+        self.metrics.engine(&engine_counters);
         self.metrics.stage("upload", parts.upload);
         self.metrics.stage("aggregate", agg_time.saturating_sub(parts.upload));
         self.metrics.stage("topk", topk_time.saturating_sub(parts.encode));

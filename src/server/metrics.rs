@@ -44,6 +44,14 @@ pub struct Metrics {
     bytes: Family<DirectionLabel, Counter>,
     version: Gauge,
     stages: Family<StageLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    engine: Family<EngineLabel, Counter>,
+    /// The engine's totals at the last report (counters grow by the difference).
+    engine_seen: Mutex<crate::engine::EngineCounters>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabel {
+    what: &'static str,
 }
 
 impl Default for Metrics {
@@ -92,6 +100,16 @@ impl Metrics {
         for stage in STAGES {
             let _ = stages.get_or_create(&StageLabel { stage });
         }
+        let engine = Family::<EngineLabel, Counter>::default();
+        r.register(
+            "engine",
+            "Engine work: steps, broadcasts, topk_input_passes (full passes the broadcast selections \
+             made over the model delta; steady state on the GPU: one per broadcast), topk_recollections \
+             (selections that needed a second pass), topk_misses (selections that ran a full radix \
+             select), dispatches, submits, waits (device round \
+             trips) and staging_allocations (upload buffers created)",
+            engine.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             accepted,
@@ -106,7 +124,31 @@ impl Metrics {
             bytes,
             version,
             stages,
+            engine,
+            engine_seen: Mutex::new(Default::default()),
         }
+    }
+
+    /// Reports the engine's totals (after a fall back to another engine they restart at
+    /// zero; the counters keep growing).
+    pub fn engine(&self, now: &crate::engine::EngineCounters) {
+        let mut seen = self.engine_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let pairs = [
+            ("steps", now.steps, seen.steps),
+            ("broadcasts", now.broadcasts, seen.broadcasts),
+            ("topk_input_passes", now.topk_input_passes, seen.topk_input_passes),
+            ("topk_recollections", now.topk_recollections, seen.topk_recollections),
+            ("topk_misses", now.topk_misses, seen.topk_misses),
+            ("dispatches", now.dispatches, seen.dispatches),
+            ("submits", now.submits, seen.submits),
+            ("waits", now.waits, seen.waits),
+            ("staging_allocations", now.staging_allocations, seen.staging_allocations),
+        ];
+        for (what, new, old) in pairs {
+            let delta = if new >= old { new - old } else { new };
+            self.engine.get_or_create(&EngineLabel { what }).inc_by(delta);
+        }
+        *seen = *now;
     }
 
     /// Adds `d` to a stage's time (`stage` is one of [`STAGES`]).

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{EngineChoice, ServerConfig};
 use crate::engine::cpu::CpuAggregator;
-use crate::engine::{Aggregator, ModelState, OptimizerSettings};
+use crate::engine::{Aggregator, EngineError, ModelState, OptimizerSettings};
 use crate::policy::SyncPolicy;
 use crate::protocol::model::ModelLayout;
 use auth::Auth;
@@ -109,7 +109,8 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
         EngineChoice::Gpu | EngineChoice::Auto => {
             let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
             match crate::engine::gpu::GpuAggregator::from_config(cfg, &values, opt) {
-                Ok(g) => Ok(Box::new(g)),
+                Ok(g) if require => Ok(Box::new(g)),
+                Ok(g) => Ok(Box::new(FallbackEngine { inner: Box::new(g), on_gpu: true, opt })),
                 Err(e) if !require => {
                     tracing::warn!(error = %e, "no usable GPU: falling back to the CPU engine");
                     Ok(Box::new(CpuAggregator::new(values, opt)))
@@ -117,6 +118,103 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
                 Err(e) => Err(e.into()),
             }
         }
+    }
+}
+
+/// The engine under `--engine auto`: the GPU engine until a call to it fails, then the CPU
+/// engine with the state read back from the GPU (the failed call is repeated on it). A GPU call
+/// that fails leaves the device state as it was (each step is one command buffer, and an
+/// invalid one runs nothing), so nothing acknowledged is lost or applied twice. When the
+/// state cannot be read back (the device is lost), the error stands.
+pub struct FallbackEngine {
+    inner: Box<dyn Aggregator>,
+    on_gpu: bool,
+    opt: OptimizerSettings,
+}
+
+impl FallbackEngine {
+    /// Moves to the CPU engine after `e`, or returns `e` when that is not possible.
+    fn fall_back(&mut self, e: EngineError, state: Option<&ModelState>) -> Result<(), EngineError> {
+        if !self.on_gpu {
+            return Err(e);
+        }
+        let state = match state {
+            Some(s) => s.clone(),
+            None => match self.inner.read_state() {
+                Ok(s) => s,
+                Err(read) => {
+                    tracing::error!(error = %e, read_back = %read, "GPU engine failed and its state cannot be read");
+                    return Err(e);
+                }
+            },
+        };
+        let mut cpu = CpuAggregator::new(state.x.clone(), self.opt);
+        cpu.load_state(&state)?;
+        tracing::warn!(error = %e, version = state.version, "GPU engine failed: continuing on the CPU engine");
+        self.inner = Box::new(cpu);
+        self.on_gpu = false;
+        Ok(())
+    }
+}
+
+impl Aggregator for FallbackEngine {
+    fn info(&self) -> crate::engine::EngineInfo {
+        self.inner.info()
+    }
+    fn num_params(&self) -> usize {
+        self.inner.num_params()
+    }
+    fn version(&self) -> u64 {
+        self.inner.version()
+    }
+    fn replica_version(&self) -> u64 {
+        self.inner.replica_version()
+    }
+    fn aggregate(&mut self, batch: &[crate::engine::UpdateRef<'_>]) -> Result<(), EngineError> {
+        match self.inner.aggregate(batch) {
+            Err(e) => {
+                self.fall_back(e, None)?;
+                self.inner.aggregate(batch)
+            }
+            ok => ok,
+        }
+    }
+    fn broadcast(
+        &mut self,
+        selection: crate::engine::Selection,
+    ) -> Result<crate::engine::Broadcast, EngineError> {
+        match self.inner.broadcast(selection) {
+            Err(e) => {
+                self.fall_back(e, None)?;
+                self.inner.broadcast(selection)
+            }
+            ok => ok,
+        }
+    }
+    fn read_replica(&mut self) -> Result<Vec<f32>, EngineError> {
+        match self.inner.read_replica() {
+            Err(e) => {
+                self.fall_back(e, None)?;
+                self.inner.read_replica()
+            }
+            ok => ok,
+        }
+    }
+    fn read_state(&mut self) -> Result<crate::engine::ModelState, EngineError> {
+        // Reading the state is what falling back needs: no retry through it.
+        self.inner.read_state()
+    }
+    fn load_state(&mut self, state: &crate::engine::ModelState) -> Result<(), EngineError> {
+        match self.inner.load_state(state) {
+            Err(e) => self.fall_back(e, Some(state)),
+            ok => ok,
+        }
+    }
+    fn take_stage_times(&mut self) -> crate::engine::StageTimes {
+        self.inner.take_stage_times()
+    }
+    fn counters(&self) -> crate::engine::EngineCounters {
+        self.inner.counters()
     }
 }
 

@@ -1,52 +1,45 @@
-//! The weighted sparse scatter-add of a batch (`shaders/aggregate.wgsl`,
-//! `shaders/aggregate_fast.wgsl`).
+//! One aggregation step on the GPU (`shaders/aggregate.wgsl`): the weighted sparse sum of a
+//! batch and the dense apply, one pass per model chunk.
 //!
-//! Update payloads are uploaded as received (indices, then packed f16 values) with
-//! `queue.write_buffer`: one copy into wgpu's staging memory, no per-element work. An update is
-//! split into chunk segments by binary search on its ascending indices.
+//! Update payloads are copied as received (indices, then packed f16 values, no per-element
+//! work) into a pooled staging buffer ([`UploadRing`]) together with the units table and the
+//! kernels' parameters; one command buffer copies them to the device and runs, per chunk, the
+//! bounds pass and the block pass. An update larger than one storage binding is split into
+//! units on even entry boundaries; a batch larger than one binding (or than 256 units) runs as
+//! sub-batches that carry the partial sums in `acc`.
 
 use bytemuck::{Pod, Zeroable};
 
-use super::shaders::{AGGREGATE, AGGREGATE_FAST};
-use super::util::{self, Ctx, UniformSlots};
+use super::device;
+use super::shaders::AGGREGATE;
+use super::util::{self, Ctx, Readback, Timer, UniformSlots, UploadRing};
 use crate::engine::{EngineError, UpdateRef};
 use crate::protocol::numerics::split_weight;
 
-/// Keep in sync: `Segment` in shaders/aggregate.wgsl.
+/// Keep in sync: `Params` in shaders/aggregate.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
-struct Segment {
-    input_word: u32,
-    unit_nnz: u32,
-    lo: u32,
-    count: u32,
+struct Params {
+    units: u32,
+    blocks: u32,
+    chunk_len: u32,
     chunk_base: u32,
-    w_hi: f32,
-    w_lo: f32,
-    _pad: u32,
+    bounds_base: u32,
+    flags: u32,
+    mu: f32,
+    eta: f32,
 }
 
-/// Keep in sync: `FastParams` in shaders/aggregate_fast.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable, Debug)]
-struct FastParams {
-    first: u32,
-    count: u32,
-    total: u32,
-    chunk_base: u32,
-}
+const FLAG_CARRY: u32 = 1;
+const FLAG_APPLY: u32 = 2;
+const FLAG_MOMENTUM: u32 = 4;
+const FLAG_ETA: u32 = 8;
 
-/// Keep in sync: `FastSeg` in shaders/aggregate_fast.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable, Debug)]
-struct FastSeg {
-    start: u32,
-    input_word: u32,
-    unit_nnz: u32,
-    lo: u32,
-    weight: f32,
-    _p: [u32; 3],
-}
+/// Units per sub-batch (`MAX_UNITS` in aggregate.wgsl).
+pub const MAX_UNITS: usize = 256;
+/// Workgroup memory the 4096-parameter blocks need (sums, a stage of entries, the unit
+/// tables and a scan buffer).
+const BIG_BLOCK_BYTES: u32 = 4096 * 4 + 4096 * 4 + 256 * (4 + 4 + 16 + 4);
 
 /// A piece of an update uploaded as one unit: entries [lo, hi) of its arrays.
 struct Unit<'a> {
@@ -61,22 +54,10 @@ impl Unit<'_> {
     fn bytes(&self) -> u64 {
         (self.indices.len() + self.values.len()) as u64
     }
+    #[cfg(test)]
     fn index(&self, e: usize) -> u32 {
         let b = &self.indices[4 * e..4 * e + 4];
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-    /// First entry whose index is at least `bound` (indices ascend).
-    fn lower_bound(&self, bound: u64) -> usize {
-        let (mut lo, mut hi) = (0, self.nnz);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if (self.index(mid) as u64) < bound {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
     }
 }
 
@@ -106,317 +87,475 @@ fn units<'a>(batch: &[UpdateRef<'a>], cap: u64) -> Vec<Unit<'a>> {
     out
 }
 
-/// One model chunk as the scatter sees it.
-pub struct ScatterChunk<'a> {
-    pub acc: &'a wgpu::Buffer,
+/// One model chunk as the aggregation sees it.
+pub struct StepChunk<'a> {
     pub base: u64,
     pub len: u64,
+    pub acc: &'a wgpu::Buffer,
+    pub x: &'a wgpu::Buffer,
+    pub xhat: &'a wgpu::Buffer,
+    pub d: &'a wgpu::Buffer,
+    /// The momentum buffer (a placeholder when momentum is off).
+    pub m: &'a wgpu::Buffer,
 }
 
-/// Scatter pipelines, the input buffer, and the per-dispatch parameters.
-pub struct Scatter {
+/// What the aggregation steps cost, for tests, benchmarks and `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepCounters {
+    pub steps: u64,
+    pub dispatches: u64,
+    pub submits: u64,
+    /// Staging buffers created for uploads (steady state: none).
+    pub staging_allocations: u64,
+    pub uploaded_bytes: u64,
+}
+
+/// Which of the last step's kernels a benchmark replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    All,
+    /// The bounds passes only.
+    Bounds,
+    /// The block passes only.
+    Main,
+}
+
+/// How the step adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Batch order, bit-identical to the CPU engine.
+    Deterministic,
+    /// Unordered compare-exchange adds in workgroup memory.
+    Fast,
+}
+
+/// The step's pipelines, device buffers and upload pool.
+pub struct Step {
     ctx: Ctx,
-    det_layout: wgpu::BindGroupLayout,
-    det: wgpu::ComputePipeline,
-    fast_layout: wgpu::BindGroupLayout,
-    fast: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    main: wgpu::ComputePipeline,
+    bounds: wgpu::ComputePipeline,
+    order: Order,
     f16: bool,
+    /// Parameters per block (`BLOCK` in aggregate.wgsl).
+    block: u64,
     input: wgpu::Buffer,
     input_cap: u64,
-    segs: wgpu::Buffer,
-    segs_cap: u64,
+    meta: wgpu::Buffer,
+    meta_cap: u64,
     slots: UniformSlots,
-    /// Bind groups per chunk, rebuilt when a buffer they name is replaced.
-    det_groups: Vec<wgpu::BindGroup>,
-    fast_groups: Vec<wgpu::BindGroup>,
+    ring: UploadRing,
+    groups: Vec<wgpu::BindGroup>,
     groups_key: (u64, u64, u64, usize),
     buffers_generation: u64,
     /// Largest input buffer (one binding).
     max_input: u64,
-    /// Time spent handing update payloads to the queue since the engine last asked.
+    counters: StepCounters,
+    /// Device time of the last recorded step's kernels (where the device has timestamps).
+    timer: Option<Timer>,
+    /// The dispatches of the last step, when it was one sub-batch (for [`Step::replay`]).
+    last: Option<Vec<(usize, u32, u64, u64)>>,
+    /// Time spent writing update payloads into staging since the engine last asked.
     pub upload_time: std::time::Duration,
 }
 
-impl Scatter {
-    pub fn new(ctx: Ctx) -> Self {
-        let det_layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("aggregate"),
-            entries: &[util::uniform_entry(0), util::read_entry(1), util::rw_entry(2)],
-        });
-        let det = util::pipeline(&ctx, &det_layout, &AGGREGATE, &[], "main");
-        let f16 = ctx.f16;
-        let mut fast_entries =
-            vec![util::uniform_entry(0), util::read_entry(1), util::rw_entry(2), util::read_entry(3)];
+/// One sub-batch's share of the staging buffer and of the uniform slots.
+struct SubBatch {
+    /// Staging offset and bytes of its payloads, and of its meta words (units table).
+    input: (u64, u64),
+    meta: (u64, u64),
+    /// (chunk, uniform slot, bounds invocations, blocks) per chunk.
+    dispatches: Vec<(usize, u32, u64, u64)>,
+}
+
+impl Step {
+    pub fn new(ctx: Ctx, order: Order) -> Self {
+        // The f16 view of the input is a ninth storage binding.
+        let f16 = ctx.f16 && order == Order::Fast && ctx.limits.max_storage_buffers_per_shader_stage >= 9;
+        let mut entries = vec![
+            util::uniform_entry(0),
+            util::read_entry(1),
+            util::rw_entry(2),
+            util::rw_entry(3),
+            util::rw_entry(4),
+            util::read_entry(5),
+            util::rw_entry(6),
+            util::rw_entry(7),
+        ];
         if f16 {
-            fast_entries.push(util::read_entry(4));
+            entries.push(util::read_entry(8));
         }
-        let fast_layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("aggregate_fast"),
-            entries: &fast_entries,
+        let layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("aggregate"),
+            entries: &entries,
         });
+        let big = ctx.limits.max_compute_workgroup_storage_size >= BIG_BLOCK_BYTES;
         let mut defines = Vec::new();
+        if order == Order::Fast {
+            defines.push("FAST");
+        }
         if f16 {
             defines.push("F16");
         }
-        if ctx.float_atomics {
-            defines.push("FLOAT_ATOMIC");
+        if big {
+            defines.push("BIG_BLOCK");
         }
-        let fast = util::pipeline(&ctx, &fast_layout, &AGGREGATE_FAST, &defines, "main");
+        let module = util::module(&ctx, &AGGREGATE, &defines);
+        let main = util::pipeline_from(&ctx, &layout, &module, "aggregate.wgsl", "main");
+        let bounds = util::pipeline_from(&ctx, &layout, &module, "aggregate.wgsl", "bounds_main");
         let max_input = ctx.max_binding();
         Self {
             input: util::storage(&ctx, "aggregate.input", 1 << 16, wgpu::BufferUsages::empty()),
             input_cap: 1 << 16,
-            segs: util::storage(&ctx, "aggregate.segs", 1 << 12, wgpu::BufferUsages::empty()),
-            segs_cap: 1 << 12,
-            slots: UniformSlots::new(&ctx, "aggregate.params", 256),
-            det_groups: Vec::new(),
-            fast_groups: Vec::new(),
+            meta: util::storage(&ctx, "aggregate.meta", 1 << 16, wgpu::BufferUsages::empty()),
+            meta_cap: 1 << 16,
+            slots: UniformSlots::new(&ctx, "aggregate.params", 16),
+            ring: UploadRing::new(),
+            groups: Vec::new(),
             groups_key: (u64::MAX, 0, 0, 0),
-            upload_time: std::time::Duration::ZERO,
             buffers_generation: 0,
-            det_layout,
-            det,
-            fast_layout,
-            fast,
+            block: if big { 4096 } else { 1024 },
+            counters: StepCounters::default(),
+            last: None,
+            timer: Timer::new(&ctx),
+            upload_time: std::time::Duration::ZERO,
+            layout,
+            main,
+            bounds,
+            order,
             f16,
             max_input,
             ctx,
         }
     }
 
-    /// Describes the fast path: "f32 atomics" or "compare-exchange", and the value read path.
-    pub fn fast_kind(&self) -> String {
-        format!(
-            "{}, {}",
-            if self.ctx.float_atomics { "native f32 atomicAdd" } else { "compare-exchange loop" },
-            if self.f16 { "f16 loads" } else { "unpack2x16float" }
-        )
+    /// How this step adds, for logs and benchmarks.
+    pub fn kind(&self) -> String {
+        match self.order {
+            Order::Deterministic => "batch order".into(),
+            Order::Fast => format!(
+                "workgroup compare-exchange, {}",
+                if self.f16 { "f16 loads" } else { "integer f16 decode" }
+            ),
+        }
     }
 
-    fn ensure(&mut self, input_bytes: u64, seg_bytes: u64) {
+    pub fn counters(&self) -> StepCounters {
+        StepCounters {
+            staging_allocations: self.ring.allocations,
+            uploaded_bytes: self.ring.bytes,
+            ..self.counters
+        }
+    }
+
+    fn ensure(&mut self, input_bytes: u64, meta_bytes: u64) {
         if input_bytes > self.input_cap {
             self.input_cap = input_bytes.next_power_of_two().min(self.max_input);
             self.input =
                 util::storage(&self.ctx, "aggregate.input", self.input_cap, wgpu::BufferUsages::empty());
             self.buffers_generation += 1;
         }
-        if seg_bytes > self.segs_cap {
-            self.segs_cap = seg_bytes.next_power_of_two();
-            self.segs =
-                util::storage(&self.ctx, "aggregate.segs", self.segs_cap, wgpu::BufferUsages::empty());
+        if meta_bytes > self.meta_cap {
+            self.meta_cap = meta_bytes.next_power_of_two().min(self.max_input);
+            self.meta =
+                util::storage(&self.ctx, "aggregate.meta", self.meta_cap, wgpu::BufferUsages::empty());
             self.buffers_generation += 1;
         }
     }
 
-    fn rebuild_groups(&mut self, chunks: &[ScatterChunk<'_>], chunks_id: u64) {
+    fn rebuild_groups(&mut self, chunks: &[StepChunk<'_>], chunks_id: u64) {
         let key = (chunks_id, self.buffers_generation, self.slots.generation, chunks.len());
         if key == self.groups_key {
             return;
         }
         self.groups_key = key;
-        self.det_groups = chunks
-            .iter()
-            .map(|c| {
-                self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("aggregate"),
-                    layout: &self.det_layout,
-                    entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: self.slots.binding(32) },
-                        util::buf(1, &self.input),
-                        util::buf(2, c.acc),
-                    ],
-                })
-            })
-            .collect();
-        self.fast_groups = chunks
+        self.groups = chunks
             .iter()
             .map(|c| {
                 let mut entries = vec![
-                    wgpu::BindGroupEntry { binding: 0, resource: self.slots.binding(16) },
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: self.slots.binding(std::mem::size_of::<Params>() as u64),
+                    },
                     util::buf(1, &self.input),
-                    util::buf(2, c.acc),
-                    util::buf(3, &self.segs),
+                    util::buf(2, &self.meta),
+                    util::buf(3, c.acc),
+                    util::buf(4, c.x),
+                    util::buf(5, c.xhat),
+                    util::buf(6, c.d),
+                    util::buf(7, c.m),
                 ];
                 if self.f16 {
-                    entries.push(util::buf(4, &self.input));
+                    entries.push(util::buf(8, &self.input));
                 }
                 self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("aggregate_fast"),
-                    layout: &self.fast_layout,
+                    label: Some("aggregate"),
+                    layout: &self.layout,
                     entries: &entries,
                 })
             })
             .collect();
     }
 
-    /// Adds the batch into each chunk's accumulator. `chunks_id` identifies the chunk
-    /// buffers (bind groups are kept while it does not change). Submits; does not wait.
+    /// Meta words per unit: its table entry and one bound per block edge of every chunk.
+    fn meta_words_per_unit(&self, chunks: &[StepChunk<'_>]) -> u64 {
+        4 + chunks.iter().map(|c| c.len.div_ceil(self.block) + 1).sum::<u64>()
+    }
+
+    /// Runs the whole step (`batch` into the chunks, then the apply with `mu`, `eta`):
+    /// normally one command buffer; a batch too large for one staging buffer is submitted in
+    /// parts, and only the last part changes x (the others leave partial sums in `acc`), so
+    /// an error in any part leaves the model as it was. `chunks_id` identifies the chunk
+    /// buffers (bind groups are kept while it does not change). Does not wait.
     pub fn run(
         &mut self,
         batch: &[UpdateRef<'_>],
-        chunks: &[ScatterChunk<'_>],
+        chunks: &[StepChunk<'_>],
         chunks_id: u64,
-        fast: bool,
+        momentum: Option<f32>,
+        eta: f32,
     ) -> Result<(), EngineError> {
         let all = units(batch, self.max_input);
-        // Sub-batches that fit one input buffer; in order, so the deterministic order holds.
+        let per_unit_meta = 4 * self.meta_words_per_unit(chunks);
+        let max_units = ((self.max_input / per_unit_meta) as usize).clamp(1, MAX_UNITS);
+        // One staging buffer holds a part: its payloads, units tables and parameters.
+        let staging_limit = self.ctx.limits.max_buffer_size.min(device::MAX_BINDING_BYTES);
+        let params_bytes = (util::SLOT * chunks.len()) as u64;
+        let max_payload =
+            self.max_input.min(staging_limit.saturating_sub(16 * MAX_UNITS as u64 + params_bytes)).max(6);
+        // Sub-batches, in order: at most one input binding of payload and max_units units.
+        let mut cuts = Vec::new();
         let mut start = 0;
         while start < all.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < all.len() && bytes + all[end].bytes() <= self.max_input {
+            let (mut end, mut bytes) = (start, 0);
+            while end < all.len() && end - start < max_units && bytes + all[end].bytes() <= max_payload {
                 bytes += all[end].bytes();
                 end += 1;
             }
-            self.run_units(&all[start..end], bytes, chunks, chunks_id, fast)?;
+            if end == start {
+                return Err(EngineError::Gpu(format!(
+                    "an update unit of {} bytes does not fit a staging buffer of {staging_limit} bytes",
+                    all[start].bytes()
+                )));
+            }
+            cuts.push((start, end, bytes));
             start = end;
         }
-        Ok(())
-    }
-
-    /// Uploads `batch` and prepares its dispatches without running them (benchmarks time the
-    /// kernel apart from the upload). The batch must fit one input buffer.
-    pub fn prepare(
-        &mut self,
-        batch: &[UpdateRef<'_>],
-        chunks: &[ScatterChunk<'_>],
-        chunks_id: u64,
-        fast: bool,
-    ) -> Result<Plan, EngineError> {
-        let all = units(batch, self.max_input);
-        let bytes: u64 = all.iter().map(Unit::bytes).sum();
-        if bytes > self.max_input {
-            return Err(EngineError::Gpu(format!("batch of {bytes} bytes exceeds one input buffer")));
+        if cuts.is_empty() {
+            // An empty batch still takes the step (x is unchanged; momentum decays).
+            cuts.push((0, 0, 0));
         }
-        Ok(self.plan_units(&all, bytes, chunks, chunks_id, fast))
-    }
-
-    fn run_units(
-        &mut self,
-        units: &[Unit<'_>],
-        bytes: u64,
-        chunks: &[ScatterChunk<'_>],
-        chunks_id: u64,
-        fast: bool,
-    ) -> Result<(), EngineError> {
-        let plan = self.plan_units(units, bytes, chunks, chunks_id, fast);
-        self.dispatch(&plan);
+        // Parts: consecutive sub-batches that share one staging buffer.
+        let cost = |c: &(usize, usize, u64)| c.2 + 16 * (c.1 - c.0) as u64 + params_bytes;
+        let mut parts = Vec::new();
+        let (mut first, mut used) = (0, 0);
+        for (i, c) in cuts.iter().enumerate() {
+            if i > first && used + cost(c) > staging_limit {
+                parts.push(first..i);
+                first = i;
+                used = 0;
+            }
+            used += cost(c);
+        }
+        parts.push(first..cuts.len());
+        let max_bytes = cuts.iter().map(|c| c.2).max().unwrap_or(0);
+        let max_meta = cuts.iter().map(|c| (c.1 - c.0) as u64 * per_unit_meta).max().unwrap_or(0);
+        self.ensure(max_bytes.max(4), max_meta.max(4));
+        let mut flags = if momentum.is_some() { FLAG_MOMENTUM } else { 0 };
+        if eta != 1.0 {
+            flags |= FLAG_ETA;
+        }
+        let total = cuts.len();
+        for range in parts {
+            let (enc, staging) = self.record(
+                &all,
+                &cuts[range.clone()],
+                range.start,
+                total,
+                chunks,
+                chunks_id,
+                flags,
+                momentum,
+                eta,
+            )?;
+            self.ctx.queue.submit([enc.finish()]);
+            // Mapped again once the device is done with the copies.
+            self.ring.release(staging);
+            self.counters.submits += 1;
+        }
+        self.counters.steps += 1;
         Ok(())
     }
 
-    /// Encodes and submits a prepared scatter.
-    pub fn dispatch(&self, plan: &Plan) {
-        let mut enc = util::encoder(&self.ctx, "aggregate");
+    /// Records sub-batches `cuts` (numbered from `first` of `total`) into one command buffer
+    /// copying from one staging buffer; returns both.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        all: &[Unit<'_>],
+        cuts: &[(usize, usize, u64)],
+        first: usize,
+        total: usize,
+        chunks: &[StepChunk<'_>],
+        chunks_id: u64,
+        flags: u32,
+        momentum: Option<f32>,
+        eta: f32,
+    ) -> Result<(wgpu::CommandEncoder, wgpu::Buffer), EngineError> {
+        self.slots.clear();
+        let mut subs = Vec::with_capacity(cuts.len());
+        let mut staged = 0u64;
+        for (i, &(lo, hi, bytes)) in cuts.iter().enumerate() {
+            let si = first + i;
+            let n_units = (hi - lo) as u64;
+            let mut sub_flags = flags;
+            if si > 0 {
+                sub_flags |= FLAG_CARRY;
+            }
+            if si + 1 == total {
+                sub_flags |= FLAG_APPLY;
+            }
+            let mut bounds_base = 4 * n_units;
+            let mut dispatches = Vec::with_capacity(chunks.len());
+            for (ci, c) in chunks.iter().enumerate() {
+                let blocks = c.len.div_ceil(self.block);
+                let slot = self.slots.push(&Params {
+                    units: n_units as u32,
+                    blocks: blocks as u32,
+                    chunk_len: c.len as u32,
+                    chunk_base: c.base as u32,
+                    bounds_base: bounds_base as u32,
+                    flags: sub_flags,
+                    mu: momentum.unwrap_or(0.0),
+                    eta,
+                });
+                dispatches.push((ci, slot, n_units * (blocks + 1), blocks));
+                bounds_base += n_units * (blocks + 1);
+            }
+            let input = (staged, bytes);
+            staged += bytes;
+            let meta = (staged, 16 * n_units);
+            staged += 16 * n_units;
+            subs.push(SubBatch { input, meta, dispatches });
+        }
+        if self.slots.reserve(&self.ctx) {
+            self.buffers_generation += 1;
+        }
+        let slots_at = staged;
+        let slot_bytes = self.slots.staged().len() as u64;
+        staged += slot_bytes;
+
+        // Fill the staging buffer: payloads as received, the units tables, the parameters.
+        let t0 = std::time::Instant::now();
+        let staging = self.ring.acquire(&self.ctx, staged.max(4));
         {
+            let mut view = staging
+                .slice(..staged.max(4))
+                .get_mapped_range_mut()
+                .map_err(|e| EngineError::Map(format!("{e:?}")))?;
+            for (sub, &(lo, hi, _)) in subs.iter().zip(cuts) {
+                let mut at = sub.input.0 as usize;
+                let mut word = 0u32;
+                let mut table = Vec::with_capacity(4 * (hi - lo));
+                for u in &all[lo..hi] {
+                    view.slice(at..at + u.indices.len()).copy_from_slice(u.indices);
+                    at += u.indices.len();
+                    view.slice(at..at + u.values.len()).copy_from_slice(u.values);
+                    at += u.values.len();
+                    let (w_hi, w_lo) = match self.order {
+                        Order::Deterministic => split_weight(u.weight),
+                        Order::Fast => (u.weight, 0.0),
+                    };
+                    table.extend([word, u.nnz as u32, w_hi.to_bits(), w_lo.to_bits()]);
+                    word += (u.bytes() / 4) as u32;
+                }
+                let m = sub.meta.0 as usize;
+                view.slice(m..m + 4 * table.len()).copy_from_slice(bytemuck::cast_slice(&table));
+            }
+            view.slice(slots_at as usize..(slots_at + slot_bytes) as usize)
+                .copy_from_slice(self.slots.staged());
+        }
+        staging.unmap();
+        self.ring.bytes += staged;
+        self.upload_time += t0.elapsed();
+        self.rebuild_groups(chunks, chunks_id);
+
+        let mut enc = util::encoder(&self.ctx, "aggregate");
+        if slot_bytes > 0 {
+            enc.copy_buffer_to_buffer(&staging, slots_at, &self.slots.buffer, 0, slot_bytes);
+        }
+        let last_sub = subs.len() - 1;
+        for (si, sub) in subs.iter().enumerate() {
+            if sub.input.1 > 0 {
+                enc.copy_buffer_to_buffer(&staging, sub.input.0, &self.input, 0, sub.input.1);
+            }
+            if sub.meta.1 > 0 {
+                enc.copy_buffer_to_buffer(&staging, sub.meta.0, &self.meta, 0, sub.meta.1);
+            }
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("aggregate"),
-                timestamp_writes: None,
+                timestamp_writes: self.timer.as_ref().and_then(|t| t.writes(si == 0, si == last_sub)),
             });
-            pass.set_pipeline(if plan.fast { &self.fast } else { &self.det });
-            let groups = if plan.fast { &self.fast_groups } else { &self.det_groups };
-            for &(ci, slot, count) in &plan.dispatches {
-                pass.set_bind_group(0, &groups[ci], &[slot]);
-                let (x, y) = util::grid(count);
+            for &(ci, slot, bound_items, blocks) in &sub.dispatches {
+                pass.set_bind_group(0, &self.groups[ci], &[slot]);
+                if bound_items > 0 {
+                    pass.set_pipeline(&self.bounds);
+                    let (x, y) = util::grid(bound_items);
+                    pass.dispatch_workgroups(x, y, 1);
+                    self.counters.dispatches += 1;
+                }
+                pass.set_pipeline(&self.main);
+                let (x, y) = util::grid_groups(blocks);
                 pass.dispatch_workgroups(x, y, 1);
+                self.counters.dispatches += 1;
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
+        if let Some(t) = &self.timer {
+            t.resolve(&mut enc);
+        }
+        self.last = (total == 1).then(|| subs.swap_remove(0).dispatches);
+        Ok((enc, staging))
     }
 
-    fn plan_units(
-        &mut self,
-        units: &[Unit<'_>],
-        bytes: u64,
-        chunks: &[ScatterChunk<'_>],
-        chunks_id: u64,
-        fast: bool,
-    ) -> Plan {
-        // Where each unit's words start, and each unit's range in each chunk.
-        let mut words = Vec::with_capacity(units.len());
-        let mut at = 0u64;
-        for u in units {
-            words.push((at / 4) as u32);
-            at += u.bytes();
+    /// Device seconds of the last submitted step's (or replay's) kernels; waits. None
+    /// without timestamp queries.
+    pub fn device_time(&self, readback: &mut Readback) -> Result<Option<f64>, EngineError> {
+        match &self.timer {
+            Some(t) => t.read(&self.ctx, readback),
+            None => Ok(None),
         }
-        let ranges: Vec<Vec<(usize, usize)>> = units
-            .iter()
-            .map(|u| chunks.iter().map(|c| (u.lower_bound(c.base), u.lower_bound(c.base + c.len))).collect())
-            .collect();
-        let nseg: usize = ranges.iter().flatten().filter(|(lo, hi)| hi > lo).count();
-        self.ensure(bytes, (nseg.max(1) * std::mem::size_of::<FastSeg>()) as u64);
-        let t0 = std::time::Instant::now();
-        for (u, &w) in units.iter().zip(&words) {
-            let off = 4 * w as u64;
-            self.ctx.queue.write_buffer(&self.input, off, u.indices);
-            self.ctx.queue.write_buffer(&self.input, off + u.indices.len() as u64, u.values);
-        }
-        self.upload_time += t0.elapsed();
-        self.slots.clear();
-        let mut dispatches = Vec::new();
-        if fast {
-            let mut table = Vec::with_capacity(nseg);
-            for (ci, c) in chunks.iter().enumerate() {
-                let first = table.len() as u32;
-                let mut total = 0u32;
-                for (ui, u) in units.iter().enumerate() {
-                    let (lo, hi) = ranges[ui][ci];
-                    if hi > lo {
-                        table.push(FastSeg {
-                            start: total,
-                            input_word: words[ui],
-                            unit_nnz: u.nnz as u32,
-                            lo: lo as u32,
-                            weight: u.weight,
-                            _p: [0; 3],
-                        });
-                        total += (hi - lo) as u32;
-                    }
-                }
-                let count = table.len() as u32 - first;
-                let slot = self.slots.push(&FastParams { first, count, total, chunk_base: c.base as u32 });
-                if total > 0 {
-                    dispatches.push((ci, slot, total as u64));
-                }
-            }
-            if !table.is_empty() {
-                self.ctx.queue.write_buffer(&self.segs, 0, bytemuck::cast_slice(&table));
-            }
-        } else {
-            for (ui, u) in units.iter().enumerate() {
-                let (hi_w, lo_w) = split_weight(u.weight);
-                for (ci, c) in chunks.iter().enumerate() {
-                    let (lo, hi) = ranges[ui][ci];
-                    if hi <= lo {
-                        continue;
-                    }
-                    let slot = self.slots.push(&Segment {
-                        input_word: words[ui],
-                        unit_nnz: u.nnz as u32,
-                        lo: lo as u32,
-                        count: (hi - lo) as u32,
-                        chunk_base: c.base as u32,
-                        w_hi: hi_w,
-                        w_lo: lo_w,
-                        _pad: 0,
-                    });
-                    dispatches.push((ci, slot, (hi - lo) as u64));
-                }
-            }
-        }
-        self.slots.upload(&self.ctx);
-        self.rebuild_groups(chunks, chunks_id);
-        Plan { fast, dispatches, entries: units.iter().map(|u| u.nnz as u64).sum(), bytes }
     }
-}
 
-/// A scatter ready to dispatch: (chunk, uniform slot, entries) per dispatch.
-pub struct Plan {
-    fast: bool,
-    dispatches: Vec<(usize, u32, u64)>,
-    /// Entries over the whole batch.
-    pub entries: u64,
-    /// Payload bytes uploaded.
-    pub bytes: u64,
+    /// Benchmarks: records the last step's kernels again (its data is still on the device;
+    /// the batch is applied once more), all of them or only the bounds or only the block
+    /// passes. None when the last step had several sub-batches.
+    pub fn replay(&mut self, which: Replay) -> Option<wgpu::CommandEncoder> {
+        let last = self.last.as_ref()?;
+        let mut enc = util::encoder(&self.ctx, "aggregate.replay");
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("aggregate.replay"),
+                timestamp_writes: self.timer.as_ref().and_then(|t| t.writes(true, true)),
+            });
+            for &(ci, slot, bound_items, blocks) in last {
+                pass.set_bind_group(0, &self.groups[ci], &[slot]);
+                if bound_items > 0 && which != Replay::Main {
+                    pass.set_pipeline(&self.bounds);
+                    let (x, y) = util::grid(bound_items);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+                if which != Replay::Bounds {
+                    pass.set_pipeline(&self.main);
+                    let (x, y) = util::grid_groups(blocks);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+            }
+        }
+        if let Some(t) = &self.timer {
+            t.resolve(&mut enc);
+        }
+        Some(enc)
+    }
 }
 
 #[cfg(test)]
@@ -442,6 +581,5 @@ mod tests {
             let v0 = f16::from_le_bytes([p.values[0], p.values[1]]);
             assert_eq!(v0.to_f32(), first as f32);
         }
-        assert_eq!(parts[2].lower_bound(25), 1); // indices 24, 27, 30
     }
 }

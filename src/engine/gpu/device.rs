@@ -11,12 +11,19 @@ pub struct DeviceOptions {
     pub adapter: Option<String>,
     /// Do not use SHADER_F16 even when offered (tests the fallback path).
     pub no_f16: bool,
-    /// Do not use SHADER_FLOAT32_ATOMIC even when offered (tests the compare-exchange path).
-    pub no_float_atomics: bool,
     /// Skip software adapters (a CPU emulating a GPU, such as lavapipe): slower than the CPU
-    /// engine, so `--engine auto` does not pick them.
+    /// engine, so `--engine auto` and `--engine gpu` (unless an adapter is named) do not
+    /// pick them.
     pub hardware_only: bool,
+    /// Open the device with these limits instead of the adapter's (each at most the
+    /// adapter's): tests run the engine as on a device with smaller buffers and bindings.
+    pub limits: Option<wgpu::Limits>,
 }
+
+/// Largest storage binding the engine uses, whatever the device allows: element offsets stay
+/// within 32 bits everywhere (Metal reports no binding limit; elements past 2^30 of one
+/// binding read as zero there), and a chunk this size allocates on every backend.
+pub const MAX_BINDING_BYTES: u64 = 1 << 30;
 
 /// A device and what it can do.
 pub struct GpuContext {
@@ -26,10 +33,10 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     /// SHADER_F16 is enabled.
     pub f16: bool,
-    /// SHADER_FLOAT32_ATOMIC is enabled.
-    pub float_atomics: bool,
     /// TIMESTAMP_QUERY is enabled.
     pub timestamps: bool,
+    /// Errors wgpu reported outside any error scope (each is also logged).
+    pub uncaptured: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -87,7 +94,7 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
         }
     }
     // Compute needs storage buffers in compute shaders: GL adapters without them are skipped.
-    adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 7);
+    adapters.retain(|a| a.limits().max_storage_buffers_per_shader_stage >= 8);
     let had_software = adapters.iter().any(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
     if opts.hardware_only {
         adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
@@ -112,12 +119,25 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
     if !opts.no_f16 {
         wanted |= wgpu::Features::SHADER_F16;
     }
-    if !opts.no_float_atomics {
-        wanted |= wgpu::Features::SHADER_FLOAT32_ATOMIC;
-    }
     wanted |= wgpu::Features::TIMESTAMP_QUERY;
     let features = offered & wanted;
-    let limits = adapter.limits();
+    let offered_limits = adapter.limits();
+    let limits = match &opts.limits {
+        Some(l) => {
+            let mut over = Vec::new();
+            l.check_limits_with_fail_fn(&offered_limits, false, |name, want, have| {
+                over.push(format!("{name} {want} > {have}"))
+            });
+            if !over.is_empty() {
+                return Err(EngineError::Device(format!(
+                    "requested limits exceed the adapter's: {}",
+                    over.join(", ")
+                )));
+            }
+            l.clone()
+        }
+        None => offered_limits,
+    };
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("sparsync"),
         required_features: features,
@@ -131,11 +151,19 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
         device,
         queue,
         f16: features.contains(wgpu::Features::SHADER_F16),
-        float_atomics: features.contains(wgpu::Features::SHADER_FLOAT32_ATOMIC),
         timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        uncaptured: Arc::default(),
         info,
         limits,
     };
+    // wgpu's default for an error outside an error scope is to panic, in whatever thread hit
+    // it. The engine scopes everything it does; anything else is logged and kept, never a
+    // panic inside the server.
+    let seen = ctx.uncaptured.clone();
+    ctx.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        tracing::error!(error = %e, "GPU error outside an error scope");
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+    }));
     tracing::info!(
         adapter = %ctx.info.name,
         backend = ?ctx.info.backend,
@@ -144,7 +172,6 @@ pub fn open(opts: &DeviceOptions) -> Result<Arc<GpuContext>, EngineError> {
         max_storage_binding = ctx.limits.max_storage_buffer_binding_size,
         max_buffer = ctx.limits.max_buffer_size,
         shader_f16 = ctx.f16,
-        float32_atomics = ctx.float_atomics,
         "GPU device opened"
     );
     Ok(Arc::new(ctx))
@@ -159,8 +186,31 @@ impl GpuContext {
             .map_err(|e| EngineError::Gpu(e.to_string()))
     }
 
-    /// Largest storage binding, in bytes (rounded down to a multiple of 256).
+    /// Largest storage binding the engine uses, in bytes (a multiple of 256, at most
+    /// [`MAX_BINDING_BYTES`]).
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size) & !255
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size).min(MAX_BINDING_BYTES)
+            & !255
+    }
+
+    /// Runs `f` inside error scopes for out-of-memory, validation and internal errors, and
+    /// turns the first error any of them caught into an `Err` (wgpu would otherwise panic).
+    /// The scopes are per thread: `f` must do its GPU work on the calling thread.
+    pub fn scoped<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let r = f();
+        // Popped innermost first.
+        let errors = [internal.pop(), validation.pop(), oom.pop()].map(pollster::block_on);
+        let first = errors.into_iter().flatten().next();
+        match (r, first) {
+            (_, Some(e)) => Err(EngineError::Gpu(format!("{what}: {e}"))),
+            (r, None) => r,
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! `GpuAggregator`: the aggregation engine on wgpu, with the kernels of `shaders/`.
 //!
-//! The model lives in chunks (x, x̂, the accumulator, d, and the momentum when μ ≠ 0), each at
-//! most one storage binding, so any model size works on any adapter. One step is: the
-//! scatter-add of the batch into the accumulators (deterministic: one dispatch per update
-//! segment in batch order; fast: one dispatch per chunk with atomics), then the dense apply
-//! (momentum, x update, d = x − x̂), then — on broadcast — the Top-k selection of d, which also
-//! applies the sent values to x̂.
+//! The model lives in chunks (x, x̂, d = x − x̂, the partial-sum buffer, and the momentum
+//! when μ ≠ 0), each at most one storage binding, so any model size works on any adapter.
+//! One step is one command buffer: the batch's payloads, copied as received through a pooled
+//! staging buffer, then per chunk the sum of the batch and the apply (`aggregate.wgsl`), which
+//! also keeps d exact where x changed. A broadcast selects the Top-k of d (`topk.wgsl`), which
+//! applies the sent values to x̂ and d. Everything the engine asks of the device runs inside
+//! error scopes: a failure is an `Err` (the server falls back or stops cleanly), never a panic.
 
 pub mod aggregate;
 pub mod device;
@@ -17,25 +18,75 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use self::aggregate::{Scatter, ScatterChunk};
+use self::aggregate::{Order, Step, StepChunk};
 use self::device::{DeviceOptions, GpuContext};
 use self::topk::{GpuTopk, TopkChunk};
 use self::util::{Ctx, Readback, UniformSlots};
 use super::{
-    Aggregator, Broadcast, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection, UpdateRef,
+    Aggregator, Broadcast, EngineCounters, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection,
+    UpdateRef,
 };
 use crate::config::{GpuMode, ServerConfig};
 use crate::protocol::frame::{DeltaHeader, encode_delta_with_body};
 use crate::protocol::numerics::canon;
 
-/// Keep in sync: `ApplyParams` in shaders/apply.wgsl.
+/// Keep in sync: `DeltaParams` in shaders/delta.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
-struct ApplyParams {
+struct DeltaParams {
     n: u32,
-    mu: f32,
-    eta: f32,
-    flags: u32,
+    _p: [u32; 3],
+}
+
+/// A failure to inject, for tests of the error paths (`--inject-gpu-fault`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A kernel that does not compile, while the engine is set up.
+    Shader,
+    /// A buffer larger than the device allows, while the engine is set up.
+    Allocation,
+    /// A buffer larger than the device allows, in aggregation step `n` (counted from 1),
+    /// before anything of that step reaches the device.
+    StepAllocation(u64),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shader => write!(f, "shader"),
+            Self::Allocation => write!(f, "alloc"),
+            Self::StepAllocation(n) => write!(f, "step-alloc:{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for Fault {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fault {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shader" => Ok(Self::Shader),
+            "alloc" => Ok(Self::Allocation),
+            _ => s
+                .strip_prefix("step-alloc:")
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n >= 1)
+                .map(Self::StepAllocation)
+                .ok_or_else(|| format!("unknown fault {s:?} (shader, alloc, step-alloc:N)")),
+        }
+    }
 }
 
 /// GPU engine options.
@@ -45,11 +96,18 @@ pub struct GpuOptions {
     /// Elements per storage chunk (default: as many as one binding holds).
     pub chunk_elems: Option<usize>,
     pub device: DeviceOptions,
+    /// A failure to inject (tests).
+    pub fault: Option<Fault>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        Self { mode: GpuMode::Deterministic, chunk_elems: None, device: DeviceOptions::default() }
+        Self {
+            mode: GpuMode::Deterministic,
+            chunk_elems: None,
+            device: DeviceOptions::default(),
+            fault: None,
+        }
     }
 }
 
@@ -63,7 +121,7 @@ pub struct ModelChunk {
     pub acc: wgpu::Buffer,
     pub d: wgpu::Buffer,
     pub m: Option<wgpu::Buffer>,
-    apply_group: wgpu::BindGroup,
+    delta_group: wgpu::BindGroup,
 }
 
 /// The GPU aggregation engine.
@@ -73,17 +131,19 @@ pub struct GpuAggregator {
     opt: OptimizerSettings,
     mode: GpuMode,
     chunks: Vec<ModelChunk>,
+    placeholder: wgpu::Buffer,
     version: u64,
     replica_version: u64,
-    scatter: Scatter,
-    apply: wgpu::ComputePipeline,
-    apply_slots: Vec<u32>,
+    step: Step,
+    delta: wgpu::ComputePipeline,
+    delta_slots: Vec<u32>,
+    _delta_uniforms: UniformSlots,
     topk: GpuTopk,
     readback: Readback,
-    /// d no longer reflects x − x̂ (after a broadcast or a load): recompute before selecting.
-    d_stale: bool,
-    /// Identifies this engine's chunk buffers for the scatter's bind group cache.
+    /// Identifies this engine's chunk buffers for the step's bind group cache.
     id: u64,
+    fault: Option<Fault>,
+    broadcasts: u64,
     encode_time: std::time::Duration,
 }
 
@@ -92,18 +152,22 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 impl GpuAggregator {
     /// Opens the device the config names and uploads the model.
     ///
-    /// With `--engine auto`, software adapters (lavapipe and the like) are not considered: on
-    /// such a machine the CPU engine is faster.
+    /// Software adapters (lavapipe and the like) are slower than the CPU engine: neither
+    /// `--engine auto` nor `--engine gpu` picks one unless `--adapter` names it.
     pub fn from_config(
         cfg: &ServerConfig,
         values: &[f32],
         opt: OptimizerSettings,
     ) -> Result<Self, EngineError> {
-        let auto = cfg.engine == crate::config::EngineChoice::Auto && !cfg.require_gpu;
         let opts = GpuOptions {
             mode: cfg.gpu_mode,
             chunk_elems: cfg.chunk_elems,
-            device: DeviceOptions { adapter: cfg.adapter.clone(), hardware_only: auto, ..Default::default() },
+            device: DeviceOptions {
+                adapter: cfg.adapter.clone(),
+                hardware_only: cfg.adapter.is_none(),
+                ..Default::default()
+            },
+            fault: cfg.inject_gpu_fault,
         };
         Self::new(values, opt, &opts)
     }
@@ -113,89 +177,20 @@ impl GpuAggregator {
         Self::with_context(ctx, values, opt, opts)
     }
 
-    /// Builds the engine on an open device (tests and benches share one device).
+    /// Builds the engine on an open device (tests and benches share one device). Any device
+    /// error while setting up (a kernel that does not compile, an allocation that fails) is
+    /// an `Err`.
     pub fn with_context(
         ctx: Arc<GpuContext>,
         values: &[f32],
         opt: OptimizerSettings,
         opts: &GpuOptions,
     ) -> Result<Self, EngineError> {
-        let n = values.len();
-        if n == 0 {
+        if values.is_empty() {
             return Err(EngineError::StateSize { expected: 1, got: 0 });
         }
-        let max_chunk = (ctx.max_binding() / 4) as usize;
-        let chunk = opts.chunk_elems.unwrap_or(max_chunk).clamp(1, max_chunk);
-        let layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("apply"),
-            entries: &[
-                util::uniform_entry(0),
-                util::rw_entry(1),
-                util::rw_entry(2),
-                util::read_entry(3),
-                util::rw_entry(4),
-                util::rw_entry(5),
-            ],
-        });
-        let apply = util::pipeline(&ctx, &layout, &shaders::APPLY, &[], "main");
-        let placeholder = util::storage(&ctx, "placeholder", 4, wgpu::BufferUsages::empty());
-        let mut slots = UniformSlots::new(&ctx, "apply.params", n.div_ceil(chunk).max(1));
-        let momentum = opt.momentum != 0.0;
-        let flags = (momentum as u32) | (((opt.server_lr != 1.0) as u32) << 1);
-        let mut chunks = Vec::new();
-        let mut apply_slots = Vec::new();
-        let mut base = 0;
-        while base < n {
-            let len = chunk.min(n - base);
-            let bytes = 4 * len as u64;
-            let mk = |name: &str| util::storage(&ctx, name, bytes, wgpu::BufferUsages::empty());
-            let (x, xhat, acc, d) = (mk("x"), mk("xhat"), mk("acc"), mk("d"));
-            let m = momentum.then(|| mk("momentum"));
-            apply_slots.push(slots.push(&ApplyParams {
-                n: len as u32,
-                mu: opt.momentum,
-                eta: opt.server_lr,
-                flags,
-            }));
-            chunks.push((base, len, x, xhat, acc, d, m));
-            base += len;
-        }
-        slots.upload(&ctx);
-        let chunks = chunks
-            .into_iter()
-            .map(|(base, len, x, xhat, acc, d, m)| {
-                let apply_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("apply"),
-                    layout: &layout,
-                    entries: &[
-                        wgpu::BindGroupEntry { binding: 0, resource: slots.binding(16) },
-                        util::buf(1, &acc),
-                        util::buf(2, &x),
-                        util::buf(3, &xhat),
-                        util::buf(4, &d),
-                        util::buf(5, m.as_ref().unwrap_or(&placeholder)),
-                    ],
-                });
-                ModelChunk { base, len, x, xhat, acc, d, m, apply_group }
-            })
-            .collect();
-        let mut engine = Self {
-            scatter: Scatter::new(ctx.clone()),
-            topk: GpuTopk::new(ctx.clone()),
-            n,
-            opt,
-            mode: opts.mode,
-            chunks,
-            version: 0,
-            replica_version: 0,
-            apply,
-            apply_slots,
-            readback: Readback::new(),
-            d_stale: true,
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            encode_time: std::time::Duration::ZERO,
-            ctx,
-        };
+        let mut engine =
+            ctx.scoped("setting up the GPU engine", || Self::build(ctx.clone(), values.len(), opt, opts))?;
         let values: Vec<f32> = values.iter().copied().map(canon).collect();
         engine.load_state(&ModelState {
             replica: values.clone(),
@@ -207,6 +202,85 @@ impl GpuAggregator {
         Ok(engine)
     }
 
+    fn build(ctx: Ctx, n: usize, opt: OptimizerSettings, opts: &GpuOptions) -> Result<Self, EngineError> {
+        match opts.fault {
+            Some(Fault::Shader) => {
+                let _ = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("injected fault"),
+                    source: wgpu::ShaderSource::Wgsl("fn main( {".into()),
+                });
+            }
+            Some(Fault::Allocation) => {
+                let _ = over_limit_buffer(&ctx);
+            }
+            _ => {}
+        }
+        let max_chunk = (ctx.max_binding() / 4) as usize;
+        let chunk = opts.chunk_elems.unwrap_or(max_chunk).clamp(1, max_chunk);
+        let layout = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("delta"),
+            entries: &[util::uniform_entry(0), util::read_entry(1), util::read_entry(2), util::rw_entry(3)],
+        });
+        let delta = util::pipeline(&ctx, &layout, &shaders::DELTA, &[], "main");
+        let placeholder = util::storage(&ctx, "placeholder", 4, wgpu::BufferUsages::empty());
+        let mut uniforms = UniformSlots::new(&ctx, "delta.params", n.div_ceil(chunk).max(1));
+        let momentum = opt.momentum != 0.0;
+        let mut chunks = Vec::new();
+        let mut delta_slots = Vec::new();
+        let mut base = 0;
+        while base < n {
+            let len = chunk.min(n - base);
+            let bytes = 4 * len as u64;
+            let mk = |name: &str| util::storage(&ctx, name, bytes, wgpu::BufferUsages::empty());
+            let (x, xhat, acc, d) = (mk("x"), mk("xhat"), mk("acc"), mk("d"));
+            let m = momentum.then(|| mk("momentum"));
+            delta_slots.push(uniforms.push(&DeltaParams { n: len as u32, _p: [0; 3] }));
+            chunks.push((base, len, x, xhat, acc, d, m));
+            base += len;
+        }
+        uniforms.upload(&ctx);
+        let chunks = chunks
+            .into_iter()
+            .map(|(base, len, x, xhat, acc, d, m)| {
+                let delta_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("delta"),
+                    layout: &layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: uniforms.binding(16) },
+                        util::buf(1, &x),
+                        util::buf(2, &xhat),
+                        util::buf(3, &d),
+                    ],
+                });
+                ModelChunk { base, len, x, xhat, acc, d, m, delta_group }
+            })
+            .collect();
+        let order = match opts.mode {
+            GpuMode::Deterministic => Order::Deterministic,
+            GpuMode::Fast => Order::Fast,
+        };
+        Ok(Self {
+            step: Step::new(ctx.clone(), order),
+            topk: GpuTopk::new(ctx.clone()),
+            n,
+            opt,
+            mode: opts.mode,
+            chunks,
+            placeholder,
+            version: 0,
+            replica_version: 0,
+            delta,
+            delta_slots,
+            _delta_uniforms: uniforms,
+            readback: Readback::new(),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            fault: opts.fault,
+            broadcasts: 0,
+            encode_time: std::time::Duration::ZERO,
+            ctx,
+        })
+    }
+
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
     }
@@ -216,33 +290,30 @@ impl GpuAggregator {
         self.chunks.len()
     }
 
-    /// How the fast mode adds ("native f32 atomicAdd" or "compare-exchange loop").
+    /// How the step adds (deterministic batch order, or the fast mode's kind).
     pub fn fast_kind(&self) -> String {
-        self.scatter.fast_kind()
+        self.step.kind()
     }
 
-    fn dense_step(&mut self) {
-        let mut enc = util::encoder(&self.ctx, "apply");
+    /// Recomputes d = x − x̂ over the whole model (after the state was replaced).
+    fn refresh_delta(&mut self) {
+        let mut enc = util::encoder(&self.ctx, "delta");
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("apply"),
+                label: Some("delta"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&self.apply);
-            for (c, &slot) in self.chunks.iter().zip(&self.apply_slots) {
-                pass.set_bind_group(0, &c.apply_group, &[slot]);
+            pass.set_pipeline(&self.delta);
+            for (c, &slot) in self.chunks.iter().zip(&self.delta_slots) {
+                pass.set_bind_group(0, &c.delta_group, &[slot]);
                 let (x, y) = util::grid(c.len as u64);
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
         self.ctx.queue.submit([enc.finish()]);
-        self.d_stale = false;
     }
 
     fn read_chunks(&mut self, pick: impl Fn(&ModelChunk) -> &wgpu::Buffer) -> Result<Vec<f32>, EngineError> {
-        if self.n == 0 {
-            return Ok(Vec::new());
-        }
         let enc = util::encoder(&self.ctx, "read");
         let ranges: Vec<(&wgpu::Buffer, u64, u64)> =
             self.chunks.iter().map(|c| (pick(c), 0, 4 * c.len as u64)).collect();
@@ -259,35 +330,48 @@ impl GpuAggregator {
         }
     }
 
-    /// Benchmarks: uploads a batch for [`GpuAggregator::bench_scatter`] (no step is taken).
-    pub fn bench_prepare(
-        &mut self,
-        batch: &[UpdateRef<'_>],
-        fast: bool,
-    ) -> Result<aggregate::Plan, EngineError> {
-        let chunks: Vec<ScatterChunk<'_>> = self
-            .chunks
-            .iter()
-            .map(|c| ScatterChunk { acc: &c.acc, base: c.base as u64, len: c.len as u64 })
-            .collect();
-        self.scatter.prepare(batch, &chunks, self.id, fast)
+    fn momentum(&self) -> Option<f32> {
+        (self.opt.momentum != 0.0).then_some(self.opt.momentum)
     }
 
-    /// Benchmarks: runs the scatter kernels of a prepared batch again (into the accumulators;
-    /// the model is unchanged until the next step).
-    pub fn bench_scatter(&self, plan: &aggregate::Plan) {
-        self.scatter.dispatch(plan);
+    /// Benchmarks: runs the kernels of the last step again on the device (its data is still
+    /// there; the batch is applied once more) and waits. False when the last step had to be
+    /// cut into sub-batches.
+    pub fn bench_replay(&mut self, which: aggregate::Replay) -> Result<bool, EngineError> {
+        let ctx = self.ctx.clone();
+        ctx.scoped("benchmark replay", || {
+            let Some(enc) = self.step.replay(which) else { return Ok(false) };
+            ctx.queue.submit([enc.finish()]);
+            ctx.wait()?;
+            Ok(true)
+        })
     }
 
-    /// Benchmarks: the dense apply alone.
-    pub fn bench_apply(&mut self) {
-        self.dense_step();
+    /// Benchmarks: device seconds of the last step's (or replay's) kernels; waits. None
+    /// without timestamp queries.
+    pub fn bench_device_time(&mut self) -> Result<Option<f64>, EngineError> {
+        self.step.device_time(&mut self.readback)
     }
 
     /// Waits for all submitted work.
     pub fn wait(&self) -> Result<(), EngineError> {
         self.ctx.wait()
     }
+
+    /// The Top-k kernels' own counters.
+    pub fn topk_counters(&self) -> topk::TopkCounters {
+        self.topk.counters()
+    }
+}
+
+/// A buffer one byte over the device's limit: a validation error, like a failed allocation.
+fn over_limit_buffer(ctx: &GpuContext) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("injected fault"),
+        size: ctx.limits.max_buffer_size.saturating_add(4).next_multiple_of(4),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
 }
 
 impl Aggregator for GpuAggregator {
@@ -298,7 +382,7 @@ impl Aggregator for GpuAggregator {
             backend: format!("{:?}", self.ctx.info.backend),
             mode: match self.mode {
                 GpuMode::Deterministic => "deterministic".into(),
-                GpuMode::Fast => format!("fast ({})", self.scatter.fast_kind()),
+                GpuMode::Fast => format!("fast ({})", self.step.kind()),
             },
         }
     }
@@ -316,26 +400,46 @@ impl Aggregator for GpuAggregator {
     }
 
     fn aggregate(&mut self, batch: &[UpdateRef<'_>]) -> Result<(), EngineError> {
-        let chunks: Vec<ScatterChunk<'_>> = self
+        let ctx = self.ctx.clone();
+        let step_number = self.step.counters().steps + 1;
+        if self.fault == Some(Fault::StepAllocation(step_number)) {
+            return ctx.scoped("aggregation step", || {
+                let _ = over_limit_buffer(&ctx);
+                Ok(())
+            });
+        }
+        let momentum = self.momentum();
+        let eta = self.opt.server_lr;
+        let id = self.id;
+        let chunks: Vec<StepChunk<'_>> = self
             .chunks
             .iter()
-            .map(|c| ScatterChunk { acc: &c.acc, base: c.base as u64, len: c.len as u64 })
+            .map(|c| StepChunk {
+                base: c.base as u64,
+                len: c.len as u64,
+                acc: &c.acc,
+                x: &c.x,
+                xhat: &c.xhat,
+                d: &c.d,
+                m: c.m.as_ref().unwrap_or(&self.placeholder),
+            })
             .collect();
-        self.scatter.run(batch, &chunks, self.id, self.mode == GpuMode::Fast)?;
-        self.dense_step();
+        let step = &mut self.step;
+        ctx.scoped("aggregation step", || step.run(batch, &chunks, id, momentum, eta))?;
         self.version += 1;
         Ok(())
     }
 
     fn broadcast(&mut self, selection: Selection) -> Result<Broadcast, EngineError> {
-        if self.d_stale {
-            // Accumulators are zero: this recomputes d and leaves x unchanged.
-            self.dense_step();
-        }
-        let chunks: Vec<TopkChunk<'_>> =
-            self.chunks.iter().map(|c| TopkChunk { d: &c.d, xhat: &c.xhat, len: c.len }).collect();
-        let sel = self.topk.select(&chunks, selection, true)?;
-        self.d_stale = true;
+        let ctx = self.ctx.clone();
+        let chunks: Vec<TopkChunk<'_>> = self
+            .chunks
+            .iter()
+            .map(|c| TopkChunk { d: &c.d, replica: Some((&c.xhat, &c.x)), len: c.len })
+            .collect();
+        let topk = &mut self.topk;
+        let sel = ctx.scoped("broadcast selection", || topk.select(&chunks, selection, true))?;
+        self.broadcasts += 1;
         let header = DeltaHeader { version: self.version, base_version: self.replica_version, nnz: sel.nnz };
         self.replica_version = self.version;
         let t0 = std::time::Instant::now();
@@ -345,25 +449,52 @@ impl Aggregator for GpuAggregator {
     }
 
     fn read_replica(&mut self) -> Result<Vec<f32>, EngineError> {
-        self.read_chunks(|c| &c.xhat)
+        let ctx = self.ctx.clone();
+        ctx.scoped("reading the replica", || self.read_chunks(|c| &c.xhat))
     }
 
     fn take_stage_times(&mut self) -> crate::engine::StageTimes {
         crate::engine::StageTimes {
-            upload: std::mem::take(&mut self.scatter.upload_time),
+            upload: std::mem::take(&mut self.step.upload_time),
             encode: std::mem::take(&mut self.encode_time),
         }
     }
 
+    fn counters(&self) -> EngineCounters {
+        let s = self.step.counters();
+        let t = self.topk.counters();
+        EngineCounters {
+            steps: s.steps,
+            broadcasts: self.broadcasts,
+            topk_input_passes: t.input_passes,
+            topk_recollections: t.recollections,
+            topk_misses: t.misses,
+            dispatches: s.dispatches + t.dispatches,
+            submits: s.submits + t.waits,
+            waits: t.waits,
+            staging_allocations: s.staging_allocations,
+            uploaded_bytes: s.uploaded_bytes,
+        }
+    }
+
     fn read_state(&mut self) -> Result<ModelState, EngineError> {
-        let x = self.read_chunks(|c| &c.x)?;
-        let replica = self.read_chunks(|c| &c.xhat)?;
-        let momentum = if self.opt.momentum != 0.0 {
-            self.read_chunks(|c| c.m.as_ref().expect("momentum buffers exist when momentum is on"))?
-        } else {
-            Vec::new()
-        };
-        Ok(ModelState { x, momentum, replica, version: self.version, replica_version: self.replica_version })
+        let ctx = self.ctx.clone();
+        ctx.scoped("reading the state", || {
+            let x = self.read_chunks(|c| &c.x)?;
+            let replica = self.read_chunks(|c| &c.xhat)?;
+            let momentum = if self.opt.momentum != 0.0 {
+                self.read_chunks(|c| c.m.as_ref().expect("momentum buffers exist when momentum is on"))?
+            } else {
+                Vec::new()
+            };
+            Ok(ModelState {
+                x,
+                momentum,
+                replica,
+                version: self.version,
+                replica_version: self.replica_version,
+            })
+        })
     }
 
     fn load_state(&mut self, s: &ModelState) -> Result<(), EngineError> {
@@ -372,24 +503,28 @@ impl Aggregator for GpuAggregator {
                 return Err(EngineError::StateSize { expected: self.n, got: len });
             }
         }
-        self.write_chunks(&s.x, |c| &c.x);
-        self.write_chunks(&s.replica, |c| &c.xhat);
-        let mut enc = util::encoder(&self.ctx, "load");
-        for c in &self.chunks {
-            enc.clear_buffer(&c.acc, 0, None);
-            if let Some(m) = &c.m
-                && s.momentum.len() != self.n
-            {
-                enc.clear_buffer(m, 0, None);
+        let ctx = self.ctx.clone();
+        ctx.scoped("loading the state", || {
+            self.write_chunks(&s.x, |c| &c.x);
+            self.write_chunks(&s.replica, |c| &c.xhat);
+            let mut enc = util::encoder(&self.ctx, "load");
+            for c in &self.chunks {
+                enc.clear_buffer(&c.acc, 0, None);
+                if let Some(m) = &c.m
+                    && s.momentum.len() != self.n
+                {
+                    enc.clear_buffer(m, 0, None);
+                }
             }
-        }
-        self.ctx.queue.submit([enc.finish()]);
-        if self.opt.momentum != 0.0 && s.momentum.len() == self.n {
-            self.write_chunks(&s.momentum, |c| c.m.as_ref().expect("momentum buffers exist"));
-        }
-        self.version = s.version;
-        self.replica_version = s.replica_version;
-        self.d_stale = true;
-        self.wait()
+            self.ctx.queue.submit([enc.finish()]);
+            if self.opt.momentum != 0.0 && s.momentum.len() == self.n {
+                self.write_chunks(&s.momentum, |c| c.m.as_ref().expect("momentum buffers exist"));
+            }
+            self.refresh_delta();
+            self.topk.forget();
+            self.version = s.version;
+            self.replica_version = s.replica_version;
+            self.wait()
+        })
     }
 }

@@ -20,18 +20,17 @@ macro_rules! shader {
 
 pub const COMMON: ShaderFile = shader!("common.wgsl");
 pub const AGGREGATE: ShaderFile = shader!("aggregate.wgsl");
-pub const AGGREGATE_FAST: ShaderFile = shader!("aggregate_fast.wgsl");
-pub const APPLY: ShaderFile = shader!("apply.wgsl");
+pub const DELTA: ShaderFile = shader!("delta.wgsl");
 pub const TOPK: ShaderFile = shader!("topk.wgsl");
 pub const COPY: ShaderFile = shader!("copy.wgsl");
 
 /// Every kernel file.
-pub const KERNELS: [ShaderFile; 5] = [AGGREGATE, AGGREGATE_FAST, APPLY, TOPK, COPY];
+pub const KERNELS: [ShaderFile; 4] = [AGGREGATE, DELTA, TOPK, COPY];
 
 /// Defines a kernel file reacts to (every combination is validated by the naga test).
 pub fn defines_of(file: &ShaderFile) -> &'static [&'static str] {
     match file.name {
-        "aggregate_fast.wgsl" => &["F16", "FLOAT_ATOMIC"],
+        "aggregate.wgsl" => &["FAST", "F16", "BIG_BLOCK"],
         _ => &[],
     }
 }
@@ -114,10 +113,10 @@ mod tests {
         let src = "a\n// #if X\nb\n// #else\nc\n// #endif\nd\n";
         assert_eq!(preprocess(src, &["X"]), "a\n\nb\n\n\n\nd\n");
         assert_eq!(preprocess(src, &[]), "a\n\n\n\nc\n\nd\n");
-        let c = compose(&APPLY, &["F16"]);
+        let c = compose(&DELTA, &["F16"]);
         let common_lines = COMMON.source.lines().count();
         assert_eq!(c.locate(1), ("<enable>", 1));
         assert_eq!(c.locate(2), ("common.wgsl", 1));
-        assert_eq!(c.locate(2 + common_lines), ("apply.wgsl", 1));
+        assert_eq!(c.locate(2 + common_lines), ("delta.wgsl", 1));
     }
 }

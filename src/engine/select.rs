@@ -56,6 +56,71 @@ pub fn kth_largest(keys: &[u32], k: usize, scratch: &mut Vec<u32>) -> (u32, usiz
     (t, k - above_t)
 }
 
+/// Below this many entries a sampled threshold does not pay for itself.
+pub const SAMPLED_MIN: usize = 1 << 14;
+/// Entries a threshold is estimated from.
+pub const SAMPLE: usize = 4096;
+/// Consecutive entries per stratum of the sample.
+const SAMPLE_RUN: usize = 8;
+/// The magnitude key of +∞ (every larger key is a NaN's).
+pub const INF_KEY: u32 = 0x7F80_0000;
+
+/// A magnitude-key threshold that about 1.05 k + 3 √k of n entries reach, estimated from a
+/// stratified sample of [`SAMPLE`] keys: [`SAMPLE_RUN`] consecutive entries at a random place in
+/// each of SAMPLE / SAMPLE_RUN equal strata (`key_at(i)` gives entry i's key). None when the
+/// selection is too small or too large for a sample to help (n < [`SAMPLED_MIN`], k ≥ n / 8),
+/// or when the threshold would let a large share through. The threshold is at least 1 (a
+/// threshold of 0 would take every entry).
+///
+/// Used with [`topk_of_candidates`]: every entry of the exact Top-k has a key at least the
+/// k-th largest, which is ≥ the threshold whenever k entries reach it, so the Top-k of the
+/// entries that reach it is the exact Top-k of all of them.
+pub fn sampled_threshold(
+    n: usize,
+    k: usize,
+    rng: &mut crate::protocol::model::SplitMix64,
+    sample: &mut Vec<u32>,
+    scratch: &mut Vec<u32>,
+    key_at: impl Fn(usize) -> u32,
+) -> Option<u32> {
+    if n < SAMPLED_MIN || k == 0 || k >= n / 8 {
+        return None;
+    }
+    let strata = SAMPLE / SAMPLE_RUN;
+    let stride = n / strata;
+    sample.clear();
+    for j in 0..strata {
+        let offset = ((rng.next_u64() >> 32) * (stride - SAMPLE_RUN) as u64) >> 32;
+        let at = j * stride + offset as usize;
+        sample.extend((at..at + SAMPLE_RUN).map(&key_at));
+    }
+    let expected = k as f64 * SAMPLE as f64 / n as f64;
+    let rank = (1.05 * expected + 3.0 * expected.sqrt() + 3.0).ceil() as usize;
+    if rank >= SAMPLE / 8 {
+        return None;
+    }
+    let (t, _) = kth_largest(sample, rank, scratch);
+    // With that many zeros, take the nonzero entries and let the caller's exact pass settle
+    // the rest if they are fewer than k. A NaN threshold (that many NaNs) is left to it too.
+    (t <= INF_KEY).then_some(t.max(1))
+}
+
+/// The exact Top-k of entries given as candidates (their indices, ascending, and their keys):
+/// `out` gets the chosen indices in ascending order (ties to the lower index). The candidates
+/// must hold every entry whose key is at least the k-th largest of all entries.
+pub fn topk_of_candidates(
+    indices: &[u32],
+    keys: &[u32],
+    k: usize,
+    scratch: &mut Vec<u32>,
+    out: &mut Vec<u32>,
+) {
+    exact_topk(keys, k, scratch, out);
+    for s in out.iter_mut() {
+        *s = indices[*s as usize];
+    }
+}
+
 /// The standard normal quantile Φ⁻¹(p), Acklam's rational approximation (relative error
 /// below 1.2e-9 on (0, 1): far finer than any threshold needs).
 pub fn normal_quantile(p: f64) -> f64 {

@@ -10,7 +10,7 @@
 //! exception: such an entry keeps its excess in the residual, rounded.)
 
 use half::f16;
-use sparsync::engine::select;
+use sparsync::engine::select::{self, INF_KEY};
 use sparsync::protocol::model::SplitMix64;
 use sparsync::protocol::numerics::magnitude_key;
 
@@ -35,15 +35,9 @@ pub struct Sparse {
     pub values: Vec<f16>,
 }
 
-/// Below this many parameters the sampled threshold does not pay for itself.
-const SAMPLED_MIN: usize = 1 << 14;
-/// Entries the threshold is estimated from.
-const SAMPLE: usize = 4096;
 /// The fused pass notes per block of this many entries whether one may be a candidate, and
 /// only rescans the blocks that may hold one.
 const BLOCK: usize = 4;
-/// Consecutive entries per stratum of the sample.
-const RUN: usize = 8;
 
 impl Sparsifier {
     pub fn new(n: usize) -> Self {
@@ -86,8 +80,11 @@ impl Sparsifier {
         let n = delta.len();
         let k = k.min(n);
         self.selected.clear();
+        let residual = &self.residual;
         let threshold =
-            if n >= SAMPLED_MIN && k > 0 && k < n / 8 { self.estimate_threshold(delta, k) } else { None };
+            select::sampled_threshold(n, k, &mut self.rng, &mut self.sample, &mut self.scratch, |i| {
+                magnitude_key((residual[i] + delta[i] as f64) as f32)
+            });
         let found = match threshold {
             Some(t) => {
                 add_and_collect(&mut self.residual, delta, t, &mut self.candidates, &mut self.keys);
@@ -101,10 +98,13 @@ impl Sparsifier {
             }
         };
         if found {
-            select::exact_topk(&self.keys, k, &mut self.scratch, &mut self.selected);
-            for s in &mut self.selected {
-                *s = self.candidates[*s as usize];
-            }
+            select::topk_of_candidates(
+                &self.candidates,
+                &self.keys,
+                k,
+                &mut self.scratch,
+                &mut self.selected,
+            );
         } else if k > 0 {
             self.full_selections += 1;
             self.keys.clear();
@@ -124,32 +124,6 @@ impl Sparsifier {
         }
         out
     }
-
-    /// A key threshold that about 1.05 k + 3 √k entries of u = Δ + r reach, estimated from
-    /// SAMPLE entries of u: RUN consecutive entries at a random place in each of SAMPLE / RUN
-    /// equal strata. None when it would let a large share of the entries through.
-    fn estimate_threshold(&mut self, delta: &[f32], k: usize) -> Option<u32> {
-        let n = delta.len();
-        let strata = SAMPLE / RUN;
-        let stride = n / strata;
-        self.sample.clear();
-        for j in 0..strata {
-            let offset = ((self.rng.next_u64() >> 32) * (stride - RUN) as u64) >> 32;
-            let at = j * stride + offset as usize;
-            let u = self.residual[at..at + RUN].iter().zip(&delta[at..at + RUN]);
-            self.sample.extend(u.map(|(&r, &d)| magnitude_key((r + d as f64) as f32)));
-        }
-        let expected = k as f64 * SAMPLE as f64 / n as f64;
-        let rank = (1.05 * expected + 3.0 * expected.sqrt() + 3.0).ceil() as usize;
-        if rank >= SAMPLE / 8 {
-            return None;
-        }
-        let (t, _) = select::kth_largest(&self.sample, rank, &mut self.scratch);
-        // A threshold of 0 would take every entry: with that many zeros, take the nonzero ones
-        // and let the exact pass settle the rest if they are fewer than k. A NaN threshold
-        // (that many NaNs) is left to the exact pass.
-        (t <= INF_KEY).then_some(t.max(1))
-    }
 }
 
 /// The least b ≥ 0 with `magnitude_key(u as f32) >= t` ⟺ `|u| >= b` for every non-NaN f64 u
@@ -164,8 +138,6 @@ fn key_bound(t: u32) -> f64 {
     let mid = below + half_ulp;
     if t.is_multiple_of(2) { mid } else { f64::from_bits(mid.to_bits() + 1) }
 }
-
-const INF_KEY: u32 = 0x7F80_0000;
 
 /// |u| ≥ bound, or u is NaN (whose key is above every threshold).
 #[inline(always)]
@@ -256,7 +228,7 @@ mod tests {
                 );
             }
         }
-        if n >= SAMPLED_MIN {
+        if n >= select::SAMPLED_MIN {
             assert!(s.full_selections < 40, "n {n}: the sampled candidates were never used");
         }
     }

@@ -14,10 +14,9 @@ use crate::engine::gpu::device::GpuContext;
 use crate::engine::gpu::topk::{GpuTopk, TopkChunk};
 use crate::engine::gpu::util::{self, Readback, Timer, UniformSlots};
 use crate::engine::gpu::{GpuAggregator, GpuOptions, shaders};
-use crate::engine::{Aggregator, EngineError, OptimizerSettings, Selection, UpdateRef, select};
+use crate::engine::{Aggregator, EngineError, OptimizerSettings, Selection, UpdateRef};
 use crate::protocol::frame::{PushHeader, PushLimits, PushView, encode_push};
 use crate::protocol::model::SplitMix64;
-use crate::protocol::numerics::magnitude_key;
 
 /// Median of repeated timings of `f` (seconds).
 pub fn median_time(reps: usize, mut f: impl FnMut() -> Result<(), EngineError>) -> Result<f64, EngineError> {
@@ -204,6 +203,41 @@ fn refs(frames: &[Vec<u8>], n: usize) -> Vec<UpdateRef<'_>> {
         .collect()
 }
 
+/// The floor the CPU engine is measured against: a plain single-threaded loop with the
+/// engine's rounding rules (split weights, exact products, canonicalised adds, batch order)
+/// over the same batch, then the apply of every touched entry (no momentum, η = 1).
+struct FloorKernel {
+    x: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl FloorKernel {
+    fn new(x0: &[f32]) -> Self {
+        Self { x: x0.to_vec(), acc: vec![0.0; x0.len()] }
+    }
+
+    fn step(&mut self, batch: &[UpdateRef<'_>]) {
+        for u in batch {
+            let (hi, lo) = crate::protocol::numerics::split_weight(u.weight);
+            for (i, v) in u.indices.chunks_exact(4).zip(u.values.chunks_exact(2)) {
+                let i = u32::from_le_bytes([i[0], i[1], i[2], i[3]]) as usize;
+                let v = f16::from_le_bytes([v[0], v[1]]).to_f32();
+                self.acc[i] = crate::protocol::numerics::accumulate(self.acc[i], hi, lo, v);
+            }
+        }
+        for u in batch {
+            for i in u.indices.chunks_exact(4) {
+                let i = u32::from_le_bytes([i[0], i[1], i[2], i[3]]) as usize;
+                let g = std::mem::take(&mut self.acc[i]);
+                if g != 0.0 {
+                    self.x[i] = crate::protocol::numerics::add(self.x[i], g);
+                }
+            }
+        }
+        std::hint::black_box(&self.x);
+    }
+}
+
 /// One aggregation measurement.
 #[derive(Clone, Debug, Serialize)]
 pub struct AggregateRow {
@@ -231,6 +265,9 @@ pub struct AggregateRow {
     /// GPU: median seconds of the bounds passes alone, and of the block passes alone.
     pub bounds_s: f64,
     pub blocks_s: f64,
+    /// CPU engine rows: step_s ÷ the cpu-floor row's (a plain single-threaded loop with the
+    /// same rounding rules over the same batch, same run).
+    pub ratio_to_floor: Option<f64>,
     pub updates_per_s: f64,
     /// traffic_bytes / scatter_s.
     pub effective_gbps: f64,
@@ -285,7 +322,8 @@ pub fn aggregate(
                            copy_gbps: f64,
                            dispatches_per_step: f64,
                            staging_allocations: u64,
-                           timing: &str| {
+                           timing: &str,
+                           ratio_to_floor: Option<f64>| {
                 let effective = traffic as f64 / scatter_s / 1e9;
                 rows.push(AggregateRow {
                     engine: engine.into(),
@@ -306,6 +344,7 @@ pub fn aggregate(
                     timing: timing.into(),
                     bounds_s: parts.0,
                     blocks_s: parts.1,
+                    ratio_to_floor,
                 });
             };
             if let Some(ctx) = ctx {
@@ -357,23 +396,31 @@ pub fn aggregate(
                         (after.dispatches - before.dispatches) as f64 / steps,
                         after.staging_allocations - before.staging_allocations,
                         timing,
+                        None,
                     );
                 }
             }
             if spec.cpu {
-                progress(&format!("aggregate n={n} batch={b} cpu"));
-                let mut e = CpuAggregator::new(x0.clone(), OptimizerSettings::default());
-                let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
-                row(
-                    "cpu",
-                    (f64::NAN, f64::NAN),
-                    step_s,
-                    step_s,
-                    cpu_copy_gbps(traffic, spec.reps),
-                    0.0,
-                    0,
-                    "wall",
-                );
+                let copy_gbps = cpu_copy_gbps(traffic, spec.reps);
+                progress(&format!("aggregate n={n} batch={b} cpu floor"));
+                let mut floor = FloorKernel::new(&x0);
+                let floor_s = median_time(spec.reps, || {
+                    floor.step(&batch);
+                    Ok(())
+                })?;
+                row("cpu-floor", (f64::NAN, f64::NAN), floor_s, floor_s, copy_gbps, 0.0, 0, "wall", None);
+                let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+                let mut counts = vec![1, cores];
+                counts.dedup();
+                for threads in counts {
+                    progress(&format!("aggregate n={n} batch={b} cpu {threads} threads"));
+                    let mut e =
+                        CpuAggregator::with_threads(x0.clone(), OptimizerSettings::default(), threads);
+                    let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
+                    let name = format!("cpu ({threads} thread{})", if threads == 1 { "" } else { "s" });
+                    let ratio = Some(step_s / floor_s);
+                    row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
+                }
             }
         }
     }
@@ -508,17 +555,27 @@ pub fn topk(
                 std::hint::black_box(&dst);
                 Ok(())
             })?;
-            let (mut keys, mut scratch, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            // The engine's selection: d = x − x̂ with x̂ = 0, so d is the vector above.
+            let mut engine = CpuAggregator::new(d.clone(), OptimizerSettings::default());
+            engine
+                .load_state(&crate::engine::ModelState {
+                    x: d.clone(),
+                    momentum: Vec::new(),
+                    replica: vec![0.0; n],
+                    version: 1,
+                    replica_version: 0,
+                })
+                .map_err(|e| EngineError::Gpu(e.to_string()))?;
             for &rho in &spec.densities {
                 let k = crate::engine::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} cpu"));
+                let c0 = engine.counters();
                 let time_s = median_time(spec.reps, || {
-                    keys.clear();
-                    keys.extend(d.iter().map(|&v| magnitude_key(v)));
-                    select::exact_topk(&keys, k, &mut scratch, &mut out);
-                    std::hint::black_box(&out);
+                    std::hint::black_box(engine.bench_select(k));
                     Ok(())
                 })?;
+                let c1 = engine.counters();
+                let passes = (c1.topk_input_passes - c0.topk_input_passes) as f64 / spec.reps.max(1) as f64;
                 rows.push(TopkRow {
                     engine: "cpu-exact".into(),
                     n,
@@ -531,8 +588,8 @@ pub fn topk(
                     copy_s,
                     passes_equivalent: time_s / copy_s,
                     cold_passes_equivalent: time_s / copy_s,
-                    input_passes: 4.0,
-                    cold_input_passes: 4,
+                    input_passes: passes,
+                    cold_input_passes: passes.round() as u64,
                     timing: "wall".into(),
                 });
             }

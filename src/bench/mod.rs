@@ -92,6 +92,7 @@ pub fn aggregate_table(rows: &[kernels::AggregateRow]) -> String {
                 format!("{:.1}", r.dispatches_per_step),
                 r.staging_allocations.to_string(),
                 r.timing.clone(),
+                r.ratio_to_floor.map(|f| format!("{f:.2}×")).unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -109,6 +110,7 @@ pub fn aggregate_table(rows: &[kernels::AggregateRow]) -> String {
             "dispatches",
             "new staging",
             "timing",
+            "of floor",
         ],
         &body,
     )

@@ -2,16 +2,32 @@
 //!
 //! It follows `protocol::numerics` operation for operation; the GPU engine's deterministic mode
 //! is tested to produce the same bits.
+//!
+//! Work is split by parameter range, never by update: the model is cut into tiles of [`TILE`]
+//! parameters (the tile's sums, x and momentum fit a core's L2 cache), and each tile, on
+//! whichever thread takes it, adds every update's entries in its range in batch order (the
+//! indices of an update ascend, so its range is found by binary search) and then applies the
+//! sum. Every parameter therefore sees exactly the operations, in exactly the order, of a
+//! single thread: the result does not depend on the thread count. The broadcast's exact Top-k
+//! estimates a threshold from a sample, collects the entries that reach it in one parallel
+//! pass over x and x̂, and selects among those (all entries when the sample guessed too high).
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use super::select::{self, exact_topk};
 use super::{
     Aggregator, Broadcast, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection, UpdateRef,
 };
 use crate::protocol::frame::{DeltaHeader, encode_delta};
+use crate::protocol::model::SplitMix64;
 use crate::protocol::numerics::{self, add, canon, mul};
+
+/// Parameters per tile: 32,768 (128 KiB of sums, as much of x, of momentum).
+pub const TILE: usize = 1 << 15;
+/// Batches with fewer entries (and no momentum) run on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
 
 /// The reference aggregation engine.
 pub struct CpuAggregator {
@@ -22,21 +38,187 @@ pub struct CpuAggregator {
     version: u64,
     replica_version: u64,
     opt: OptimizerSettings,
-    // Reused scratch: magnitude keys, selection work space, selected indices, d values.
+    /// Worker threads (None: the calling thread does everything).
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+    // Reused scratch: magnitude keys, selection work space, selected indices, candidates.
     keys: Vec<u32>,
     scratch: Vec<u32>,
     selected: Vec<u32>,
-    /// One update's values widened to f32.
-    values: Vec<f32>,
+    cand_idx: Vec<u32>,
+    cand_keys: Vec<u32>,
+    sample: Vec<u32>,
+    rng: SplitMix64,
     encode_time: std::time::Duration,
     counters: super::EngineCounters,
 }
 
+/// The f32 value of entry e of a packed f16 array.
+#[inline(always)]
+fn value_at(values: &[u8], e: usize) -> f32 {
+    f16::from_le_bytes([values[2 * e], values[2 * e + 1]]).to_f32()
+}
+
+#[inline(always)]
+fn index_at(indices: &[u8], e: usize) -> u32 {
+    u32::from_le_bytes([indices[4 * e], indices[4 * e + 1], indices[4 * e + 2], indices[4 * e + 3]])
+}
+
+/// The first entry of an update whose index is at least `bound`.
+fn lower_bound(indices: &[u8], bound: usize) -> usize {
+    let (mut lo, mut hi) = (0, indices.len() / 4);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if (index_at(indices, mid) as usize) < bound {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+#[inline(always)]
+fn apply_one(x: &mut f32, u: f32, eta: f32) {
+    if u != 0.0 {
+        let step = if eta == 1.0 { u } else { mul(eta, u) };
+        *x = add(*x, step);
+    }
+}
+
+/// One tile's step: the batch's entries in [start, start + acc.len()) added into `acc` in
+/// batch order, then applied to `x` (and `m`, which is empty when momentum is off). `values`
+/// is scratch for widened f16 values.
+fn step_tile(
+    batch: &[UpdateRef<'_>],
+    start: usize,
+    acc: &mut [f32],
+    x: &mut [f32],
+    m: &mut [f32],
+    opt: OptimizerSettings,
+    values: &mut Vec<f32>,
+) {
+    let end = start + acc.len();
+    let mut ranges = Vec::with_capacity(batch.len());
+    let mut entries = 0;
+    for u in batch {
+        let (lo, hi) = (lower_bound(u.indices, start), lower_bound(u.indices, end));
+        ranges.push((lo, hi));
+        entries += hi - lo;
+        if hi == lo {
+            continue;
+        }
+        let (w_hi, w_lo) = numerics::split_weight(u.weight);
+        // Widen the values in bulk (SIMD F16C where the CPU has it), then the loop is loads,
+        // two multiplies and two adds.
+        let raw = &u.values[2 * lo..2 * hi];
+        values.clear();
+        values.resize(hi - lo, 0.0);
+        match bytemuck::try_cast_slice::<u8, f16>(raw) {
+            Ok(h) => h.convert_to_f32_slice(values),
+            Err(_) => values.iter_mut().enumerate().for_each(|(j, v)| *v = value_at(raw, j)),
+        }
+        let raw_idx = &u.indices[4 * lo..4 * hi];
+        match bytemuck::try_cast_slice::<u8, u32>(raw_idx) {
+            Ok(idx) if cfg!(target_endian = "little") => {
+                for (&i, &v) in idx.iter().zip(values.iter()) {
+                    let a = &mut acc[i as usize - start];
+                    *a = numerics::accumulate(*a, w_hi, w_lo, v);
+                }
+            }
+            _ => {
+                for (e, &v) in values.iter().enumerate() {
+                    let a = &mut acc[index_at(raw_idx, e) as usize - start];
+                    *a = numerics::accumulate(*a, w_hi, w_lo, v);
+                }
+            }
+        }
+    }
+    let eta = opt.server_lr;
+    if !m.is_empty() {
+        let mu = opt.momentum;
+        for ((x, m), a) in x.iter_mut().zip(m.iter_mut()).zip(acc.iter_mut()) {
+            let u = add(mul(mu, *m), std::mem::take(a));
+            *m = u;
+            apply_one(x, u, eta);
+        }
+    } else if entries * 8 > acc.len() {
+        // Dense enough: one sweep of the tile (an entry's sum applies once; the others are 0),
+        // branch-free so that it vectorises.
+        apply_dense(x, acc, eta);
+    } else {
+        // Sparse: visit the touched entries through the batch's indices. An entry seen twice
+        // has acc = 0 the second time, so it is applied once.
+        for (u, &(lo, hi)) in batch.iter().zip(&ranges) {
+            let raw_idx = &u.indices[4 * lo..4 * hi];
+            let mut visit = |i: u32| {
+                let i = i as usize - start;
+                let g = std::mem::take(&mut acc[i]);
+                apply_one(&mut x[i], g, eta);
+            };
+            match bytemuck::try_cast_slice::<u8, u32>(raw_idx) {
+                Ok(idx) if cfg!(target_endian = "little") => idx.iter().for_each(|&i| visit(i)),
+                _ => (0..hi - lo).for_each(|e| visit(index_at(raw_idx, e))),
+            }
+        }
+    }
+}
+
+/// `apply_one` over a whole tile, every sum taken (set to 0): where the sum is 0, x keeps its
+/// value, as in `apply_one`. Written without branches so that the compiler vectorises it.
+fn apply_dense(x: &mut [f32], acc: &mut [f32], eta: f32) {
+    if eta == 1.0 {
+        for (x, a) in x.iter_mut().zip(acc.iter_mut()) {
+            let g = std::mem::take(a);
+            let moved = add(*x, g);
+            *x = if g != 0.0 { moved } else { *x };
+        }
+    } else {
+        for (x, a) in x.iter_mut().zip(acc.iter_mut()) {
+            let g = std::mem::take(a);
+            let moved = add(*x, mul(eta, g));
+            *x = if g != 0.0 { moved } else { *x };
+        }
+    }
+}
+
+/// The entries of one tile whose d = x − x̂ has a key of at least `t`: (indices, keys).
+fn collect_tile(start: usize, x: &[f32], replica: &[f32], t: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut idx, mut keys) = (Vec::new(), Vec::new());
+    for (j, (&x, &r)) in x.iter().zip(replica).enumerate() {
+        let key = numerics::magnitude_key(canon(x - r));
+        if key >= t {
+            idx.push((start + j) as u32);
+            keys.push(key);
+        }
+    }
+    (idx, keys)
+}
+
 impl CpuAggregator {
-    /// An engine holding `x` (and x̂ = x) at version 0.
+    /// An engine holding `x` (and x̂ = x) at version 0, on as many threads as the machine has.
     pub fn new(initial: Vec<f32>, opt: OptimizerSettings) -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Self::with_threads(initial, opt, threads)
+    }
+
+    /// An engine on `threads` threads (1: the calling thread alone). The results are the same
+    /// for every thread count.
+    pub fn with_threads(initial: Vec<f32>, opt: OptimizerSettings, threads: usize) -> Self {
         let x: Vec<f32> = initial.into_iter().map(canon).collect();
         let n = x.len();
+        let threads = threads.max(1);
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("sparsync-cpu-{i}"))
+                    .build()
+                    .map_err(|e| tracing::warn!(error = %e, "no CPU worker threads: running on one"))
+                    .ok()
+            })
+            .flatten();
+        let threads = if pool.is_some() { threads } else { 1 };
         Self {
             replica: x.clone(),
             acc: vec![0.0; n],
@@ -45,50 +227,100 @@ impl CpuAggregator {
             version: 0,
             replica_version: 0,
             opt,
+            pool,
+            threads,
             keys: Vec::new(),
             scratch: Vec::new(),
             selected: Vec::new(),
-            values: Vec::new(),
+            cand_idx: Vec::new(),
+            cand_keys: Vec::new(),
+            sample: Vec::new(),
+            rng: SplitMix64::new(0x70C_5EED),
             encode_time: std::time::Duration::ZERO,
             counters: super::EngineCounters::default(),
         }
     }
 
-    /// Accumulates a batch into `acc` in batch order (the deterministic order).
-    fn accumulate(&mut self, batch: &[UpdateRef<'_>]) {
-        for u in batch {
-            let (hi, lo) = numerics::split_weight(u.weight);
-            // Widen the values in bulk (SIMD F16C where the CPU has it) rather than one call
-            // per element; then the scatter loop is loads, two multiplies and two adds.
-            let nnz = u.values.len() / 2;
-            self.values.clear();
-            self.values.resize(nnz, 0.0);
-            match bytemuck::try_cast_slice::<u8, f16>(u.values) {
-                Ok(h) => h.convert_to_f32_slice(&mut self.values),
-                Err(_) => {
-                    for (dst, v) in self.values.iter_mut().zip(u.values.chunks_exact(2)) {
-                        *dst = f16::from_le_bytes([v[0], v[1]]).to_f32();
-                    }
-                }
-            }
-            for (c, &v) in u.indices.chunks_exact(4).zip(&self.values) {
-                let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
-                let a = &mut self.acc[i];
-                *a = numerics::accumulate(*a, hi, lo, v);
-            }
-        }
+    /// Threads the engine works on.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
-    #[inline(always)]
-    fn apply_one(x: &mut f32, u: f32, eta: f32) {
-        if u != 0.0 {
-            let step = if eta == 1.0 { u } else { mul(eta, u) };
-            *x = add(*x, step);
+    /// Benchmarks: the exact Top-k of |d| (as a broadcast would select it, nothing applied);
+    /// returns how many entries were selected.
+    pub fn bench_select(&mut self, k: usize) -> usize {
+        self.exact_selection(k.min(self.x.len()));
+        self.selected.len()
+    }
+
+    /// Runs `f` on the worker threads (or here when there are none).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
         }
     }
 
     fn d(&self, i: usize) -> f32 {
         canon(self.x[i] - self.replica[i])
+    }
+
+    /// The exact Top-k of |d| into `self.selected`: from the candidates that reach a sampled
+    /// threshold (one pass over x and x̂), or from all keys when the sample guessed too high.
+    fn exact_selection(&mut self, k: usize) {
+        let n = self.x.len();
+        let (x, r) = (&self.x, &self.replica);
+        let t = select::sampled_threshold(n, k, &mut self.rng, &mut self.sample, &mut self.scratch, |i| {
+            numerics::magnitude_key(canon(x[i] - r[i]))
+        });
+        if let Some(t) = t {
+            let parts: Vec<(Vec<u32>, Vec<u32>)> = self.run(|| {
+                x.par_chunks(TILE)
+                    .zip(r.par_chunks(TILE))
+                    .enumerate()
+                    .map(|(i, (x, r))| collect_tile(i * TILE, x, r, t))
+                    .collect()
+            });
+            self.cand_idx.clear();
+            self.cand_keys.clear();
+            for (i, k) in parts {
+                self.cand_idx.extend(i);
+                self.cand_keys.extend(k);
+            }
+            self.counters.topk_input_passes += 1;
+            if self.cand_idx.len() >= k {
+                select::topk_of_candidates(
+                    &self.cand_idx,
+                    &self.cand_keys,
+                    k,
+                    &mut self.scratch,
+                    &mut self.selected,
+                );
+                return;
+            }
+            self.counters.topk_misses += 1;
+        }
+        self.keys.resize(n, 0);
+        let keys = &mut self.keys;
+        match &self.pool {
+            Some(p) => p.install(|| {
+                keys.par_chunks_mut(TILE).zip(x.par_chunks(TILE)).zip(r.par_chunks(TILE)).for_each(
+                    |((k, x), r)| {
+                        for ((k, &x), &r) in k.iter_mut().zip(x).zip(r) {
+                            *k = numerics::magnitude_key(canon(x - r));
+                        }
+                    },
+                )
+            }),
+            None => {
+                for ((k, &x), &r) in keys.iter_mut().zip(x).zip(r) {
+                    *k = numerics::magnitude_key(canon(x - r));
+                }
+            }
+        }
+        exact_topk(&self.keys, k, &mut self.scratch, &mut self.selected);
+        // d to keys, the histogram, the bucket's keys, the emitting pass.
+        self.counters.topk_input_passes += 4;
     }
 }
 
@@ -98,7 +330,11 @@ impl Aggregator for CpuAggregator {
             kind: "cpu".into(),
             adapter: "cpu".into(),
             backend: "native".into(),
-            mode: "deterministic".into(),
+            mode: format!(
+                "deterministic, {} thread{}",
+                self.threads,
+                if self.threads == 1 { "" } else { "s" }
+            ),
         }
     }
 
@@ -115,24 +351,34 @@ impl Aggregator for CpuAggregator {
     }
 
     fn aggregate(&mut self, batch: &[UpdateRef<'_>]) -> Result<(), EngineError> {
-        self.accumulate(batch);
-        let eta = self.opt.server_lr;
-        if self.opt.momentum == 0.0 {
-            // Only touched entries can change: visit them through the batch's indices. An entry
-            // seen twice has acc = 0 the second time, so it is applied once.
-            for u in batch {
-                for c in u.indices.chunks_exact(4) {
-                    let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
-                    let g = std::mem::take(&mut self.acc[i]);
-                    Self::apply_one(&mut self.x[i], g, eta);
+        let opt = self.opt;
+        let (acc, x, m) = (&mut self.acc, &mut self.x, &mut self.momentum);
+        let tile = |(i, (acc, x)): (usize, (&mut [f32], &mut [f32])), m: &mut [f32], v: &mut Vec<f32>| {
+            step_tile(batch, i * TILE, acc, x, m, opt, v)
+        };
+        // A small batch is not worth waking the workers for.
+        let entries: usize = batch.iter().map(|u| u.nnz()).sum();
+        let pool = self.pool.as_ref().filter(|_| entries >= PARALLEL_MIN || !m.is_empty());
+        match (pool, m.is_empty()) {
+            (Some(p), true) => p.install(|| {
+                acc.par_chunks_mut(TILE)
+                    .zip(x.par_chunks_mut(TILE))
+                    .enumerate()
+                    .for_each_init(Vec::new, |v, t| tile(t, &mut [], v))
+            }),
+            (Some(p), false) => p.install(|| {
+                acc.par_chunks_mut(TILE)
+                    .zip(x.par_chunks_mut(TILE))
+                    .enumerate()
+                    .zip(m.par_chunks_mut(TILE))
+                    .for_each_init(Vec::new, |v, (t, m)| tile(t, m, v))
+            }),
+            (None, _) => {
+                let mut v = Vec::new();
+                let mut ms = m.chunks_mut(TILE);
+                for t in acc.chunks_mut(TILE).zip(x.chunks_mut(TILE)).enumerate() {
+                    tile(t, ms.next().unwrap_or(&mut []), &mut v);
                 }
-            }
-        } else {
-            let mu = self.opt.momentum;
-            for ((x, m), a) in self.x.iter_mut().zip(self.momentum.iter_mut()).zip(self.acc.iter_mut()) {
-                let u = add(mul(mu, *m), std::mem::take(a));
-                *m = u;
-                Self::apply_one(x, u, eta);
             }
         }
         self.version += 1;
@@ -143,19 +389,18 @@ impl Aggregator for CpuAggregator {
     fn broadcast(&mut self, selection: Selection) -> Result<Broadcast, EngineError> {
         let n = self.x.len();
         let k = selection.k().min(n);
-        self.keys.clear();
-        self.keys
-            .extend(self.x.iter().zip(&self.replica).map(|(&x, &r)| numerics::magnitude_key(canon(x - r))));
         self.counters.broadcasts += 1;
         let exact = match selection {
             Selection::Exact { .. } => {
-                exact_topk(&self.keys, k, &mut self.scratch, &mut self.selected);
-                // d to keys, the histogram, the bucket's keys, the emitting pass.
-                self.counters.topk_input_passes += 4;
+                self.exact_selection(k);
                 true
             }
             Selection::GaussianK { .. } => {
                 self.selected.clear();
+                self.keys.clear();
+                self.keys.extend(
+                    self.x.iter().zip(&self.replica).map(|(&x, &r)| numerics::magnitude_key(canon(x - r))),
+                );
                 if k > 0 {
                     let (mean, std) = mean_std((0..n).map(|i| self.d(i) as f64));
                     let t0 = select::gaussiank_threshold(mean, std, k, n);

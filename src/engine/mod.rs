@@ -127,7 +127,7 @@ pub struct EngineInfo {
     pub adapter: String,
     /// Backend (Vulkan, Metal, …) or "native".
     pub backend: String,
-    /// "deterministic" or "fast".
+    /// "deterministic" (the CPU engine adds its thread count) or "fast (…)".
     pub mode: String,
 }
 

@@ -104,16 +104,19 @@ pub fn load_model(cfg: &ServerConfig) -> Result<(ModelLayout, Vec<f32>), ServerE
 /// Builds the engine the config asks for.
 pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggregator>, ServerError> {
     let opt = OptimizerSettings { momentum: cfg.momentum, server_lr: cfg.server_lr };
+    let threads =
+        cfg.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let cpu = move |values: Vec<f32>| CpuAggregator::with_threads(values, opt, threads);
     match cfg.engine {
-        EngineChoice::Cpu => Ok(Box::new(CpuAggregator::new(values, opt))),
+        EngineChoice::Cpu => Ok(Box::new(cpu(values))),
         EngineChoice::Gpu | EngineChoice::Auto => {
             let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
             match crate::engine::gpu::GpuAggregator::from_config(cfg, &values, opt) {
                 Ok(g) if require => Ok(Box::new(g)),
-                Ok(g) => Ok(Box::new(FallbackEngine { inner: Box::new(g), on_gpu: true, opt })),
+                Ok(g) => Ok(Box::new(FallbackEngine { inner: Box::new(g), on_gpu: true, opt, threads })),
                 Err(e) if !require => {
                     tracing::warn!(error = %e, "no usable GPU: falling back to the CPU engine");
-                    Ok(Box::new(CpuAggregator::new(values, opt)))
+                    Ok(Box::new(cpu(values)))
                 }
                 Err(e) => Err(e.into()),
             }
@@ -130,6 +133,7 @@ pub struct FallbackEngine {
     inner: Box<dyn Aggregator>,
     on_gpu: bool,
     opt: OptimizerSettings,
+    threads: usize,
 }
 
 impl FallbackEngine {
@@ -148,7 +152,7 @@ impl FallbackEngine {
                 }
             },
         };
-        let mut cpu = CpuAggregator::new(state.x.clone(), self.opt);
+        let mut cpu = CpuAggregator::with_threads(state.x.clone(), self.opt, self.threads);
         cpu.load_state(&state)?;
         tracing::warn!(error = %e, version = state.version, "GPU engine failed: continuing on the CPU engine");
         self.inner = Box::new(cpu);

@@ -27,9 +27,6 @@ fn check(file: &ShaderFile, defines: &[&str]) -> Result<(), String> {
     if defines.contains(&"F16") {
         caps |= Capabilities::SHADER_FLOAT16;
     }
-    if defines.contains(&"FLOAT_ATOMIC") {
-        caps |= Capabilities::SHADER_FLOAT32_ATOMIC;
-    }
     Validator::new(ValidationFlags::all(), caps).validate(&module).map_err(|e| {
         let span = e.spans().map(|(span, _)| *span).find(|s| s.is_defined());
         let at = span.map(|s| composed.locate(s.location(&composed.source).line_number as usize));

@@ -23,8 +23,9 @@
 //   `write_pass` emit from d directly (2 more passes).
 //
 // Emitting: the selected (index, f16 value) pairs in index order, laid out as a Delta body
-// (indices, then values packed two per word); each sent value is added to x̂ and d is set to
-// x − x̂ there, so d stays exact without a dense pass.
+// (indices, then values packed two per word). Once the engine has read them back, checked
+// them and is about to send them, `replica_pass` adds each sent value to x̂ and sets d to
+// x − x̂ there, so d stays exact without a dense pass, and a failed selection changes nothing.
 //
 // No pass waits on another workgroup: every cross-workgroup step is a separate dispatch, so it
 // is correct without forward-progress guarantees. No invocation returns before a barrier
@@ -66,7 +67,6 @@ struct ChunkParams {
     _p1: u32,
 }
 
-const FLAG_REPLICA: u32 = 1u;   // write_pass / cand_write: update x̂ and d
 const FLAG_EXACT: u32 = 2u;     // cand_collect / cand_check: collect against the exact T
 const FLAG_STEADY: u32 = 4u;    // init_pass: start from next_t0
 const FLAG_ALL: u32 = 8u;       // init_pass: k == n, everything is selected
@@ -579,15 +579,35 @@ fn scan_pass(@builtin(local_invocation_index) lid: u32) {
 }
 
 // Writes one selected entry at position `pos` and applies it to x̂ and d (local index i).
-fn emit(pos: u32, k: u32, global: u32, i: u32, v: f32) {
+fn emit(pos: u32, k: u32, global: u32, v: f32) {
     atomicStore(&out[pos], global);
     let h = f32_to_f16_sat(v);
     atomicOr(&out[k + (pos >> 1u)], h << ((pos & 1u) * 16u));
-    if ((p.flags & FLAG_REPLICA) != 0u) {
-        let xh = add_c(xhat[i], f16_bits_to_f32(h));
-        xhat[i] = xh;
-        d[i] = canon(x[i] - xh);
+}
+
+// Applies the emitted entries that fall in this chunk to x̂ and sets d = x − x̂ there (one
+// invocation per entry). A separate submission, made once the engine has read the result
+// back and checked it: a selection that fails leaves x̂ as it was.
+@compute @workgroup_size(256)
+fn replica_pass(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let j = linear_index(wid, nwg, lid);
+    let k = work.st.selected;
+    if (j >= k) {
+        return;
     }
+    let global = atomicLoad(&out[j]);
+    if (global < p.base || global - p.base >= p.n) {
+        return;
+    }
+    let i = global - p.base;
+    let h = (atomicLoad(&out[k + (j >> 1u)]) >> ((j & 1u) * 16u)) & 0xffffu;
+    let xh = add_c(xhat[i], f16_bits_to_f32(h));
+    xhat[i] = xh;
+    d[i] = canon(x[i] - xh);
 }
 
 // Emits the selected candidates of this chunk's tiles in index order. Lane l takes a
@@ -628,11 +648,11 @@ fn cand_write(
             let v = bitcast<f32>(cand[2u * (block + j) + 1u]);
             let key = key_of(v);
             if (key > t) {
-                emit(gt_at + min(eq_at, take_eq), k, global, global - p.base, v);
+                emit(gt_at + min(eq_at, take_eq), k, global, v);
                 gt_at = gt_at + 1u;
             } else if (key == t) {
                 if (eq_at < take_eq) {
-                    emit(gt_at + eq_at, k, global, global - p.base, v);
+                    emit(gt_at + eq_at, k, global, v);
                 }
                 eq_at = eq_at + 1u;
             }
@@ -680,7 +700,7 @@ fn write_pass(
         let eq_rank = eq_off + run_eq + (before >> 16u);
         if (is_gt || (is_eq && eq_rank < take_eq)) {
             let pos = gt_off + run_gt + (before & 0xffffu) + min(eq_rank, take_eq);
-            emit(pos, k, p.base + i, i, v);
+            emit(pos, k, p.base + i, v);
         }
         run_gt = run_gt + (total & 0xffffu);
         run_eq = run_eq + (total >> 16u);

@@ -192,7 +192,7 @@ settings! {
     gpu_mode: val GpuMode = "deterministic", "GPU aggregation mode: deterministic (bit-identical to CPU) or fast (atomics)";
     chunk_elems: opt usize = "adapter limit", "GPU storage chunk size in elements";
     cpu_threads: opt usize = "available cores", "Threads of the CPU engine (results are the same for any count)";
-    inject_gpu_fault: opt crate::engine::gpu::Fault = "none", "Testing: make the GPU engine fail (shader or alloc: while it is set up; step-alloc:N: in aggregation step N)";
+    inject_gpu_fault: opt crate::engine::gpu::Fault = "none", "Testing: make the GPU engine fail (shader or alloc: while it is set up; step-alloc:N or broadcast-alloc:N: in aggregation step or broadcast N)";
     momentum: val f32 = "0", "Server momentum μ (FedAvgM when > 0)";
     server_lr: val f32 = "1", "Server learning rate η_s";
     max_batch: val usize = "64", "Most updates aggregated in one step";

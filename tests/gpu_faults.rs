@@ -148,20 +148,22 @@ async fn a_gpu_failure_mid_run_falls_back_to_cpu_and_loses_nothing() {
     let Some(name) = adapter_name() else { return };
     let n = 4000;
     let base = ServerConfig { rho_down: 0.05, ..Default::default() };
-    let faulty = ServerConfig {
-        engine: EngineChoice::Auto,
-        adapter: Some(name),
-        gpu_mode: GpuMode::Deterministic,
-        inject_gpu_fault: Some(Fault::StepAllocation(4)),
-        ..base.clone()
-    };
-    let (got, kind) = serve_pushes(faulty, n, 8).await;
-    assert_eq!(kind, "cpu", "the server continued on the CPU engine");
-    let reference = ServerConfig { engine: EngineChoice::Cpu, ..base };
+    let reference = ServerConfig { engine: EngineChoice::Cpu, ..base.clone() };
     let (want, _) = serve_pushes(reference, n, 8).await;
-    assert_eq!(got.version, want.version);
-    assert_eq!(bits(&got.x), bits(&want.x), "every acknowledged push applied exactly once");
-    assert_eq!(bits(&got.replica), bits(&want.replica));
+    for fault in [Fault::StepAllocation(4), Fault::BroadcastAllocation(3)] {
+        let faulty = ServerConfig {
+            engine: EngineChoice::Auto,
+            adapter: Some(name.clone()),
+            gpu_mode: GpuMode::Deterministic,
+            inject_gpu_fault: Some(fault),
+            ..base.clone()
+        };
+        let (got, kind) = serve_pushes(faulty, n, 8).await;
+        assert_eq!(kind, "cpu", "{fault}: the server continued on the CPU engine");
+        assert_eq!(got.version, want.version, "{fault}");
+        assert_eq!(bits(&got.x), bits(&want.x), "{fault}: every acknowledged push applied exactly once");
+        assert_eq!(bits(&got.replica), bits(&want.replica), "{fault}: every Delta sent once");
+    }
 }
 
 /// WebGPU's default limits with buffers and bindings far smaller than the model: the model

@@ -126,9 +126,11 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
 
 /// The engine under `--engine auto`: the GPU engine until a call to it fails, then the CPU
 /// engine with the state read back from the GPU (the failed call is repeated on it). A GPU call
-/// that fails leaves the device state as it was (each step is one command buffer, and an
-/// invalid one runs nothing), so nothing acknowledged is lost or applied twice. When the
-/// state cannot be read back (the device is lost), the error stands.
+/// that fails leaves the model as it was: the part of a step that changes x is one command
+/// buffer, submitted only after any earlier parts succeeded (an invalid one runs nothing), and
+/// a broadcast changes x̂ only after its selection was read back and checked. So nothing
+/// acknowledged is lost or applied twice. When the state cannot be read back (the device is
+/// lost), the error stands.
 pub struct FallbackEngine {
     inner: Box<dyn Aggregator>,
     on_gpu: bool,

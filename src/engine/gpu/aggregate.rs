@@ -315,14 +315,15 @@ impl Step {
         momentum: Option<f32>,
         eta: f32,
     ) -> Result<(), EngineError> {
-        let all = units(batch, self.max_input);
-        let per_unit_meta = 4 * self.meta_words_per_unit(chunks);
-        let max_units = ((self.max_input / per_unit_meta) as usize).clamp(1, MAX_UNITS);
         // One staging buffer holds a part: its payloads, units tables and parameters.
         let staging_limit = self.ctx.limits.max_buffer_size.min(device::MAX_BINDING_BYTES);
         let params_bytes = (util::SLOT * chunks.len()) as u64;
         let max_payload =
             self.max_input.min(staging_limit.saturating_sub(16 * MAX_UNITS as u64 + params_bytes)).max(6);
+        // Updates larger than that are cut into units that fit.
+        let all = units(batch, max_payload);
+        let per_unit_meta = 4 * self.meta_words_per_unit(chunks);
+        let max_units = ((self.max_input / per_unit_meta) as usize).clamp(1, MAX_UNITS);
         // Sub-batches, in order: at most one input binding of payload and max_units units.
         let mut cuts = Vec::new();
         let mut start = 0;
@@ -366,22 +367,34 @@ impl Step {
             flags |= FLAG_ETA;
         }
         let total = cuts.len();
-        for range in parts {
-            let (enc, staging) = self.record(
-                &all,
-                &cuts[range.clone()],
-                range.start,
-                total,
-                chunks,
-                chunks_id,
-                flags,
-                momentum,
-                eta,
-            )?;
-            self.ctx.queue.submit([enc.finish()]);
-            // Mapped again once the device is done with the copies.
-            self.ring.release(staging);
-            self.counters.submits += 1;
+        let last = parts.len() - 1;
+        for (p, range) in parts.into_iter().enumerate() {
+            let submit = |this: &mut Self| -> Result<(), EngineError> {
+                let (enc, staging) = this.record(
+                    &all,
+                    &cuts[range.clone()],
+                    range.start,
+                    total,
+                    chunks,
+                    chunks_id,
+                    flags,
+                    momentum,
+                    eta,
+                )?;
+                this.ctx.queue.submit([enc.finish()]);
+                // Mapped again once the device is done with the copies.
+                this.ring.release(staging);
+                this.counters.submits += 1;
+                Ok(())
+            };
+            if p == last {
+                submit(self)?;
+            } else {
+                // A part that fails must stop the step before the last part, the only one that
+                // changes x, runs on partial sums.
+                let ctx = self.ctx.clone();
+                ctx.scoped("aggregation step (a part)", || submit(self))?;
+            }
         }
         self.counters.steps += 1;
         Ok(())

@@ -48,6 +48,8 @@ pub enum Fault {
     /// A buffer larger than the device allows, in aggregation step `n` (counted from 1),
     /// before anything of that step reaches the device.
     StepAllocation(u64),
+    /// The same in broadcast `n` (counted from 1).
+    BroadcastAllocation(u64),
 }
 
 impl std::fmt::Display for Fault {
@@ -56,6 +58,7 @@ impl std::fmt::Display for Fault {
             Self::Shader => write!(f, "shader"),
             Self::Allocation => write!(f, "alloc"),
             Self::StepAllocation(n) => write!(f, "step-alloc:{n}"),
+            Self::BroadcastAllocation(n) => write!(f, "broadcast-alloc:{n}"),
         }
     }
 }
@@ -79,12 +82,17 @@ impl std::str::FromStr for Fault {
         match s {
             "shader" => Ok(Self::Shader),
             "alloc" => Ok(Self::Allocation),
-            _ => s
-                .strip_prefix("step-alloc:")
-                .and_then(|n| n.parse().ok())
-                .filter(|&n| n >= 1)
-                .map(Self::StepAllocation)
-                .ok_or_else(|| format!("unknown fault {s:?} (shader, alloc, step-alloc:N)")),
+            _ => {
+                let numbered = |prefix: &str| {
+                    s.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok()).filter(|&n| n >= 1)
+                };
+                numbered("step-alloc:")
+                    .map(Self::StepAllocation)
+                    .or_else(|| numbered("broadcast-alloc:").map(Self::BroadcastAllocation))
+                    .ok_or_else(|| {
+                        format!("unknown fault {s:?} (shader, alloc, step-alloc:N, broadcast-alloc:N)")
+                    })
+            }
         }
     }
 }
@@ -432,6 +440,14 @@ impl Aggregator for GpuAggregator {
 
     fn broadcast(&mut self, selection: Selection) -> Result<Broadcast, EngineError> {
         let ctx = self.ctx.clone();
+        if self.fault == Some(Fault::BroadcastAllocation(self.broadcasts + 1)) {
+            return ctx
+                .scoped("broadcast selection", || {
+                    let _ = over_limit_buffer(&ctx);
+                    Ok(())
+                })
+                .and_then(|_| Err(EngineError::Gpu("injected fault did not fail".into())));
+        }
         let chunks: Vec<TopkChunk<'_>> = self
             .chunks
             .iter()

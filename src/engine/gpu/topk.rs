@@ -28,7 +28,6 @@ struct ChunkParams {
     _p: [u32; 2],
 }
 
-const FLAG_REPLICA: u32 = 1;
 const FLAG_EXACT: u32 = 2;
 const FLAG_STEADY: u32 = 4;
 const FLAG_ALL: u32 = 8;
@@ -140,6 +139,7 @@ struct Pipelines {
     gauss_resolve: wgpu::ComputePipeline,
     gauss_count: wgpu::ComputePipeline,
     gauss_final: wgpu::ComputePipeline,
+    replica: wgpu::ComputePipeline,
 }
 
 /// The uniform slots of one layout (chunk sizes, k, selection kind), uploaded once.
@@ -228,6 +228,7 @@ impl GpuTopk {
             gauss_resolve: mk("gauss_resolve"),
             gauss_count: mk("gauss_count"),
             gauss_final: mk("gauss_final"),
+            replica: mk("replica_pass"),
         };
         let buf = |label: &str, bytes: u64| util::storage(&ctx, label, bytes, wgpu::BufferUsages::empty());
         Self {
@@ -337,7 +338,6 @@ impl GpuTopk {
         } else {
             0.0
         };
-        let replica = if update_replica { FLAG_REPLICA } else { 0 };
         let everything = if k == n && !gaussian { FLAG_ALL } else { 0 };
         let dense = if use_cand { 0 } else { FLAG_DENSE };
         let base_params = ChunkParams {
@@ -357,7 +357,7 @@ impl GpuTopk {
                 n: c.len as u32,
                 base: base as u32,
                 tile_base: tile_base as u32,
-                flags: replica,
+                flags: 0,
                 ..base_params
             };
             for digit in 0..3 {
@@ -426,7 +426,7 @@ impl GpuTopk {
         let groups: Vec<wgpu::BindGroup> = chunks.iter().map(|c| self.bind_group(c)).collect();
         self.counters.selections += 1;
         if gaussian {
-            return self.gaussian(chunks, &groups);
+            return self.gaussian(chunks, &groups, update_replica);
         }
         self.last_device_s = None;
         if self.slots.use_cand {
@@ -437,6 +437,9 @@ impl GpuTopk {
             self.counters.input_passes += 1 + st.recollect as u64;
             self.counters.recollections += st.recollect as u64;
             if st.mode == MODE_CAND {
+                if update_replica {
+                    self.apply_to_replica(&groups, k);
+                }
                 return Ok(Selected { nnz: k as u32, body });
             }
             self.counters.misses += 1;
@@ -445,7 +448,30 @@ impl GpuTopk {
         let radix = if k == n { 0 } else { 3 };
         self.counters.input_passes +=
             radix + self.slots.use_cand as u64 + if st.mode == MODE_DENSE { 2 } else { 0 };
+        if update_replica {
+            self.apply_to_replica(&groups, k);
+        }
         Ok(Selected { nnz: k as u32, body })
+    }
+
+    /// Adds the `nnz` entries the last selection emitted (and the engine read back and
+    /// checked) to each chunk's x̂ and sets d = x − x̂ there. Submits; does not wait.
+    fn apply_to_replica(&mut self, groups: &[wgpu::BindGroup], nnz: u64) {
+        let mut enc = util::encoder(&self.ctx, "topk.replica");
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("topk.replica"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&self.p.replica);
+            for (i, g) in groups.iter().enumerate() {
+                pass.set_bind_group(0, g, &[self.slots.radix[0][i]]);
+                let (x, y) = util::grid(nnz);
+                pass.dispatch_workgroups(x, y, 1);
+                self.counters.dispatches += 1;
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
     }
 
     /// One exact selection: from candidates (above the previous threshold, or `Cold`: from
@@ -560,6 +586,7 @@ impl GpuTopk {
         &mut self,
         chunks: &[TopkChunk<'_>],
         groups: &[wgpu::BindGroup],
+        update_replica: bool,
     ) -> Result<Selected, EngineError> {
         let s = &self.slots;
         let p = &self.p;
@@ -627,6 +654,9 @@ impl GpuTopk {
         }
         let words = nnz + nnz.div_ceil(2);
         let body = self.readback.read(&self.ctx, enc, &[(&self.out, 0, 4 * words)])?;
+        if update_replica {
+            self.apply_to_replica(groups, nnz);
+        }
         self.counters.dispatches += dispatches;
         self.counters.waits += 2;
         // stats, count (the statistics pass and gauss_count are one read each), write.

@@ -335,9 +335,11 @@ impl UploadRing {
             }
         }
         self.allocations += 1;
+        // Rounded up for reuse, within what the device allows (the caller keeps `bytes` there).
+        let size = bytes.max(4096).next_power_of_two().min(ctx.limits.max_buffer_size & !3).max(bytes);
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("upload"),
-            size: bytes.max(4096).next_power_of_two(),
+            size,
             usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: true,
         })

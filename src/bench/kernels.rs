@@ -357,6 +357,7 @@ pub fn aggregate(
                     let opts = GpuOptions { mode, ..Default::default() };
                     let mut e =
                         GpuAggregator::with_context(ctx.clone(), &x0, OptimizerSettings::default(), &opts)?;
+                    e.bench_time_kernels();
                     // Warm-up: pipelines, buffers, the staging pool.
                     e.aggregate(&batch)?;
                     e.wait()?;
@@ -502,6 +503,7 @@ pub fn topk(
             let copy_s = copy.median(spec.reps)?;
             let timing = if ctx.timestamps { "device" } else { "wall" };
             let mut t = GpuTopk::new(ctx.clone());
+            t.time_kernels();
             for &rho in &spec.densities {
                 let k = crate::engine::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} gpu"));

@@ -182,11 +182,31 @@ fn apply_dense(x: &mut [f32], acc: &mut [f32], eta: f32) {
     }
 }
 
+/// The magnitude key of d = x − x̂ for one parameter.
+#[inline(always)]
+fn d_key(x: f32, replica: f32) -> u32 {
+    numerics::magnitude_key(canon(x - replica))
+}
+
+/// `keys[i] = d_key(x[i], replica[i])` over the whole model, tile by tile on `pool`.
+fn fill_keys(pool: Option<&rayon::ThreadPool>, keys: &mut Vec<u32>, x: &[f32], replica: &[f32]) {
+    keys.resize(x.len(), 0);
+    let tile = |(k, (x, r)): (&mut [u32], (&[f32], &[f32]))| {
+        k.iter_mut().zip(x).zip(r).for_each(|((k, &x), &r)| *k = d_key(x, r));
+    };
+    match pool {
+        Some(p) => p.install(|| {
+            keys.par_chunks_mut(TILE).zip(x.par_chunks(TILE).zip(replica.par_chunks(TILE))).for_each(tile)
+        }),
+        None => keys.chunks_mut(TILE).zip(x.chunks(TILE).zip(replica.chunks(TILE))).for_each(tile),
+    }
+}
+
 /// The entries of one tile whose d = x − x̂ has a key of at least `t`: (indices, keys).
 fn collect_tile(start: usize, x: &[f32], replica: &[f32], t: u32) -> (Vec<u32>, Vec<u32>) {
     let (mut idx, mut keys) = (Vec::new(), Vec::new());
     for (j, (&x, &r)) in x.iter().zip(replica).enumerate() {
-        let key = numerics::magnitude_key(canon(x - r));
+        let key = d_key(x, r);
         if key >= t {
             idx.push((start + j) as u32);
             keys.push(key);
@@ -253,14 +273,6 @@ impl CpuAggregator {
         self.selected.len()
     }
 
-    /// Runs `f` on the worker threads (or here when there are none).
-    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        match &self.pool {
-            Some(p) => p.install(f),
-            None => f(),
-        }
-    }
-
     fn d(&self, i: usize) -> f32 {
         canon(self.x[i] - self.replica[i])
     }
@@ -271,16 +283,16 @@ impl CpuAggregator {
         let n = self.x.len();
         let (x, r) = (&self.x, &self.replica);
         let t = select::sampled_threshold(n, k, &mut self.rng, &mut self.sample, &mut self.scratch, |i| {
-            numerics::magnitude_key(canon(x[i] - r[i]))
+            d_key(x[i], r[i])
         });
         if let Some(t) = t {
-            let parts: Vec<(Vec<u32>, Vec<u32>)> = self.run(|| {
-                x.par_chunks(TILE)
-                    .zip(r.par_chunks(TILE))
-                    .enumerate()
-                    .map(|(i, (x, r))| collect_tile(i * TILE, x, r, t))
-                    .collect()
-            });
+            let collect = |(i, (x, r)): (usize, (&[f32], &[f32]))| collect_tile(i * TILE, x, r, t);
+            let parts: Vec<(Vec<u32>, Vec<u32>)> = match &self.pool {
+                Some(p) => p.install(|| {
+                    x.par_chunks(TILE).zip(r.par_chunks(TILE)).enumerate().map(collect).collect()
+                }),
+                None => x.chunks(TILE).zip(r.chunks(TILE)).enumerate().map(collect).collect(),
+            };
             self.cand_idx.clear();
             self.cand_keys.clear();
             for (i, k) in parts {
@@ -300,24 +312,7 @@ impl CpuAggregator {
             }
             self.counters.topk_misses += 1;
         }
-        self.keys.resize(n, 0);
-        let keys = &mut self.keys;
-        match &self.pool {
-            Some(p) => p.install(|| {
-                keys.par_chunks_mut(TILE).zip(x.par_chunks(TILE)).zip(r.par_chunks(TILE)).for_each(
-                    |((k, x), r)| {
-                        for ((k, &x), &r) in k.iter_mut().zip(x).zip(r) {
-                            *k = numerics::magnitude_key(canon(x - r));
-                        }
-                    },
-                )
-            }),
-            None => {
-                for ((k, &x), &r) in keys.iter_mut().zip(x).zip(r) {
-                    *k = numerics::magnitude_key(canon(x - r));
-                }
-            }
-        }
+        fill_keys(self.pool.as_ref(), &mut self.keys, x, r);
         exact_topk(&self.keys, k, &mut self.scratch, &mut self.selected);
         // d to keys, the histogram, the bucket's keys, the emitting pass.
         self.counters.topk_input_passes += 4;
@@ -397,10 +392,7 @@ impl Aggregator for CpuAggregator {
             }
             Selection::GaussianK { .. } => {
                 self.selected.clear();
-                self.keys.clear();
-                self.keys.extend(
-                    self.x.iter().zip(&self.replica).map(|(&x, &r)| numerics::magnitude_key(canon(x - r))),
-                );
+                fill_keys(self.pool.as_ref(), &mut self.keys, &self.x, &self.replica);
                 if k > 0 {
                     let (mean, std) = mean_std((0..n).map(|i| self.d(i) as f64));
                     let t0 = select::gaussiank_threshold(mean, std, k, n);

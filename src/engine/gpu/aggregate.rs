@@ -151,7 +151,7 @@ pub struct Step {
     /// Largest input buffer (one binding).
     max_input: u64,
     counters: StepCounters,
-    /// Device time of the last recorded step's kernels (where the device has timestamps).
+    /// Device time of each step's kernels, once a benchmark asks for it ([`Step::time_kernels`]).
     timer: Option<Timer>,
     /// The dispatches of the last step, when it was one sub-batch (for [`Step::replay`]).
     last: Option<Vec<(usize, u32, u64, u64)>>,
@@ -217,7 +217,7 @@ impl Step {
             block: if big { 4096 } else { 1024 },
             counters: StepCounters::default(),
             last: None,
-            timer: Timer::new(&ctx),
+            timer: None,
             upload_time: std::time::Duration::ZERO,
             layout,
             main,
@@ -509,19 +509,7 @@ impl Step {
                 label: Some("aggregate"),
                 timestamp_writes: self.timer.as_ref().and_then(|t| t.writes(si == 0, si == last_sub)),
             });
-            for &(ci, slot, bound_items, blocks) in &sub.dispatches {
-                pass.set_bind_group(0, &self.groups[ci], &[slot]);
-                if bound_items > 0 {
-                    pass.set_pipeline(&self.bounds);
-                    let (x, y) = util::grid(bound_items);
-                    pass.dispatch_workgroups(x, y, 1);
-                    self.counters.dispatches += 1;
-                }
-                pass.set_pipeline(&self.main);
-                let (x, y) = util::grid_groups(blocks);
-                pass.dispatch_workgroups(x, y, 1);
-                self.counters.dispatches += 1;
-            }
+            self.counters.dispatches += self.dispatch(&mut pass, &sub.dispatches, Replay::All);
         }
         if let Some(t) = &self.timer {
             t.resolve(&mut enc);
@@ -530,13 +518,49 @@ impl Step {
         Ok((enc, staging))
     }
 
+    /// Benchmarks: time the kernels of every step from now on (timestamp queries, where the
+    /// device has them; servers do not pay for them).
+    pub fn time_kernels(&mut self) {
+        if self.timer.is_none() {
+            self.timer = Timer::new(&self.ctx);
+        }
+    }
+
     /// Device seconds of the last submitted step's (or replay's) kernels; waits. None
-    /// without timestamp queries.
+    /// without timestamp queries or before [`Step::time_kernels`].
     pub fn device_time(&self, readback: &mut Readback) -> Result<Option<f64>, EngineError> {
         match &self.timer {
             Some(t) => t.read(&self.ctx, readback),
             None => Ok(None),
         }
+    }
+
+    /// Records `dispatches` ((chunk, uniform slot, bounds invocations, blocks) each) into
+    /// `pass`: the bounds pass and the block pass per chunk, or only one of them. Returns the
+    /// number of dispatches.
+    fn dispatch(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        dispatches: &[(usize, u32, u64, u64)],
+        which: Replay,
+    ) -> u64 {
+        let mut count = 0;
+        for &(ci, slot, bound_items, blocks) in dispatches {
+            pass.set_bind_group(0, &self.groups[ci], &[slot]);
+            if bound_items > 0 && which != Replay::Main {
+                pass.set_pipeline(&self.bounds);
+                let (x, y) = util::grid(bound_items);
+                pass.dispatch_workgroups(x, y, 1);
+                count += 1;
+            }
+            if which != Replay::Bounds {
+                pass.set_pipeline(&self.main);
+                let (x, y) = util::grid_groups(blocks);
+                pass.dispatch_workgroups(x, y, 1);
+                count += 1;
+            }
+        }
+        count
     }
 
     /// Benchmarks: records the last step's kernels again (its data is still on the device;
@@ -550,19 +574,7 @@ impl Step {
                 label: Some("aggregate.replay"),
                 timestamp_writes: self.timer.as_ref().and_then(|t| t.writes(true, true)),
             });
-            for &(ci, slot, bound_items, blocks) in last {
-                pass.set_bind_group(0, &self.groups[ci], &[slot]);
-                if bound_items > 0 && which != Replay::Main {
-                    pass.set_pipeline(&self.bounds);
-                    let (x, y) = util::grid(bound_items);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-                if which != Replay::Bounds {
-                    pass.set_pipeline(&self.main);
-                    let (x, y) = util::grid_groups(blocks);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-            }
+            self.dispatch(&mut pass, last, which);
         }
         if let Some(t) = &self.timer {
             t.resolve(&mut enc);

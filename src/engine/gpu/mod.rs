@@ -355,8 +355,13 @@ impl GpuAggregator {
         })
     }
 
+    /// Benchmarks: time every step's (and replay's) kernels from now on.
+    pub fn bench_time_kernels(&mut self) {
+        self.step.time_kernels();
+    }
+
     /// Benchmarks: device seconds of the last step's (or replay's) kernels; waits. None
-    /// without timestamp queries.
+    /// without timestamp queries or before [`GpuAggregator::bench_time_kernels`].
     pub fn bench_device_time(&mut self) -> Result<Option<f64>, EngineError> {
         self.step.device_time(&mut self.readback)
     }

@@ -245,7 +245,7 @@ impl GpuTopk {
             readback: Readback::new(),
             warm: None,
             counters: TopkCounters::default(),
-            timer: Timer::new(&ctx),
+            timer: None,
             last_device_s: None,
             layout,
             p,
@@ -264,8 +264,16 @@ impl GpuTopk {
         self.counters
     }
 
+    /// Benchmarks: time the exact selections' kernels from now on (timestamp queries, where
+    /// the device has them; servers do not pay for them).
+    pub fn time_kernels(&mut self) {
+        if self.timer.is_none() {
+            self.timer = Timer::new(&self.ctx);
+        }
+    }
+
     /// Device seconds of the last exact selection's kernels (both runs when it missed), without
-    /// the readback. None without timestamp queries.
+    /// the readback. None without timestamp queries or before [`GpuTopk::time_kernels`].
     pub fn last_device_time(&self) -> Option<f64> {
         self.last_device_s
     }

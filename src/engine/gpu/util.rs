@@ -194,8 +194,6 @@ impl UniformSlots {
 pub struct Readback {
     buffer: Option<wgpu::Buffer>,
     capacity: u64,
-    /// Submissions waited on so far.
-    pub waits: u64,
 }
 
 /// Largest readback staging buffer: big reads (snapshots, checkpoints) go in pieces of this.
@@ -203,7 +201,7 @@ pub const READBACK_PIECE: u64 = 64 << 20;
 
 impl Readback {
     pub fn new() -> Self {
-        Self { buffer: None, capacity: 0, waits: 0 }
+        Self { buffer: None, capacity: 0 }
     }
 
     fn staging(&mut self, ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
@@ -261,7 +259,6 @@ impl Readback {
                 let _ = tx.send(r);
             });
             ctx.wait()?;
-            self.waits += 1;
             rx.recv()
                 .map_err(|e| EngineError::Map(e.to_string()))?
                 .map_err(|e| EngineError::Map(e.to_string()))?;

@@ -161,11 +161,12 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Training and test sets.
+/// Training and test sets, shared: cloning a `FashionMnist` (or either set) copies a pointer,
+/// so a client round or an evaluation costs the same whatever the dataset's size.
 #[derive(Clone, Debug)]
 pub struct FashionMnist {
-    pub train: Dataset,
-    pub test: Dataset,
+    pub train: std::sync::Arc<Dataset>,
+    pub test: std::sync::Arc<Dataset>,
     pub source: Source,
 }
 
@@ -191,8 +192,8 @@ pub fn load(dir: Option<&Path>) -> Result<FashionMnist, DataError> {
             let names = |a: &str, b: &str| (d.join(a).display().to_string(), d.join(b).display().to_string());
             let (tr, te) = (names(TRAIN_IMAGES, TRAIN_LABELS), names(TEST_IMAGES, TEST_LABELS));
             Ok(FashionMnist {
-                train: Dataset::from_idx(&read(TRAIN_IMAGES)?, &read(TRAIN_LABELS)?, (&tr.0, &tr.1))?,
-                test: Dataset::from_idx(&read(TEST_IMAGES)?, &read(TEST_LABELS)?, (&te.0, &te.1))?,
+                train: Dataset::from_idx(&read(TRAIN_IMAGES)?, &read(TRAIN_LABELS)?, (&tr.0, &tr.1))?.into(),
+                test: Dataset::from_idx(&read(TEST_IMAGES)?, &read(TEST_LABELS)?, (&te.0, &te.1))?.into(),
                 source: Source::Directory(d),
             })
         }
@@ -207,7 +208,7 @@ pub fn embedded() -> FashionMnist {
             .expect("the embedded subset is valid (tested)");
     let test = Dataset::from_idx(EMBEDDED[2], EMBEDDED[3], ("embedded test images", "embedded test labels"))
         .expect("the embedded subset is valid (tested)");
-    FashionMnist { train, test, source: Source::Embedded }
+    FashionMnist { train: train.into(), test: test.into(), source: Source::Embedded }
 }
 
 /// How training samples are split across clients.

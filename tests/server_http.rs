@@ -95,3 +95,44 @@ async fn a_replaced_session_ends_cleanly() {
     assert_eq!(gauge, "sparsync_sessions 1");
     h.shutdown("done").await.unwrap();
 }
+
+/// A client that pushes a few rounds right after the server is ready and leaves: within a
+/// fraction of a second `/api/status` and `/metrics` show every acknowledged push, although
+/// nothing happens on the server afterwards (the last change used to wait for a next event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_every_acked_push_when_the_server_goes_idle() {
+    let n = 64;
+    let cfg = ServerConfig { engine: EngineChoice::Cpu, ..Default::default() };
+    let h =
+        start(cfg, n, Box::new(sparsync::engine::cpu::CpuAggregator::new(init(n, 1), Default::default())))
+            .await;
+    let mut c = connect(&h, "burst").await;
+    for seq in 1..=5u64 {
+        c.push(&header(0, seq, 1), &[seq as u32], &[half::f16::from_f32(0.5)]).await.unwrap();
+    }
+    for seq in 1..=5u64 {
+        wait_ack(&mut c, seq).await;
+    }
+    c.close("done").await;
+    let acked_at = std::time::Instant::now();
+    let mut seen = (serde_json::Value::Null, String::new());
+    while acked_at.elapsed() < std::time::Duration::from_millis(400) {
+        let (_, body) = http_get(h.addr, "/api/status").await;
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let (_, metrics) = http_get(h.addr, "/metrics").await;
+        if s["accepted"] == 5
+            && s["aggregated"] == 5
+            && s["version"].as_u64() >= Some(1)
+            && metrics.contains("sparsync_updates_accepted_total 5")
+        {
+            h.shutdown("done").await.unwrap();
+            return;
+        }
+        seen = (s, metrics);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "400 ms after the last ack the status still shows accepted {} aggregated {} version {}; metrics:\n{}",
+        seen.0["accepted"], seen.0["aggregated"], seen.0["version"], seen.1
+    );
+}

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::history::History;
 use super::outbox::{Outbound, Outbox};
 use super::record::{AggregatedPush, Event, Record};
 use super::status::{ClientStatus, Status};
@@ -30,6 +31,8 @@ use crate::protocol::model::ModelLayout;
 
 /// Shortest time between two status publications.
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
+/// An idle server still republishes its status this often (uptime, connection times).
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Messages from sessions (and the server) to the coordinator.
 pub enum Inbound {
@@ -108,6 +111,10 @@ struct Registry {
     last_staleness: u64,
     last_loss: f32,
     commits: u64,
+    /// Frame bytes sent to this client (Deltas, snapshots).
+    bytes_out: u64,
+    /// Sum of the staleness of this client's aggregated pushes.
+    staleness_sum: u64,
 }
 
 /// An accepted push waiting to be aggregated.
@@ -154,7 +161,8 @@ pub struct Coordinator {
     /// Something changed since the last status publication.
     status_dirty: bool,
     counters: Counters,
-    evals: Vec<EvalPoint>,
+    /// The evaluator's reports over the whole run (bounded, see [`History`]).
+    evals: History<EvalPoint>,
     weights: Vec<f32>,
     metrics: Arc<super::metrics::Metrics>,
     durable: Option<Durable>,
@@ -256,7 +264,7 @@ impl Coordinator {
             last_status: None,
             status_dirty: false,
             counters: Counters::default(),
-            evals: Vec::new(),
+            evals: History::default(),
             weights: Vec::new(),
             metrics: p.metrics,
             cfg: p.cfg,
@@ -278,7 +286,8 @@ impl Coordinator {
         self.publish_status(true);
         loop {
             let wake = self.policy.next_wakeup().map(|d| self.started + d);
-            let status_due = self.status_dirty.then(|| self.last_status.map(|t| t + STATUS_PERIOD)).flatten();
+            let period = if self.status_dirty { STATUS_PERIOD } else { STATUS_HEARTBEAT };
+            let status_due = self.last_status.map(|t| t + period);
             let msg = tokio::select! {
                 m = self.rx.recv() => match m {
                     Some(m) => Some(m),
@@ -885,6 +894,7 @@ impl Coordinator {
                 && let Some(r) = self.registry.get_mut(&c.name)
             {
                 r.commits += 1;
+                r.staleness_sum += input.staleness;
             }
             record_items.push(AggregatedPush {
                 push: *id,
@@ -932,6 +942,9 @@ impl Coordinator {
         for c in self.clients.values() {
             if c.outbox.push_delta(base, version, frame.clone()) {
                 sent += frame.len() as u64;
+                if let Some(r) = self.registry.get_mut(&c.name) {
+                    r.bytes_out += frame.len() as u64;
+                }
             }
         }
         self.counters.bytes_out += sent;
@@ -953,7 +966,10 @@ impl Coordinator {
     }
 
     async fn resync(&mut self, client: ClientId, have: Option<u64>) {
-        let Some(outbox) = self.clients.get(&client).map(|c| c.outbox.clone()) else { return };
+        let Some((outbox, name)) = self.clients.get(&client).map(|c| (c.outbox.clone(), c.name.clone()))
+        else {
+            return;
+        };
         if let Some(h) = have
             && self.replica_version.saturating_sub(h) <= self.cfg.max_delta_chain
         {
@@ -965,6 +981,7 @@ impl Coordinator {
                 if outbox.resync_with_deltas(h, &chain) {
                     let bytes: u64 = chain.iter().map(|(_, _, f)| f.len() as u64).sum();
                     self.counters.bytes_out += bytes;
+                    self.registry.entry(name).or_default().bytes_out += bytes;
                     return;
                 }
             }
@@ -972,6 +989,7 @@ impl Coordinator {
         match self.snapshot_frame().await {
             Ok((v, f)) => {
                 self.counters.bytes_out += f.len() as u64;
+                self.registry.entry(name).or_default().bytes_out += f.len() as u64;
                 outbox.push_snapshot(v, f);
             }
             Err(e) => tracing::error!(error = %e, "snapshot failed"),
@@ -1033,7 +1051,13 @@ impl Coordinator {
                     rejected: r.rejected,
                     commits: r.commits,
                     bytes_in: r.bytes_in,
+                    bytes_out: r.bytes_out,
                     last_staleness: r.last_staleness,
+                    mean_staleness: if r.commits == 0 {
+                        0.0
+                    } else {
+                        r.staleness_sum as f64 / r.commits as f64
+                    },
                     last_loss: r.last_loss,
                     lagging: c.outbox.is_lagging(),
                     queued_bytes: c.outbox.queued_bytes() as u64,
@@ -1063,7 +1087,8 @@ impl Coordinator {
             aggregate_seconds: c.agg_seconds,
             topk_seconds: c.topk_seconds,
             aggregate_bytes: c.agg_bytes,
-            evals: self.evals.iter().rev().take(500).rev().cloned().collect(),
+            evals: self.evals.points(),
+            evals_seen: self.evals.seen(),
             staleness_histogram: self.record.staleness_histogram(),
         };
         let _ = self.status_tx.send(Arc::new(status));

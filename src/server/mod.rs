@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod coordinator;
 pub mod durability;
+pub mod history;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -21,7 +21,11 @@ pub struct ClientStatus {
     /// Pushes of this client that were aggregated.
     pub commits: u64,
     pub bytes_in: u64,
+    /// Frame bytes sent to this client (Deltas, snapshots).
+    pub bytes_out: u64,
     pub last_staleness: u64,
+    /// Mean staleness of this client's aggregated pushes.
+    pub mean_staleness: f64,
     pub last_loss: f32,
     pub lagging: bool,
     pub queued_bytes: u64,
@@ -56,8 +60,12 @@ pub struct Status {
     pub topk_seconds: f64,
     /// Update bytes aggregated (indices and values).
     pub aggregate_bytes: u64,
-    /// The evaluator's reports (newest 500).
+    /// The evaluator's reports over the whole run: every report until there are 512, then
+    /// evenly thinned (every 2nd, 4th, … report; see `server::history`), always ending with the
+    /// newest.
     pub evals: Vec<EvalPoint>,
+    /// How many reports the evaluator made in all.
+    pub evals_seen: u64,
     /// Aggregated updates per staleness (last bucket: 65 and more).
     pub staleness_histogram: Vec<u64>,
 }
@@ -96,6 +104,7 @@ impl Status {
             topk_seconds: 0.0,
             aggregate_bytes: 0,
             evals: Vec::new(),
+            evals_seen: 0,
             staleness_histogram: Vec::new(),
         }
     }

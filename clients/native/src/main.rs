@@ -80,9 +80,12 @@ struct Cli {
     /// Stop after this many seconds.
     #[arg(long)]
     duration_s: Option<f64>,
-    /// Evaluator: score every this many replica versions.
+    /// Evaluator: score every this many replica versions…
     #[arg(long, default_value_t = 1)]
     eval_every: u64,
+    /// …and at most once per this many seconds (the newest version is scored when it ends).
+    #[arg(long, default_value_t = sparsync_client::run::DEFAULT_EVAL_INTERVAL_S)]
+    eval_interval_s: f64,
     /// Evaluator: score on the first N test images (default: all).
     #[arg(long)]
     eval_samples: Option<usize>,
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         target_accuracy: cli.target_accuracy,
         duration: cli.duration_s.map(Duration::from_secs_f64),
         eval_every: cli.eval_every,
+        eval_interval: Duration::from_secs_f64(cli.eval_interval_s.max(0.0)),
         eval_samples: cli.eval_samples,
         reconnect: !cli.no_reconnect,
         gate: Gate { z_start: cli.hermes_z, ..Gate::default() },

@@ -14,6 +14,7 @@
 //! An evaluator never trains: it scores the replica on the test set and reports it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -78,13 +79,19 @@ pub struct Config {
     pub max_rounds: Option<u64>,
     pub target_accuracy: Option<f64>,
     pub duration: Option<Duration>,
-    /// Evaluator: score every this many replica versions.
+    /// Evaluator: score every this many replica versions…
     pub eval_every: u64,
+    /// …and at most once per this interval (the newest version is scored when it ends).
+    pub eval_interval: Duration,
     /// Evaluator: score on the first this many test images (all when None).
     pub eval_samples: Option<usize>,
     pub reconnect: bool,
     pub gate: Gate,
 }
+
+/// The evaluator's default cadence: twice a second. Scoring after every Delta (hundreds a second
+/// on a small model) kept a core busy and crowded the trainers on small machines.
+pub const DEFAULT_EVAL_INTERVAL_S: f64 = 0.5;
 
 impl Config {
     /// A trainer of `model` with `sparsync-client`'s defaults: shard 0/1, IID, seed 0, the
@@ -110,6 +117,7 @@ impl Config {
             target_accuracy: None,
             duration: None,
             eval_every: 1,
+            eval_interval: Duration::from_secs_f64(DEFAULT_EVAL_INTERVAL_S),
             eval_samples: None,
             reconnect: true,
             gate: Gate::default(),
@@ -169,7 +177,8 @@ struct Runner {
     cfg: Config,
     data: FashionMnist,
     /// Training indices of this client's shard (Hermes: without its local test split).
-    train: Vec<usize>,
+    /// This client's shard (indices into the training set), shared with the training jobs.
+    train: Arc<[usize]>,
     /// Hermes' local test split (indices into the training set).
     local_test: Vec<usize>,
     /// Test-set indices that tell a trainer when it reached `target_accuracy`.
@@ -191,6 +200,7 @@ struct Runner {
     /// NBSync: the previous push was acknowledged while a training chunk ran.
     adopt_pending: bool,
     last_eval_version: Option<u64>,
+    last_eval_at: Option<Instant>,
     summary: Summary,
     started: Instant,
 }
@@ -215,7 +225,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
     let mut r = Runner {
         summary: Summary { client_id: cfg.client_id.clone(), ..Default::default() },
         data,
-        train: shard,
+        train: shard.into(),
         local_test,
         check: Vec::new(),
         work: None,
@@ -232,6 +242,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         z_thr: cfg.gate.z_start,
         adopt_pending: false,
         last_eval_version: None,
+        last_eval_at: None,
         started: Instant::now(),
         cfg,
     };
@@ -313,8 +324,10 @@ impl Runner {
             tracing::info!(policy, mode = ?self.cfg.mode, "mode chosen from the server's policy");
         }
         if self.cfg.mode != Mode::Hermes && self.cfg.role == Role::Trainer && !self.local_test.is_empty() {
-            self.train.append(&mut self.local_test);
-            self.train.sort_unstable();
+            let mut all = self.train.to_vec();
+            all.append(&mut self.local_test);
+            all.sort_unstable();
+            self.train = all.into();
         }
         if self.cfg.target_accuracy.is_some() {
             self.check = (0..self.data.test.len().min(500)).collect();
@@ -372,13 +385,13 @@ impl Runner {
     }
 
     /// The indices a training job draws batches from.
-    fn job_data(&self, s: &Session) -> Vec<usize> {
+    fn job_data(&self, s: &Session) -> Arc<[usize]> {
         if self.cfg.mode != Mode::Hermes {
             return self.train.clone();
         }
         let (_, d, _, _) = self.hermes_round(s);
         let n = self.train.len();
-        (0..d).map(|j| self.train[(self.chunk_at + j) % n.max(1)]).collect()
+        (0..d).map(|j| self.train[(self.chunk_at + j) % n.max(1)]).collect::<Vec<_>>().into()
     }
 
     fn start_job(&mut self, s: &Session, steps: u64) -> tokio::task::JoinHandle<(Work, RoundStats)> {
@@ -584,12 +597,11 @@ impl Runner {
                 return Ok(Some(End::Disconnected(format!("server said bye: {reason}"))));
             }
             Event::Delta { version, .. } | Event::Snapshot { version, .. } => {
-                if self.cfg.role == Role::Evaluator {
-                    let due =
-                        self.last_eval_version.is_none_or(|v| version >= v + self.cfg.eval_every.max(1));
-                    if due && !job_running {
-                        self.evaluate(s).await?;
-                    }
+                if self.cfg.role == Role::Evaluator
+                    && !job_running
+                    && self.eval_due(version).is_some_and(|t| t <= Instant::now())
+                {
+                    self.evaluate(s).await?;
                 }
             }
             Event::RoundDropped { round, reason } => tracing::info!(round, %reason, "dropped from a round"),
@@ -619,6 +631,16 @@ impl Runner {
         Ok(())
     }
 
+    /// When the evaluator should score `version` (None: not due, too few new versions).
+    fn eval_due(&self, version: u64) -> Option<Instant> {
+        if self.cfg.role != Role::Evaluator
+            || self.last_eval_version.is_some_and(|v| version < v + self.cfg.eval_every.max(1))
+        {
+            return None;
+        }
+        Some(self.last_eval_at.map_or_else(Instant::now, |t| t + self.cfg.eval_interval))
+    }
+
     async fn evaluate(&mut self, s: &mut Session) -> Result<(), RunError> {
         let version = s.replica.version().unwrap_or(0);
         let values = s.replica.values().to_vec();
@@ -635,6 +657,7 @@ impl Runner {
         self.work = Some(work);
         let score = score?;
         self.last_eval_version = Some(version);
+        self.last_eval_at = Some(Instant::now());
         self.summary.evaluations += 1;
         self.summary.last_accuracy = Some(score.accuracy);
         self.summary.last_loss = Some(score.loss);
@@ -683,6 +706,8 @@ impl Runner {
                 job = Some(self.start_job(&s, steps));
             }
             let deadline = self.cfg.duration.map(|d| self.started + d);
+            let eval_at =
+                if job.is_none() { s.replica.version().and_then(|v| self.eval_due(v)) } else { None };
             tokio::select! {
                 m = rx.recv() => match m {
                     None => break End::Disconnected("connection closed".into()),
@@ -705,6 +730,7 @@ impl Runner {
                     self.after_job(&mut s, stats).await?;
                 },
                 _ = sleep_until(deadline) => {}
+                _ = sleep_until(eval_at) => self.evaluate(&mut s).await?,
             }
         };
         if let Some(j) = job

@@ -1089,6 +1089,7 @@ impl Coordinator {
             aggregate_bytes: c.agg_bytes,
             evals: self.evals.points(),
             evals_seen: self.evals.seen(),
+            stages: self.metrics.stage_seconds(),
             staleness_histogram: self.record.staleness_histogram(),
         };
         let _ = self.status_tx.send(Arc::new(status));

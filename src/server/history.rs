@@ -40,7 +40,11 @@ impl<T: Clone> History<T> {
         self.newest = None;
         self.kept.push(p);
         if self.kept.len() >= self.cap {
-            // Point j of `kept` is point j·stride of the run: keep the even ones.
+            // Point j of `kept` is point j·stride of the run: keep the even ones. When the
+            // point just pushed is an odd one, it stays as the newest.
+            if self.kept.len() % 2 == 0 {
+                self.newest = self.kept.last().cloned();
+            }
             let mut j = 0;
             self.kept.retain(|_| {
                 j += 1;
@@ -95,7 +99,7 @@ mod tests {
 
     #[test]
     fn covers_the_whole_run_in_bounded_memory() {
-        for n in [1u64, 2, 9, 10, 100, 511, 512, 513, 10_000, 1_000_003] {
+        for n in [1u64, 2, 9, 10, 15, 16, 17, 32, 100, 511, 512, 513, 10_000, 1_000_003] {
             let mut h = History::new(16);
             for i in 0..n {
                 h.push(i);

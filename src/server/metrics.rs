@@ -156,6 +156,17 @@ impl Metrics {
         self.stages.get_or_create(&StageLabel { stage }).inc_by(d.as_secs_f64());
     }
 
+    /// Seconds spent so far in each stage of [`STAGES`], in path order.
+    pub fn stage_seconds(&self) -> Vec<super::status::StageTime> {
+        STAGES
+            .iter()
+            .map(|&stage| super::status::StageTime {
+                stage,
+                seconds: self.stages.get_or_create(&StageLabel { stage }).get(),
+            })
+            .collect()
+    }
+
     pub fn accepted(&self, bytes: u64) {
         self.accepted.inc();
         self.bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(bytes);

@@ -33,6 +33,13 @@ pub struct ClientStatus {
     pub directive: Directive,
 }
 
+/// Time spent in one stage of an update's path (as `/metrics`' `sparsync_stage_seconds`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StageTime {
+    pub stage: &'static str,
+    pub seconds: f64,
+}
+
 /// The server's state, as `/api/status` serves it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
@@ -66,6 +73,8 @@ pub struct Status {
     pub evals: Vec<EvalPoint>,
     /// How many reports the evaluator made in all.
     pub evals_seen: u64,
+    /// Seconds per stage of an update's path since the start (decode … send).
+    pub stages: Vec<StageTime>,
     /// Aggregated updates per staleness (last bucket: 65 and more).
     pub staleness_histogram: Vec<u64>,
 }
@@ -105,6 +114,7 @@ impl Status {
             aggregate_bytes: 0,
             evals: Vec::new(),
             evals_seen: 0,
+            stages: Vec::new(),
             staleness_histogram: Vec::new(),
         }
     }

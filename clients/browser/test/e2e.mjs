@@ -10,7 +10,7 @@
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 
-const [base, out = '.'] = process.argv.slice(2);
+const [base, out = '.', stopping] = process.argv.slice(2);
 mkdirSync(out, { recursive: true });
 const step = (msg) => console.log(`e2e: ${msg}`);
 const fail = (msg) => {
@@ -27,6 +27,13 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 try {
+  // A second server, which the caller stops a while after the start: its dashboard must end
+  // up saying so.
+  const gone = stopping ? await browser.newPage({ viewport: { width: 1400, height: 1000 } }) : null;
+  if (gone) {
+    await gone.goto(`${stopping}/`);
+    await gone.waitForFunction(() => window.sparsyncState === 'live', null, { timeout: 15000 });
+  }
   const page = await browser.newPage();
   page.on('console', (m) => console.log(`[page] ${m.text()}`));
   page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
@@ -79,9 +86,26 @@ try {
   const v2 = await dash.evaluate(() => window.sparsyncStatus.version);
   const table = await dash.textContent('#clients');
   if (!table.includes('browser-e2e') || !table.includes('native')) fail(`dashboard table: ${table}`);
+  // The accuracy curve covers the whole run: it starts within the first seconds of the server's
+  // run and ends within a few seconds of now, and the chart plots exactly that span.
+  await dash.waitForFunction(() => (window.sparsyncStatus?.evals ?? []).length >= 5 && window.sparsyncStatus.uptime_s > 8, null, { timeout: 60000 });
+  const span = await dash.evaluate(() => {
+    const s = window.sparsyncStatus;
+    const x = window.sparsyncCharts.acc.data[0];
+    return { first: s.evals[0].t, last: s.evals[s.evals.length - 1].t, uptime: s.uptime_s, plotted: [x[0], x[x.length - 1]], n: x.length, seen: s.evals_seen };
+  });
+  if (span.first > 5) fail(`the accuracy curve starts at ${span.first} s, not at the start of the run: ${JSON.stringify(span)}`);
+  if (span.uptime - span.last > 4) fail(`the accuracy curve ends at ${span.last} s but the run is at ${span.uptime} s`);
+  if (span.plotted[0] !== span.first || span.plotted[1] !== span.last) fail(`the chart plots ${span.plotted} of the series ${span.first}…${span.last}`);
+  step(`accuracy curve spans ${span.first.toFixed(1)}…${span.last.toFixed(1)} s of a ${span.uptime.toFixed(1)} s run (${span.n} points of ${span.seen})`);
+  // Directives as fields, the stage times, per-client speed and staleness.
+  const directive = await dash.textContent('#clients td.directive');
+  if (directive.includes('{') || directive.includes('"')) fail(`directive shown as raw JSON: ${directive}`);
+  const stages = await dash.$$eval('#stages tr', (rows) => rows.map((r) => r.textContent));
+  if (stages.length !== 9 || !stages.some((r) => r.startsWith('aggregate'))) fail(`stage table: ${JSON.stringify(stages)}`);
   await sleep(1500);
   await dash.screenshot({ path: `${out}/dashboard.png`, fullPage: true });
-  step(`dashboard shows both clients; version rose ${v1} → ${v2}; screenshot ${out}/dashboard.png`);
+  step(`dashboard shows both clients; version rose ${v1} → ${v2}; directive "${directive}"; ${stages.length} stages; screenshot ${out}/dashboard.png`);
   await page.screenshot({ path: `${out}/join.png`, fullPage: true });
 
   // Quiesce: the native trainer stops on its own; pause the page; wait until the server's
@@ -104,7 +128,17 @@ try {
   const mine = await page.evaluate(() => window.sparsync.checksum());
   if (mine !== server.checksum) fail(`replica checksum ${mine} differs from the server's ${server.checksum} at version ${server.version}`);
   step(`replica equals the server's x̂ at version ${server.version} (checksum ${mine})`);
-  console.log('e2e: 5 passed, 0 failed');} catch (e) {
+
+  // A server that went away: its page says so instead of "reconnecting…" forever.
+  if (gone) {
+    await gone.waitForFunction(() => window.sparsyncState === 'stopped', null, { timeout: 60000 }).catch(async () => {
+      fail(`the dashboard of a stopped server shows: ${await gone.textContent('#live')}`);
+    });
+    const banner = await gone.textContent('#live');
+    await gone.screenshot({ path: `${out}/dashboard-stopped.png`, fullPage: false });
+    step(`dashboard of a stopped server: "${banner}"`);
+  } else step('no second server given: the stopped state was not checked');
+  console.log('e2e: 7 passed, 0 failed');} catch (e) {
   for (const p of browser.contexts().flatMap((c) => c.pages())) {
     const s = await p.evaluate(() => (window.sparsync ? { ...window.sparsync.state, log: window.sparsync.state.log.slice(-15) } : null)).catch(() => null);
     if (s) console.error(`page state: ${JSON.stringify(s, null, 1)}`);

@@ -69,11 +69,22 @@ async fn browser_client_trains_and_dashboard_shows_it() {
     ev.duration = Some(Duration::from_secs(120));
     let evaluator = tokio::spawn(run::run(ev, data, Emulation::none()));
 
+    // A second server that stops after 20 s: its dashboard must say so.
+    let cfg2 = ServerConfig { model: "mlp".into(), engine: EngineChoice::Cpu, ..Default::default() };
+    let listener2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2 = sparsync::server::start(cfg2, listener2).await.unwrap();
+    let addr2 = h2.addr;
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        h2.shutdown("stopped by the test").await.unwrap();
+    });
+
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e");
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg(browser_dir().join("test/e2e.mjs"))
         .arg(format!("http://{}", h.addr))
         .arg(&out)
+        .arg(format!("http://{addr2}"))
         .current_dir(browser_dir());
     let result = tokio::time::timeout(Duration::from_secs(240), cmd.output())
         .await
@@ -83,8 +94,10 @@ async fn browser_client_trains_and_dashboard_shows_it() {
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     println!("{text}");
     assert!(output.status.success(), "browser end-to-end test failed:\n{text}");
-    assert!(text.contains("e2e: 5 passed, 0 failed"));
+    assert!(text.contains("e2e: 7 passed, 0 failed"));
     assert!(out.join("dashboard.png").is_file(), "screenshot saved");
+    assert!(out.join("dashboard-stopped.png").is_file(), "screenshot saved");
+    stopper.await.unwrap();
     println!("screenshots in {}", out.display());
     let s = native.await.unwrap().expect("native client ran");
     assert!(s.acked > 0);

@@ -33,7 +33,7 @@ function bar(value, max, color) {
 }
 
 function clientsTable(s) {
-  const clients = s.clients.slice().sort((a, b) => a.session - b.session);
+  const clients = s.clients.slice().sort((a, b) => (a.client_id < b.client_id ? -1 : a.client_id > b.client_id ? 1 : 0));
   const speed = (c) => (c.connected_s > 0 ? c.accepted / c.connected_s : 0);
   const maxSpeed = Math.max(0, ...clients.map(speed));
   const maxStale = Math.max(0, ...clients.map((c) => c.mean_staleness));

@@ -191,7 +191,7 @@ settings! {
     require_gpu: flag bool = "false", "Fail instead of falling back to the CPU engine when no adapter is found";
     gpu_mode: val GpuMode = "deterministic", "GPU aggregation mode: deterministic (bit-identical to CPU) or fast (atomics)";
     chunk_elems: opt usize = "adapter limit", "GPU storage chunk size in elements";
-    cpu_threads: opt usize = "available cores", "Threads of the CPU engine (results are the same for any count)";
+    cpu_threads: opt usize = "available cores from 2^19 parameters, else 1", "Threads of the CPU engine (results are the same for any count)";
     inject_gpu_fault: opt crate::engine::gpu::Fault = "none", "Testing: make the GPU engine fail (shader or alloc: while it is set up; step-alloc:N or broadcast-alloc:N: in aggregation step or broadcast N)";
     momentum: val f32 = "0", "Server momentum μ (FedAvgM when > 0)";
     server_lr: val f32 = "1", "Server learning rate η_s";

@@ -105,8 +105,7 @@ pub fn load_model(cfg: &ServerConfig) -> Result<(ModelLayout, Vec<f32>), ServerE
 /// Builds the engine the config asks for.
 pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggregator>, ServerError> {
     let opt = OptimizerSettings { momentum: cfg.momentum, server_lr: cfg.server_lr };
-    let threads =
-        cfg.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = cfg.cpu_threads.unwrap_or_else(|| CpuAggregator::default_threads(values.len()));
     let cpu = move |values: Vec<f32>| CpuAggregator::with_threads(values, opt, threads);
     match cfg.engine {
         EngineChoice::Cpu => Ok(Box::new(cpu(values))),

@@ -42,7 +42,7 @@ impl<T: Clone> History<T> {
         if self.kept.len() >= self.cap {
             // Point j of `kept` is point j·stride of the run: keep the even ones. When the
             // point just pushed is an odd one, it stays as the newest.
-            if self.kept.len() % 2 == 0 {
+            if self.kept.len().is_multiple_of(2) {
                 self.newest = self.kept.last().cloned();
             }
             let mut j = 0;

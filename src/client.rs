@@ -41,6 +41,8 @@ pub struct ClientOptions {
     /// Largest message accepted from the server.
     pub max_message_bytes: usize,
     pub timeout: Duration,
+    /// The `resume_secret` of an earlier Welcome to this client id (see `Hello`).
+    pub resume_secret: Option<String>,
 }
 
 impl ClientOptions {
@@ -56,6 +58,7 @@ impl ClientOptions {
             ca: None,
             max_message_bytes: 1 << 30,
             timeout: Duration::from_secs(30),
+            resume_secret: None,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Connection {
             model: opts.model.clone(),
             role: opts.role,
             device: opts.device.clone(),
+            resume_secret: opts.resume_secret.clone(),
         });
         let text = serde_json::to_string(&hello).expect("hello serializes");
         tx.send(Message::text(text)).await.map_err(|e| ClientError::Ws(Box::new(e)))?;

@@ -136,7 +136,7 @@ proptest! {
         role in prop_oneof![Just(Role::Trainer), Just(Role::Evaluator)],
         device in prop::option::of("\\PC{0,40}"),
     ) {
-        let h = Hello { protocol: 1, client_id: id, token, kind, model: "mlp".into(), role, device };
+        let h = Hello { protocol: 1, client_id: id, token, kind, model: "mlp".into(), role, device, resume_secret: None };
         let json = serde_json::to_string(&ClientMessage::Hello(h.clone())).unwrap();
         prop_assert_eq!(parse_hello(&json, "mlp").unwrap(), h.clone());
         prop_assert_eq!(parse_hello(&json, "cnn").unwrap_err().field(), "model");

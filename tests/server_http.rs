@@ -67,7 +67,7 @@ async fn serves_a_safetensors_model_and_reports_status() {
     h.shutdown("done").await.unwrap();
 }
 
-/// A session the server closes (here: replaced by a newer session with the same client id)
+/// A session the server closes (here: replaced by a newer session of the same client)
 /// ends cleanly: the open-sessions gauge counts only the live one. (A session task that
 /// panicked on the way out never decremented it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,8 +75,10 @@ async fn a_replaced_session_ends_cleanly() {
     let cfg = ServerConfig { model: "logreg".into(), engine: EngineChoice::Cpu, ..Default::default() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let h = sparsync::server::start(cfg, listener).await.unwrap();
-    let opts = ClientOptions::new(format!("ws://{}/ws", h.addr), "same", "logreg");
+    let mut opts = ClientOptions::new(format!("ws://{}/ws", h.addr), "same", "logreg");
     let mut old = Connection::connect(&opts).await.unwrap();
+    // The same client reconnecting proves it with its Welcome's secret.
+    opts.resume_secret = Some(old.welcome.resume_secret.clone());
     let _new = Connection::connect(&opts).await.unwrap();
     let bye = wait_for(&mut old, |e| match e {
         sparsync::client::Event::Bye { reason } => Some(reason.clone()),

@@ -262,6 +262,7 @@ async fn join(spec: &LoadSpec, name: &str) -> Result<(Ws, usize, u64, u64), Stri
     .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())?;
     let hello = ClientMessage::Hello(Hello {
+        resume_secret: None,
         protocol: PROTOCOL_VERSION as u32,
         client_id: name.to_string(),
         token: spec.token.clone(),

@@ -7,6 +7,27 @@ use super::model::TensorSpec;
 
 /// Longest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
+/// Longest `device` description, token, model name and bye reason a client may send (bytes).
+pub const MAX_DEVICE_LEN: usize = 256;
+pub const MAX_TOKEN_LEN: usize = 512;
+pub const MAX_MODEL_NAME_LEN: usize = 128;
+pub const MAX_REASON_LEN: usize = 256;
+/// Longest control (text) message a client may send, Hello included (bytes).
+pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+/// Longest text the server echoes back or logs from what a client sent (bytes).
+pub const MAX_ECHO_LEN: usize = 200;
+
+/// `s` cut to at most `max` bytes at a character boundary, with "…" when it was cut.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+}
 
 /// What kind of program a client is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +65,10 @@ pub struct Hello {
     /// Free-form description of the device (shown on the dashboard, never trusted).
     #[serde(default)]
     pub device: Option<String>,
+    /// The `resume_secret` of an earlier Welcome: proves that a reconnecting client is the one
+    /// whose session with this client id is still open (that session is then replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_secret: Option<String>,
 }
 
 /// An evaluator's score of the public replica at `version`.
@@ -143,6 +168,10 @@ pub struct Welcome {
     /// The public replica version at the time of Welcome.
     pub version: u64,
     pub settings: SessionSettings,
+    /// A secret of this client id, the same for every session of it: a reconnecting client
+    /// sends it in its Hello to replace a session of its own that the server still holds.
+    #[serde(default)]
+    pub resume_secret: String,
 }
 
 /// A Push was accepted.
@@ -233,8 +262,11 @@ impl ServerMessage {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages always serialize")
     }
+    /// An Error; the message is clipped to [`MAX_ECHO_LEN`] bytes (it may quote client input).
     pub fn error(field: &str, message: impl Into<String>, fatal: bool) -> Self {
-        Self::Error(ErrorMessage { field: field.into(), message: message.into(), fatal })
+        let message = message.into();
+        let message = clip(&message, MAX_ECHO_LEN).into_owned();
+        Self::Error(ErrorMessage { field: clip(field, 64).into_owned(), message, fatal })
     }
 }
 
@@ -253,6 +285,8 @@ pub enum HandshakeError {
     Token,
     #[error("the first message must be a JSON hello text frame")]
     NotHello,
+    #[error("{field} is {len} bytes; at most {max} are allowed")]
+    TooLong { field: &'static str, len: usize, max: usize },
 }
 
 impl HandshakeError {
@@ -263,6 +297,7 @@ impl HandshakeError {
             Self::ClientId => "client_id",
             Self::Model { .. } => "model",
             Self::Token => "token",
+            Self::TooLong { field, .. } => field,
         }
     }
 }
@@ -270,8 +305,11 @@ impl HandshakeError {
 /// Parses and checks a Hello text frame (everything but the token, which needs the server's
 /// secret store). Never panics, whatever the input.
 pub fn parse_hello(text: &str, served_model: &str) -> Result<Hello, HandshakeError> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
+    if text.len() > MAX_CONTROL_BYTES {
+        return Err(HandshakeError::TooLong { field: "handshake", len: text.len(), max: MAX_CONTROL_BYTES });
+    }
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| HandshakeError::Malformed(clip(&e.to_string(), MAX_ECHO_LEN).into()))?;
     if value.get("type").and_then(|t| t.as_str()) != Some("hello") {
         return Err(HandshakeError::NotHello);
     }
@@ -288,13 +326,23 @@ pub fn parse_hello(text: &str, served_model: &str) -> Result<Hello, HandshakeErr
     let hello = match serde_json::from_value::<ClientMessage>(value) {
         Ok(ClientMessage::Hello(h)) => h,
         Ok(_) => return Err(HandshakeError::NotHello),
-        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+        Err(e) => return Err(HandshakeError::Malformed(clip(&e.to_string(), MAX_ECHO_LEN).into())),
     };
     let id_ok = !hello.client_id.is_empty()
         && hello.client_id.len() <= MAX_CLIENT_ID_LEN
         && hello.client_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !id_ok {
         return Err(HandshakeError::ClientId);
+    }
+    let too_long = |field: &'static str, len: usize, max: usize| {
+        (len > max).then_some(HandshakeError::TooLong { field, len, max })
+    };
+    if let Some(e) = too_long("device", hello.device.as_ref().map_or(0, String::len), MAX_DEVICE_LEN)
+        .or_else(|| too_long("token", hello.token.as_ref().map_or(0, String::len), MAX_TOKEN_LEN))
+        .or_else(|| too_long("model", hello.model.len(), MAX_MODEL_NAME_LEN))
+        .or_else(|| too_long("resume_secret", hello.resume_secret.as_ref().map_or(0, String::len), 128))
+    {
+        return Err(e);
     }
     if hello.model != served_model {
         return Err(HandshakeError::Model { requested: hello.model, served: served_model.into() });

@@ -63,14 +63,21 @@ impl Auth {
         }
         let Some(token) = token else { return false };
         let t = token.as_bytes();
+        // An id with a token of its own takes that token only: a join token does not open it.
+        if let Some(c) = self.per_client.get(client_id) {
+            return c.as_slice().ct_eq(t).into();
+        }
         let mut ok = subtle::Choice::from(0u8);
         for j in &self.join {
             ok |= j.as_slice().ct_eq(t);
         }
-        if let Some(c) = self.per_client.get(client_id) {
-            ok |= c.as_slice().ct_eq(t);
-        }
         ok.into()
+    }
+
+    /// Whether `client_id` has a token of its own (then a Hello that passed [`Self::check`]
+    /// proves the id).
+    pub fn is_bound(&self, client_id: &str) -> bool {
+        self.per_client.contains_key(client_id)
     }
 
     /// Whether `token` is any accepted token (join or per-client): what the HTTP endpoints that

@@ -30,6 +30,10 @@ use crate::protocol::message::{
 use crate::protocol::model::ModelLayout;
 
 /// Shortest time between two status publications.
+/// A push's seq may be at most this far above the client's last accepted seq: a client (or
+/// someone using its id) cannot push seq = u64::MAX and lock the client out.
+pub const MAX_SEQ_GAP: u64 = 1 << 20;
+
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
 /// An idle server still republishes its status this often (uptime, connection times).
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -38,6 +42,8 @@ const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
 pub enum Inbound {
     Join {
         hello: Hello,
+        /// The Hello's token is the client id's own (per-client tokens).
+        proven: bool,
         outbox: Arc<Outbox>,
         reply: oneshot::Sender<JoinReply>,
     },
@@ -89,7 +95,8 @@ pub enum Inbound {
 }
 
 /// The coordinator's answer to a Join.
-pub type JoinReply = Result<ClientId, String>;
+/// The session number, or the field at fault and why the join was refused.
+pub type JoinReply = Result<ClientId, (&'static str, String)>;
 
 struct Client {
     name: String,
@@ -115,6 +122,8 @@ struct Registry {
     bytes_out: u64,
     /// Sum of the staleness of this client's aggregated pushes.
     staleness_sum: u64,
+    /// The id's resume secret (see `Welcome::resume_secret`).
+    secret: Option<String>,
 }
 
 /// An accepted push waiting to be aggregated.
@@ -449,18 +458,34 @@ impl Coordinator {
     async fn handle(&mut self, msg: Inbound) -> bool {
         let now = self.now();
         match msg {
-            Inbound::Join { hello, outbox, reply } => {
-                let r = self.join(hello, outbox).await;
+            Inbound::Join { hello, proven, outbox, reply } => {
+                let r = self.join(hello, proven, outbox).await;
                 let _ = reply.send(r);
             }
             Inbound::Push { client, header, frame } => self.push(client, header, frame).await,
             Inbound::Leave { client, reason } => self.leave(client, &reason).await,
             Inbound::Resync { client, have } => self.resync(client, have).await,
             Inbound::Eval { client, report } => {
-                if self.clients.contains_key(&client)
-                    && report.loss.is_finite()
-                    && report.accuracy.is_finite()
-                {
+                let role = self.clients.get(&client).map(|c| c.role);
+                let refusal = match role {
+                    None => None,
+                    Some(Role::Trainer) => {
+                        Some("only a client that joined with role \"evaluator\" may report evaluations")
+                    }
+                    Some(_) if !(0.0..=1.0).contains(&report.accuracy) => {
+                        Some("accuracy must be a number in [0, 1]")
+                    }
+                    Some(_) if !(report.loss.is_finite() && report.loss >= 0.0) => {
+                        Some("loss must be a finite number ≥ 0")
+                    }
+                    Some(_) => None,
+                };
+                if let Some(why) = refusal {
+                    self.metrics.rejected("eval");
+                    if let Some(c) = self.clients.get(&client) {
+                        c.outbox.push(Outbound::Text(ServerMessage::error("eval", why, false).to_json()));
+                    }
+                } else if role.is_some() {
                     let (bytes_in, bytes_out) = (self.counters.bytes_in, self.counters.bytes_out);
                     self.record.push(Event::Eval {
                         t: now.as_secs_f64(),
@@ -548,8 +573,34 @@ impl Coordinator {
         }
     }
 
-    async fn join(&mut self, hello: Hello, outbox: Arc<Outbox>) -> JoinReply {
+    async fn join(&mut self, hello: Hello, proven: bool, outbox: Arc<Outbox>) -> JoinReply {
         let now = self.now();
+        let secret = self
+            .registry
+            .entry(hello.client_id.clone())
+            .or_default()
+            .secret
+            .get_or_insert_with(|| format!("{:032x}", rand::random::<u128>()))
+            .clone();
+        if self.by_name.contains_key(&hello.client_id) {
+            // A live session holds this id: only the same client may replace it, proven by a
+            // token of the id's own or by the secret of its Welcome.
+            let same = proven
+                || hello.resume_secret.as_deref().is_some_and(|s| {
+                    use subtle::ConstantTimeEq;
+                    bool::from(s.as_bytes().ct_eq(secret.as_bytes()))
+                });
+            if !same {
+                return Err((
+                    "client_id",
+                    format!(
+                        "client_id {:?} is in use by a live session; a client reconnecting to its own \
+                         session sends the resume_secret of its Welcome",
+                        hello.client_id
+                    ),
+                ));
+            }
+        }
         if let Some(&old) = self.by_name.get(&hello.client_id) {
             if let Some(c) = self.clients.get(&old) {
                 c.outbox.push(Outbound::Text(
@@ -570,11 +621,12 @@ impl Coordinator {
             params: self.layout.num_params() as u64,
             version: self.replica_version,
             settings: self.settings(),
+            resume_secret: secret,
         };
         outbox.push(Outbound::Text(ServerMessage::Welcome(welcome).to_json()));
         let (version, frame) = match self.snapshot_frame().await {
             Ok(s) => s,
-            Err(e) => return Err(format!("engine failed to read the model: {e}")),
+            Err(e) => return Err(("server", format!("engine failed to read the model: {e}"))),
         };
         outbox.push_snapshot(version, frame);
         let directive = Directive {
@@ -686,6 +738,23 @@ impl Coordinator {
                     self.version, header.base_version, self.cfg.max_staleness
                 ),
             );
+        }
+        if let Some(last) = reg.last_seq
+            && header.seq - last > MAX_SEQ_GAP
+        {
+            return self.reject(
+                client,
+                header.seq,
+                "seq",
+                format!("seq {} jumps more than {MAX_SEQ_GAP} past the last accepted seq {last}", header.seq),
+            );
+        }
+        let mut header = header;
+        let cap = self.cfg.max_samples.max(1);
+        if header.samples > cap {
+            tracing::warn!(client = %c.name, claimed = header.samples, cap, "a push's sample count was clipped to max_samples");
+            self.metrics.rejected("samples_clipped");
+            header.samples = cap;
         }
         let mut wal_time = std::time::Duration::ZERO;
         if let Some(w) = self.durable.as_mut().and_then(|d| d.wal.as_mut()) {

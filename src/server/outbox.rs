@@ -5,6 +5,10 @@
 //! queued Delta and marks the session *lagging*: it gets no more Deltas until the coordinator
 //! sends a fresh snapshot (or the chain of Deltas from the version it last had). A slow reader
 //! therefore costs the server a bounded amount of memory and never stalls anyone else.
+//!
+//! Control messages (Acks, Rejects, Errors, Directives) have a budget of their own, the same
+//! number of bytes: a client that sends requests but never reads the answers (each bad frame
+//! earns an Error) fills it, and then its session is closed instead of the queue growing.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -72,6 +76,10 @@ struct Inner {
     /// A resync was asked for and the coordinator has not answered yet.
     resync_pending: bool,
     closed: bool,
+    /// Bytes of queued control messages (Text, Binary).
+    control: usize,
+    /// Why the session must end: its control messages exceeded the budget.
+    overflow: Option<String>,
 }
 
 /// What [`Outbox::next`] hands the writer.
@@ -100,11 +108,31 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a control message or a snapshot (never dropped).
+    /// Queues a control message (never dropped). When the queued control messages would
+    /// exceed the byte budget, the queue is emptied and closed instead, and
+    /// [`Self::overflowed`] says why: the session must end.
     pub fn push(&self, msg: Outbound) {
         let mut g = self.lock();
         if g.closed {
             return;
+        }
+        if matches!(msg, Outbound::Text(_) | Outbound::Binary(_)) {
+            if g.control + msg.len() > self.limit {
+                let reason = format!(
+                    "more than {} bytes of replies queued: the client does not read them",
+                    self.limit
+                );
+                g.queue.clear();
+                g.control = 0;
+                g.closed = true;
+                g.overflow = Some(reason.clone());
+                g.bytes = reason.len();
+                g.queue.push_back(Outbound::Close(reason));
+                drop(g);
+                self.notify.notify_one();
+                return;
+            }
+            g.control += msg.len();
         }
         g.bytes += msg.len();
         g.queue.push_back(msg);
@@ -207,6 +235,11 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// Why the session must end, once its control messages exceeded the budget.
+    pub fn overflowed(&self) -> Option<String> {
+        self.lock().overflow.clone()
+    }
+
     /// Waits for the next thing to do. A lagging session with an empty queue gets one
     /// [`Next::Resync`] and then waits for the coordinator's answer (a snapshot or a chain of
     /// Deltas); lagging again later asks again.
@@ -217,6 +250,9 @@ impl Outbox {
                 let mut g = self.lock();
                 if let Some(m) = g.queue.pop_front() {
                     g.bytes -= m.len();
+                    if matches!(m, Outbound::Text(_) | Outbound::Binary(_)) {
+                        g.control -= m.len();
+                    }
                     if let Outbound::Delta { version, .. } | Outbound::Snapshot { version, .. } = &m {
                         g.delivered_version = Some(*version);
                     }
@@ -283,6 +319,24 @@ mod tests {
         o.close("shutting down");
         o.push(Outbound::Text("ignored after close".into()));
         assert!(matches!(o.next().await, Next::Send(Outbound::Text(_))));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Close(_))));
+        assert!(matches!(o.next().await, Next::Closed));
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn replies_nobody_reads_are_bounded_and_end_the_session() {
+        let o = Outbox::new(1000);
+        o.push_snapshot(0, frame(5000)); // A snapshot may be larger than the control budget.
+        for _ in 0..10 {
+            o.push(Outbound::Text("x".repeat(99)));
+        }
+        assert!(o.overflowed().is_none(), "990 bytes of replies fit");
+        o.push(Outbound::Text("x".repeat(20)));
+        let why = o.overflowed().expect("over the budget");
+        assert!(why.contains("1000 bytes"), "{why}");
+        assert!(o.queued_bytes() < 200, "the queue was emptied: {}", o.queued_bytes());
+        o.push(Outbound::Text("ignored".into()));
         assert!(matches!(o.next().await, Next::Send(Outbound::Close(_))));
         assert!(matches!(o.next().await, Next::Closed));
         assert_eq!(o.queued_bytes(), 0);

@@ -24,7 +24,10 @@ use super::coordinator::Inbound;
 use super::outbox::{Next, Outbound, Outbox};
 use crate::policy::ClientId;
 use crate::protocol::frame::{PushLimits, PushView};
-use crate::protocol::message::{ClientMessage, HandshakeError, Hello, Reject, ServerMessage, parse_hello};
+use crate::protocol::message::{
+    ClientMessage, HandshakeError, Hello, MAX_CONTROL_BYTES, MAX_ECHO_LEN, MAX_REASON_LEN, Reject,
+    ServerMessage, clip, parse_hello,
+};
 
 /// Runs a session to its end.
 pub async fn run<S>(ws: WebSocketStream<S>, shared: Arc<Shared>, peer: std::net::SocketAddr)
@@ -79,14 +82,18 @@ where
     let outbox = Arc::new(Outbox::new(shared.cfg.max_pending_bytes));
     let (reply_tx, reply_rx) = oneshot::channel();
     let name = hello.client_id.clone();
-    if shared.tx.send(Inbound::Join { hello, outbox: outbox.clone(), reply: reply_tx }).await.is_err() {
+    let proven = shared.auth.is_bound(&hello.client_id);
+    if shared.tx.send(Inbound::Join { hello, proven, outbox: outbox.clone(), reply: reply_tx }).await.is_err()
+    {
         let _ = send_error(&mut sink, "server", "server is shutting down", true).await;
         return;
     }
     let client = match reply_rx.await {
         Ok(Ok(id)) => id,
-        Ok(Err(reason)) => {
-            let _ = send_error(&mut sink, "server", &reason, true).await;
+        Ok(Err((field, reason))) => {
+            shared.metrics.refused(field);
+            tracing::info!(%peer, client = %name, field, "join refused: {reason}");
+            let _ = send_error(&mut sink, field, &reason, true).await;
             return;
         }
         Err(_) => return,
@@ -210,9 +217,19 @@ where
         };
         match msg {
             Message::Binary(frame) => handle_push(frame, shared, client, outbox, &limits, &mut rate).await,
+            Message::Text(text) if text.len() > MAX_CONTROL_BYTES => {
+                error_to(
+                    outbox,
+                    "json",
+                    &format!("control message of {} bytes exceeds {MAX_CONTROL_BYTES}", text.len()),
+                    false,
+                );
+            }
             Message::Text(text) => match serde_json::from_str::<ClientMessage>(text.as_str()) {
                 Ok(ClientMessage::Hello(_)) => error_to(outbox, "handshake", "already joined", false),
-                Ok(ClientMessage::Bye { reason }) => return format!("client said bye: {reason}"),
+                Ok(ClientMessage::Bye { reason }) => {
+                    return format!("client said bye: {}", clip(&reason, MAX_REASON_LEN));
+                }
                 Ok(ClientMessage::SnapshotRequest) => outbox.mark_lagging(),
                 Ok(ClientMessage::Eval(report)) => {
                     let _ = shared.tx.send(Inbound::Eval { client, report }).await;
@@ -227,6 +244,10 @@ where
             },
             Message::Close(_) => return "client closed".into(),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+        if let Some(why) = outbox.overflowed() {
+            shared.metrics.rejected("unread_replies");
+            return why;
         }
     }
 }
@@ -269,9 +290,8 @@ fn error_to(outbox: &Outbox, field: &str, message: &str, fatal: bool) {
 }
 
 fn reject_to(outbox: &Outbox, seq: u64, field: &str, reason: &str) {
-    outbox.push(Outbound::Text(
-        ServerMessage::Reject(Reject { seq, field: field.into(), reason: reason.into() }).to_json(),
-    ));
+    let reason = clip(reason, MAX_ECHO_LEN).into_owned();
+    outbox.push(Outbound::Text(ServerMessage::Reject(Reject { seq, field: field.into(), reason }).to_json()));
 }
 
 /// Sends an Error straight to the socket (before a session has an outbox) and closes.

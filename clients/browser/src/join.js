@@ -232,6 +232,8 @@ function connect() {
     ws.onopen = () => {
       const hello = { type: 'hello', protocol: P.PROTOCOL_VERSION, client_id: clientId, kind: 'browser', model: state.model, role: 'trainer', device: `${navigator.userAgent.slice(0, 60)} (${state.backend})` };
       if (token) hello.token = token;
+      // Reconnecting: prove that this page is the client whose session the server may still hold.
+      if (welcome?.resume_secret) hello.resume_secret = welcome.resume_secret;
       ws.send(JSON.stringify(hello));
     };
     ws.onmessage = (ev) => {

@@ -201,6 +201,8 @@ struct Runner {
     adopt_pending: bool,
     last_eval_version: Option<u64>,
     last_eval_at: Option<Instant>,
+    /// The server's resume secret for this client id (sent again when reconnecting).
+    resume_secret: Option<String>,
     summary: Summary,
     started: Instant,
 }
@@ -243,6 +245,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         adopt_pending: false,
         last_eval_version: None,
         last_eval_at: None,
+        resume_secret: None,
         started: Instant::now(),
         cfg,
     };
@@ -257,6 +260,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         opts.ca = r.cfg.ca.clone();
         opts.device = Some(format!("native ({})", std::env::consts::ARCH));
         opts.model = r.cfg.model.clone();
+        opts.resume_secret = r.resume_secret.clone();
         let conn = match Connection::connect(&opts).await {
             Ok(c) => c,
             Err(e @ ClientError::Refused { .. }) => return Err(e.into()),
@@ -274,6 +278,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
                 continue;
             }
         };
+        r.resume_secret = Some(conn.welcome.resume_secret.clone());
         if down_since.take().is_some() {
             r.summary.reconnects += 1;
             tracing::info!(reconnects = r.summary.reconnects, "reconnected");

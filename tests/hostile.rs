@@ -1,0 +1,314 @@
+//! Hostile clients (issue "Hostile clients and crashes"): each test is one attack that
+//! succeeded against an earlier server, with an honest client served alongside.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use sparsync::client::{Connection, Event};
+use sparsync::config::ServerConfig;
+use sparsync::engine::OptimizerSettings;
+use sparsync::engine::cpu::CpuAggregator;
+use sparsync::protocol::message::{ClientKind, ClientMessage, EvalReport, Hello, Role, ServerMessage};
+use sparsync::protocol::model::SplitMix64;
+use sparsync::server::ServerHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+const N: usize = 1000;
+
+async fn server(cfg: ServerConfig) -> ServerHandle {
+    start(cfg, N, Box::new(CpuAggregator::new(init(N, 3), OptimizerSettings::default()))).await
+}
+
+/// One push from the honest client, acknowledged: the server still serves it.
+async fn honest_push(g: &mut Connection, seq: &mut u64) {
+    *seq += 1;
+    let (idx, vals) = random_update(&mut SplitMix64::new(*seq), N, 10, 0.01);
+    let base = g.version();
+    g.push(&header(base, *seq, idx.len()), &idx, &vals).await.expect("honest push sent");
+    wait_ack(g, *seq).await;
+}
+
+fn hello(id: &str, role: Role, device: Option<String>) -> String {
+    serde_json::to_string(&ClientMessage::Hello(Hello {
+        protocol: sparsync::protocol::PROTOCOL_VERSION as u32,
+        client_id: id.into(),
+        token: None,
+        kind: ClientKind::Native,
+        model: "test".into(),
+        role,
+        device,
+        resume_secret: None,
+    }))
+    .unwrap()
+}
+
+/// `sparsync_updates_rejected_total{reason="…"}` (0 when absent).
+async fn rejected(h: &ServerHandle, reason: &str) -> u64 {
+    let (_, text) = http_get(h.addr, "/metrics").await;
+    let key = format!("sparsync_updates_rejected_total{{reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Waits for an Error about an evaluation.
+async fn eval_refused(c: &mut Connection) -> sparsync::protocol::message::ErrorMessage {
+    let fut = wait_for(c, |e| match e {
+        Event::Error(e) if e.field == "eval" => Some(e.clone()),
+        _ => None,
+    });
+    tokio::time::timeout(Duration::from_secs(10), fut).await.expect("an eval error")
+}
+
+async fn status(h: &ServerHandle) -> serde_json::Value {
+    serde_json::from_str(&http_get(h.addr, "/api/status").await.1).unwrap()
+}
+
+/// A joined client that sends tiny bad frames and never reads the Errors they earn: its
+/// replies stay within the session's byte budget, then the session is closed. (It grew to
+/// 845 MB queued for one session before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_a_client_never_reads_stay_bounded_and_end_its_session() {
+    let budget = 64 * 1024;
+    let h = server(ServerConfig { max_pending_bytes: budget, ..Default::default() }).await;
+    let mut good = connect(&h, "honest").await;
+    let mut seq = 0;
+    honest_push(&mut good, &mut seq).await;
+
+    // A small receive buffer, so that the server's socket fills early.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(h.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(url(&h), stream).await.unwrap();
+    ws.send(Message::text(hello("flood", Role::Trainer, None))).await.unwrap();
+    while !status(&h).await["clients"].as_array().unwrap().iter().any(|c| c["client_id"] == "flood") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    let mut max_queued = 0u64;
+    let ended = loop {
+        let r = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::text("x"))).await;
+        if !matches!(r, Ok(Ok(()))) {
+            break true; // The server closed the connection (or stopped reading it).
+        }
+        sent += 1;
+        if sent.is_multiple_of(1000) {
+            let s = status(&h).await;
+            let flood = s["clients"].as_array().unwrap().iter().find(|c| c["client_id"] == "flood").cloned();
+            match flood {
+                Some(c) => max_queued = max_queued.max(c["queued_bytes"].as_u64().unwrap()),
+                None => break true,
+            }
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+    };
+    eprintln!("flood: {sent} frames, max queued {max_queued} bytes");
+    assert!(ended, "the flooding session was still open after {sent} frames in 30 s");
+    assert!(
+        max_queued <= budget as u64 + 4096,
+        "queued {max_queued} bytes for one session (budget {budget})"
+    );
+    // The session is gone, counted, and the honest client is still served.
+    for _ in 0..100 {
+        if !status(&h).await["clients"].as_array().unwrap().iter().any(|c| c["client_id"] == "flood") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!status(&h).await["clients"].as_array().unwrap().iter().any(|c| c["client_id"] == "flood"));
+    assert_eq!(rejected(&h, "unread_replies").await, 1);
+    honest_push(&mut good, &mut seq).await;
+    h.shutdown("done").await.unwrap();
+}
+
+/// What a client sends back to itself is clipped: a 1 MB unknown message type is not echoed
+/// in full, a 64 MiB device description is refused by name, a 10 MB bye reason is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_chosen_strings_are_bounded() {
+    let h = server(ServerConfig::default()).await;
+    let mut good = connect(&h, "honest").await;
+    let mut seq = 0;
+
+    // A long unknown type: the Error quotes at most a few hundred bytes of it.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(&h)).await.unwrap();
+    ws.send(Message::text(hello("echo", Role::Trainer, None))).await.unwrap();
+    let big = format!(r#"{{"type":"{}"}}"#, "y".repeat(60_000));
+    ws.send(Message::text(big)).await.unwrap();
+    let err = loop {
+        match ws.next().await.expect("a message").expect("no error") {
+            Message::Text(t) => {
+                if let Ok(ServerMessage::Error(e)) = serde_json::from_str::<ServerMessage>(t.as_str()) {
+                    break e;
+                }
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(err.field, "json");
+    assert!(err.message.len() <= 300, "echoed {} bytes", err.message.len());
+    // Longer than any control message may be: refused by size, not parsed.
+    ws.send(Message::text(format!(r#"{{"type":"bye","reason":"{}"}}"#, "z".repeat(70_000)))).await.unwrap();
+    // A long bye reason (within the control limit) ends the session; the server keeps a
+    // clipped reason.
+    ws.send(Message::text(format!(r#"{{"type":"bye","reason":"{}"}}"#, "z".repeat(60_000)))).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while ws.next().await.is_some() {} }).await;
+
+    // A device description of 1 MB is refused, naming the field.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(&h)).await.unwrap();
+    ws.send(Message::text(hello("big-device", Role::Trainer, Some("d".repeat(1 << 20))))).await.unwrap();
+    let refusal = loop {
+        match ws.next().await.expect("a message").expect("no error") {
+            Message::Text(t) => match serde_json::from_str::<ServerMessage>(t.as_str()).unwrap() {
+                ServerMessage::Error(e) => break e,
+                other => panic!("expected a refusal, got {other:?}"),
+            },
+            _ => continue,
+        }
+    };
+    assert_eq!(refusal.field, "handshake", "{refusal:?}");
+    assert!(refusal.fatal);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url(&h)).await.unwrap();
+    ws.send(Message::text(hello("long-device", Role::Trainer, Some("d".repeat(300))))).await.unwrap();
+    let refusal = loop {
+        match ws.next().await.expect("a message").expect("no error") {
+            Message::Text(t) => match serde_json::from_str::<ServerMessage>(t.as_str()).unwrap() {
+                ServerMessage::Error(e) => break e,
+                other => panic!("expected a refusal, got {other:?}"),
+            },
+            _ => continue,
+        }
+    };
+    assert_eq!((refusal.field.as_str(), refusal.fatal), ("device", true), "{refusal:?}");
+    assert!(refusal.message.contains("at most 256"), "{refusal:?}");
+
+    // The record keeps the clipped bye reason.
+    let (_, record) = http_get(h.addr, "/api/record").await;
+    let longest = record.split('"').map(str::len).max().unwrap_or(0);
+    assert!(longest < 1000, "the record holds a string of {longest} bytes");
+    honest_push(&mut good, &mut seq).await;
+    h.shutdown("done").await.unwrap();
+}
+
+/// Only evaluators report evaluations, and only with an accuracy in [0, 1] and a finite,
+/// non-negative loss. (A trainer's accuracy 1e308 and loss −5 were shown in /api/status.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluations_come_from_evaluators_within_range() {
+    let h = server(ServerConfig::default()).await;
+    let mut trainer = connect(&h, "trainer").await;
+    let mut eo = options(&h, "evaluator");
+    eo.role = Role::Evaluator;
+    let mut evaluator = Connection::connect(&eo).await.unwrap();
+    let report = |accuracy: f64, loss: f64| {
+        ClientMessage::Eval(EvalReport { version: 0, accuracy, loss, samples: 10 })
+    };
+    trainer.send(&report(1e308, -5.0)).await.unwrap();
+    let e = eval_refused(&mut trainer).await;
+    assert!(e.message.contains("evaluator") && !e.fatal, "{e:?}");
+    evaluator.send(&report(1.5, 0.3)).await.unwrap();
+    assert!(eval_refused(&mut evaluator).await.message.contains("[0, 1]"));
+    evaluator.send(&report(0.5, -1.0)).await.unwrap();
+    assert!(eval_refused(&mut evaluator).await.message.contains("loss"));
+    evaluator.send(&report(0.75, 0.5)).await.unwrap();
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..100 {
+        shown = status(&h).await["evals"].clone();
+        if shown.as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let evals = shown.as_array().expect("evals");
+    assert_eq!(evals.len(), 1, "only the valid report is kept: {evals:?}");
+    assert_eq!(evals[0]["accuracy"], 0.75);
+    assert_eq!(rejected(&h, "eval").await, 3);
+    h.shutdown("done").await.unwrap();
+}
+
+/// A client id belongs to whoever holds it: with a shared token (or none) a second Hello with a
+/// live id is refused and the first session keeps working; the same client reconnecting with
+/// its Welcome's resume secret replaces its own session; with per-client tokens the id's own
+/// token proves it and a join token does not open it. A seq far beyond the last one is
+/// refused, so nobody can lock a client out with seq = u64::MAX.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_client_id_cannot_be_taken_over() {
+    let h = server(ServerConfig::default()).await;
+    let mut victim = connect(&h, "victim").await;
+    let mut seq = 0;
+    honest_push(&mut victim, &mut seq).await;
+    let err = Connection::connect(&options(&h, "victim")).await.err().expect("takeover refused");
+    assert!(
+        matches!(&err, sparsync::client::ClientError::Refused { field, .. } if field == "client_id"),
+        "{err}"
+    );
+    honest_push(&mut victim, &mut seq).await;
+
+    // A seq that jumps far ahead is refused; the victim's next seq still works.
+    let (idx, vals) = random_update(&mut SplitMix64::new(7), N, 10, 0.01);
+    let base = victim.version();
+    victim.push(&header(base, u64::MAX, idx.len()), &idx, &vals).await.unwrap();
+    let r = wait_for(&mut victim, |e| match e {
+        Event::Reject(r) if r.seq == u64::MAX => Some(r.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(r.field, "seq", "{r:?}");
+    honest_push(&mut victim, &mut seq).await;
+
+    // The same client, reconnecting with its secret, replaces its own session.
+    let mut again = options(&h, "victim");
+    again.resume_secret = Some(victim.welcome.resume_secret.clone());
+    assert_eq!(victim.welcome.resume_secret.len(), 32);
+    let mut victim2 = Connection::connect(&again).await.expect("resumed with the secret");
+    assert_eq!(victim2.welcome.resume_secret, victim.welcome.resume_secret);
+    honest_push(&mut victim2, &mut seq).await;
+    h.shutdown("done").await.unwrap();
+
+    // Per-client tokens: only the id's own token opens it, and it may replace a live session.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "shared-join\nalice alice-own\n").unwrap();
+    let h = server(ServerConfig { token_file: Some(file), ..Default::default() }).await;
+    let mut o = options(&h, "alice");
+    o.token = Some("shared-join".into());
+    let err = Connection::connect(&o).await.err().expect("a join token does not open a bound id");
+    assert!(
+        matches!(&err, sparsync::client::ClientError::Refused { field, .. } if field == "token"),
+        "{err}"
+    );
+    o.token = Some("alice-own".into());
+    let _alice = Connection::connect(&o).await.expect("alice's own token");
+    let mut alice2 = Connection::connect(&o).await.expect("alice's own token proves the id");
+    let mut s2 = 100;
+    honest_push(&mut alice2, &mut s2).await;
+    h.shutdown("done").await.unwrap();
+}
+
+/// A push claiming u32::MAX samples is clipped to max_samples (default 65,536), so under
+/// FedBuff it cannot take nearly all the weight of its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_claims_are_clipped() {
+    let cfg = ServerConfig { max_samples: 1000, ..Default::default() };
+    let h = server(cfg).await;
+    let mut c = connect(&h, "greedy").await;
+    let (idx, vals) = random_update(&mut SplitMix64::new(1), N, 10, 0.01);
+    let mut hd = header(c.version(), 1, idx.len());
+    hd.samples = u32::MAX;
+    c.push(&hd, &idx, &vals).await.unwrap();
+    wait_ack(&mut c, 1).await;
+    let (_, record) = http_get(h.addr, "/api/record").await;
+    let v: serde_json::Value = serde_json::from_str(&record).unwrap();
+    let accept = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "accept")
+        .cloned()
+        .expect("an accept event");
+    assert_eq!(accept["samples"], 1000, "{accept}");
+    assert_eq!(rejected(&h, "samples_clipped").await, 1);
+    h.shutdown("done").await.unwrap();
+}

@@ -72,6 +72,9 @@ pub enum ClientError {
     Ws(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("server refused ({field}): {message}")]
     Refused { field: String, message: String },
+    /// The server's TLS certificate was refused: retrying cannot help.
+    #[error("the server's certificate at {url} was refused ({problem}): {hint}")]
+    Certificate { url: String, problem: String, hint: &'static str },
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("timed out waiting for {0}")]
@@ -192,7 +195,10 @@ impl Connection {
         let (ws, _) = tokio::time::timeout(opts.timeout, connect)
             .await
             .map_err(|_| ClientError::Timeout("connection"))?
-            .map_err(|e| ClientError::Connect { url: opts.url.clone(), source: Box::new(e) })?;
+            .map_err(|e| match certificate_problem(&e) {
+                Some((problem, hint)) => ClientError::Certificate { url: opts.url.clone(), problem, hint },
+                None => ClientError::Connect { url: opts.url.clone(), source: Box::new(e) },
+            })?;
         let (mut tx, mut rx) = ws.split();
         let hello = ClientMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION as u32,
@@ -381,3 +387,40 @@ impl Session {
         let _ = self.tx.close().await;
     }
 }
+
+/// The certificate error inside a connection error, with what to do about it.
+fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<(String, &'static str)> {
+    use tokio_rustls::rustls::{CertificateError, Error as TlsError};
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<TlsError>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<TlsError>())
+        });
+        if let Some(TlsError::InvalidCertificate(c)) = tls {
+            let hint = match c {
+                CertificateError::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => CA_AS_LEAF,
+                CertificateError::UnknownIssuer => {
+                    "pass the certificate of the CA that signed the server's certificate with --ca \
+                     (a self-signed server certificate cannot be trusted directly; see the README, TLS)"
+                }
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                    "the certificate does not name the host in the URL: connect with a name or address \
+                     listed in its subjectAltName"
+                }
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    "the certificate has expired: the server needs a new one"
+                }
+                _ => "check the server's certificate and the CA passed with --ca (README, TLS)",
+            };
+            return Some((format!("{c:?}"), hint));
+        }
+        cur = err.source();
+    }
+    None
+}
+
+const CA_AS_LEAF: &str = "the certificate is marked as a CA (as `openssl req -x509` makes it) but the \
+     server uses it as its own: make a CA and a server certificate signed by it, serve the \
+     server certificate and pass the CA with --ca (README, TLS)";

@@ -236,7 +236,7 @@ settings! {
     max_nnz: opt u64 = "parameter count", "Largest nnz accepted in one Push";
             max_clients: val usize = "1024", "Most concurrent connections";
     record_events: val usize = "200000", "Events the server keeps for /api/record (oldest dropped first)";
-    max_connections_per_ip: val usize = "0", "Most concurrent connections from one IP address (0: no per-address limit)";
+    max_connections_per_ip: val usize = "64", "Most concurrent connections from one IP address (0: no per-address limit); one address cannot take every slot of max_clients";
     max_push_rate: val f64 = "0", "Pushes per second per client (0: unlimited)";
     max_samples: val u32 = "65536", "Largest sample count a Push may claim; larger claims are clipped to it (logged, and counted in sparsync_updates_rejected_total{reason=\"samples_clipped\"}). A round at the defaults claims 320; ADSP and Hermes rounds up to tens of thousands";
     max_pending_bytes: val usize = "8388608", "Bytes queued to one client before it is switched to a later snapshot (snapshots are shared and always queued)";

@@ -312,3 +312,146 @@ async fn sample_claims_are_clipped() {
     assert_eq!(rejected(&h, "samples_clipped").await, 1);
     h.shutdown("done").await.unwrap();
 }
+
+/// Wrong tokens are throttled per address with growing waits, over WebSocket and HTTP; while an
+/// address waits even a right token from it is not checked; other addresses are unaffected;
+/// the refusals are counted in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_tokens_are_throttled_per_address() {
+    let h =
+        server(ServerConfig { token: sparsync::config::Tokens(vec!["s3cret".into()]), ..Default::default() })
+            .await;
+    let mut o = options(&h, "guesser");
+    let mut fields = Vec::new();
+    for i in 0..6 {
+        o.token = Some(format!("guess-{i}"));
+        match Connection::connect(&o).await {
+            Err(sparsync::client::ClientError::Refused { message, .. }) => fields.push(message),
+            other => panic!("guess {i}: {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(fields[..4].iter().all(|m| m.contains("invalid token")), "{fields:?}");
+    assert!(fields[4..].iter().all(|m| m.contains("too many failed tokens")), "{fields:?}");
+    o.token = Some("s3cret".into());
+    let e = Connection::connect(&o).await.err().expect("a waiting address is not checked");
+    assert!(e.to_string().contains("too many failed tokens"), "{e}");
+    let (_, metrics) = http_get(h.addr, "/metrics").await;
+    assert!(metrics.contains(r#"sparsync_handshakes_refused_total{reason="auth_throttled"} 3"#), "{metrics}");
+
+    // HTTP from another address: its own count; a lowercase scheme is accepted.
+    let ask = |auth: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut c = sock.connect(h.addr).await.unwrap();
+        let req = format!(
+            "GET /api/model.safetensors HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).to_string();
+        text.split(' ').nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0)
+    };
+    assert_eq!(ask("bearer s3cret").await, 200, "a lowercase scheme works");
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(ask("Bearer wrong").await);
+    }
+    assert_eq!(codes, [401, 401, 401, 401, 429], "three free failures, then a wait after the fourth");
+    assert_eq!(ask("Bearer s3cret").await, 429, "the address waits, whatever it sends");
+    h.shutdown("done").await.unwrap();
+}
+
+/// By default one address cannot take every slot: its 65th connection is refused (503 naming
+/// max_connections_per_ip) while clients from other addresses join and /api/status answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_slot_by_default() {
+    let h = server(ServerConfig::default()).await;
+    let from = |i: usize| {
+        let h = h.addr;
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+            let stream = sock.connect(h).await.unwrap();
+            let r = tokio_tungstenite::client_async(format!("ws://{h}/ws"), stream).await;
+            r.map(|(mut ws, _)| {
+                let id = format!("silent-{i}");
+                async move {
+                    ws.send(Message::text(hello(&id, Role::Trainer, None))).await.unwrap();
+                    ws
+                }
+            })
+        }
+    };
+    let mut held = Vec::new();
+    for i in 0..64 {
+        let ws = from(i).await.unwrap_or_else(|e| panic!("connection {i} refused: {e}")).await;
+        held.push(ws);
+    }
+    let refused = from(64).await.err().expect("the 65th connection from one address is refused");
+    let text = match refused {
+        tokio_tungstenite::tungstenite::Error::Http(r) => {
+            assert_eq!(r.status(), 503);
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).to_string()
+        }
+        e => panic!("expected a 503, got {e}"),
+    };
+    assert!(text.contains("max_connections_per_ip 64"), "{text}");
+    let mut honest = connect(&h, "honest").await;
+    let mut seq = 0;
+    honest_push(&mut honest, &mut seq).await;
+    let (code, _) = http_get(h.addr, "/api/status").await;
+    assert_eq!(code, 200);
+    drop(held);
+    h.shutdown("done").await.unwrap();
+}
+
+/// An upgrade request whose Sec-WebSocket-Key is not 16 bytes in base64 (here: empty) gets 400,
+/// not 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_websocket_key_is_refused() {
+    let h = server(ServerConfig::default()).await;
+    for key in ["", "c2hvcnQ="] {
+        let extra = format!(
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+        );
+        let (code, body) = http_get_with(h.addr, "/ws", &extra).await;
+        assert_eq!(code, 400, "key {key:?}: {body}");
+    }
+    h.shutdown("done").await.unwrap();
+}
+
+/// A self-signed certificate made the usual way (`openssl req -x509`, which marks it as a CA)
+/// served as the server's own: the client fails at once with a certificate error that says
+/// what to do, instead of retrying as though the server were down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_certificate_served_as_the_servers_own_fails_at_once_with_advice() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let h = server(ServerConfig {
+        tls_cert: Some(cert_path.clone()),
+        tls_key: Some(key_path),
+        ..Default::default()
+    })
+    .await;
+    let mut o = options(&h, "tls");
+    o.url = format!("wss://localhost:{}/ws", h.addr.port());
+    o.ca = Some(cert_path);
+    match Connection::connect(&o).await {
+        Err(e @ sparsync::client::ClientError::Certificate { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("CaUsedAsEndEntity") && text.contains("openssl req -x509"), "{text}");
+        }
+        Err(e) => panic!("expected a certificate error, got {e}"),
+        Ok(_) => panic!("connected"),
+    }
+    h.shutdown("done").await.unwrap();
+}

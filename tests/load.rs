@@ -41,6 +41,9 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
         &model,
         "--max-clients",
         "1024",
+        // 500 clients from one address: the default per-address limit is lifted.
+        "--max-connections-per-ip",
+        "0",
         "--max-staleness",
         "1000",
         "--record-events",

@@ -171,6 +171,7 @@ async fn start_server(
         .args(spec.adapter.iter().flat_map(|a| ["--adapter", a.as_str()]))
         .arg("--model")
         .arg(format!("flat-{params}"))
+        .args(["--max-connections-per-ip", "0"])
         .arg("--max-clients")
         .arg((clients + 64).to_string())
         // Staleness is not what this measures: accept every update.

@@ -96,9 +96,91 @@ impl Auth {
     }
 }
 
+/// Failed tokens per address, with exponential backoff: after [`Throttle::FREE`] failures an
+/// address waits 1 s, then 2 s, 4 s, … up to 5 minutes before its next attempt is even
+/// checked; a success clears its record. Guessing tokens at line rate (35,000 a second over
+/// HTTP before) becomes a handful per minute. Memory is bounded: at most
+/// [`Throttle::MAX_ADDRESSES`] addresses are remembered (the oldest records go first).
+#[derive(Default)]
+pub struct Throttle {
+    inner: std::sync::Mutex<HashMap<std::net::IpAddr, Failures>>,
+}
+
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    until: std::time::Instant,
+}
+
+impl Throttle {
+    pub const FREE: u32 = 3;
+    pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+    pub const MAX_ADDRESSES: usize = 65_536;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, Failures>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `ip` must still wait before a token from it is checked (None: not blocked).
+    pub fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        self.lock().get(&ip).and_then(|f| (f.until > now).then(|| f.until - now))
+    }
+
+    /// Records a failed token from `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let now = std::time::Instant::now();
+        let mut g = self.lock();
+        if g.len() >= Self::MAX_ADDRESSES && !g.contains_key(&ip) {
+            let oldest = g.iter().min_by_key(|(_, f)| f.until).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                g.remove(&k);
+            }
+        }
+        let f = g.entry(ip).or_insert(Failures { count: 0, until: now });
+        f.count = f.count.saturating_add(1);
+        if f.count > Self::FREE {
+            let doublings = (f.count - Self::FREE - 1).min(16);
+            let wait = std::time::Duration::from_secs(1 << doublings).min(Self::MAX_WAIT);
+            f.until = now + wait;
+        }
+    }
+
+    /// A token from `ip` was right: its failures are forgotten.
+    pub fn succeeded(&self, ip: std::net::IpAddr) {
+        self.lock().remove(&ip);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_tokens_back_off_exponentially() {
+        let t = Throttle::default();
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..Throttle::FREE {
+            assert!(t.blocked(ip).is_none());
+            t.failed(ip);
+        }
+        assert!(t.blocked(ip).is_none(), "the first failures are free");
+        t.failed(ip);
+        let w1 = t.blocked(ip).expect("blocked");
+        t.failed(ip);
+        let w2 = t.blocked(ip).expect("blocked");
+        assert!(
+            w1 <= std::time::Duration::from_secs(1) && w2 > std::time::Duration::from_secs(1),
+            "{w1:?} {w2:?}"
+        );
+        for _ in 0..40 {
+            t.failed(ip);
+        }
+        assert!(t.blocked(ip).unwrap() <= Throttle::MAX_WAIT);
+        assert!(t.blocked("10.0.0.2".parse().unwrap()).is_none(), "other addresses are not affected");
+        t.succeeded(ip);
+        assert!(t.blocked(ip).is_none());
+    }
 
     #[test]
     fn tokens() {

@@ -52,17 +52,39 @@ async fn require_token(
     if !shared.auth.enabled() {
         return next.run(req).await;
     }
+    let ip = req.extensions().get::<SocketAddr>().map(|a| a.ip());
+    if let Some(wait) = ip.and_then(|ip| shared.throttle.blocked(ip)) {
+        shared.metrics.refused("auth_throttled");
+        let secs = wait.as_secs_f64().ceil() as u64;
+        let mut r = (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed tokens from this address: retry in {secs} s\n"),
+        )
+            .into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
     let query = Query::<TokenQuery>::try_from_uri(req.uri()).ok().and_then(|q| q.0.token);
     let ok = match bearer.or(query.as_deref()) {
         Some(t) => shared.auth.check_any(Some(t)),
         None => false,
     };
+    // A wrong token counts against the address; no token at all is not a guess.
+    if let Some(ip) = ip {
+        if ok {
+            shared.throttle.succeeded(ip);
+        } else if bearer.is_some() || query.is_some() {
+            shared.throttle.failed(ip);
+        }
+    }
     if ok {
         next.run(req).await
     } else {
@@ -157,8 +179,10 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Request<Body>) -> Response {
     let h = req.headers();
     let key = match h.get(header::SEC_WEBSOCKET_KEY) {
+        // A key is 16 random bytes in base64 (RFC 6455 §4.1): 24 characters.
         Some(k)
-            if header_has(h, header::CONNECTION, "upgrade")
+            if k.len() == 24
+                && header_has(h, header::CONNECTION, "upgrade")
                 && header_has(h, header::UPGRADE, "websocket") =>
         {
             k.clone()

@@ -43,6 +43,8 @@ pub struct Shared {
     pub max_nnz: u64,
     pub tx: mpsc::Sender<Inbound>,
     pub auth: Auth,
+    /// Failed tokens per address (see [`auth::Throttle`]).
+    pub throttle: auth::Throttle,
     pub metrics: Arc<Metrics>,
     pub status: watch::Receiver<Arc<Status>>,
     /// Fashion-MNIST for browser shards, loaded on first request.
@@ -418,6 +420,7 @@ async fn start_inner(
         layout,
         tx,
         auth,
+        throttle: auth::Throttle::default(),
         metrics,
         status: status_rx,
         data: tokio::sync::OnceCell::new(),

@@ -71,7 +71,27 @@ where
             return;
         }
     };
-    if !shared.auth.check(&hello.client_id, hello.token.as_deref()) {
+    if shared.auth.enabled()
+        && let Some(wait) = shared.throttle.blocked(peer.ip())
+    {
+        shared.metrics.refused("auth_throttled");
+        let message = format!(
+            "too many failed tokens from {}: the next attempt is checked in {:.0} s",
+            peer.ip(),
+            wait.as_secs_f64().ceil()
+        );
+        let _ = send_error(&mut sink, "token", &message, true).await;
+        return;
+    }
+    let token_ok = shared.auth.check(&hello.client_id, hello.token.as_deref());
+    if shared.auth.enabled() {
+        if token_ok {
+            shared.throttle.succeeded(peer.ip());
+        } else {
+            shared.throttle.failed(peer.ip());
+        }
+    }
+    if !token_ok {
         shared.metrics.refused("token");
         tracing::info!(%peer, client = %hello.client_id, "handshake refused: missing or invalid token");
         let _ = send_error(&mut sink, "token", &HandshakeError::Token.to_string(), true).await;

@@ -263,7 +263,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         opts.resume_secret = r.resume_secret.clone();
         let conn = match Connection::connect(&opts).await {
             Ok(c) => c,
-            Err(e @ ClientError::Refused { .. }) => return Err(e.into()),
+            Err(e @ (ClientError::Refused { .. } | ClientError::Certificate { .. })) => return Err(e.into()),
             Err(e) => {
                 if !r.cfg.reconnect {
                     return Err(e.into());

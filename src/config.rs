@@ -232,7 +232,8 @@ settings! {
     max_delta_chain: val u64 = "32", "Clients further behind than this get a snapshot instead of Deltas";
 
     ["Limits"]
-    max_frame_bytes: val usize = "67108864", "Largest WebSocket message accepted, bytes";
+    max_frame_bytes: val usize = "0", "Largest WebSocket message accepted, bytes (0: derived from the model: a full-density Push, 6 bytes per parameter, plus 64 KiB)";
+    frame_timeout_s: val f64 = "10", "Close a session whose WebSocket message has begun but not completed within this many seconds (a half-sent frame holds memory)";
     max_nnz: opt u64 = "parameter count", "Largest nnz accepted in one Push";
             max_clients: val usize = "1024", "Most concurrent connections";
     record_events: val usize = "200000", "Events the server keeps for /api/record (oldest dropped first)";
@@ -313,8 +314,11 @@ impl ServerConfig {
         if self.wal && self.checkpoint_dir.is_none() {
             return bad("wal", "needs --checkpoint-dir");
         }
-        if self.max_frame_bytes < 64 {
-            return bad("max_frame_bytes", "must be at least 64");
+        if self.max_frame_bytes != 0 && self.max_frame_bytes < 64 {
+            return bad("max_frame_bytes", "must be 0 (derived from the model) or at least 64");
+        }
+        if !(self.frame_timeout_s.is_finite() && self.frame_timeout_s > 0.0) {
+            return bad("frame_timeout_s", "must be a positive number of seconds");
         }
         Ok(())
     }

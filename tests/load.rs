@@ -93,10 +93,22 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(state["accepted"].as_u64().unwrap(), report.acked);
-    let (code, body) = load::http_get(&base, "/api/record?since=0", None).await.unwrap();
-    assert_eq!(code, 200);
-    let record: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let events = record["events"].as_array().unwrap();
+    // The record, page by page.
+    let mut events = Vec::new();
+    let mut since = 0;
+    loop {
+        let (code, body) = load::http_get(&base, &format!("/api/record?since={since}"), None).await.unwrap();
+        assert_eq!(code, 200);
+        let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let got = page["events"].as_array().unwrap();
+        assert!(got.len() <= 10_000, "a page holds at most 10,000 events");
+        events.extend(got.iter().cloned());
+        since = page["next"].as_u64().unwrap() as usize;
+        if page["next"] == page["end"] {
+            break;
+        }
+    }
+    let events = &events;
     assert_eq!(events.first().map(|e| e["event"].as_str()), Some(Some("join")), "record starts at the start");
     let mut index_of = std::collections::HashMap::new();
     for e in events.iter().filter(|e| e["event"] == "join") {

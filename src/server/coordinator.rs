@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::history::History;
 use super::outbox::{Outbound, Outbox};
-use super::record::{AggregatedPush, Event, Record};
+use super::record::{AggregatedPush, Event, SharedRecord};
 use super::status::{ClientStatus, Status};
 use crate::config::ServerConfig;
 use crate::engine::{Aggregator, Broadcast, EngineError, EngineInfo, ModelState, SelectionMode, UpdateRef};
@@ -73,11 +73,6 @@ pub enum Inbound {
     RoundTime {
         client: ClientId,
         report: crate::protocol::message::RoundTime,
-    },
-    /// The server's record of what happened (tests, `/api/record`).
-    Record {
-        since: usize,
-        reply: oneshot::Sender<(usize, Vec<Event>)>,
     },
     /// Model state (tests, checkpoints).
     State {
@@ -164,7 +159,7 @@ pub struct Coordinator {
     deltas: VecDeque<(u64, u64, Bytes)>,
     snapshot: Option<(u64, Bytes)>,
     started: Instant,
-    record: Record,
+    record: SharedRecord,
     status_tx: watch::Sender<Arc<Status>>,
     last_status: Option<Instant>,
     /// Something changed since the last status publication.
@@ -224,6 +219,8 @@ pub struct CoordinatorParts {
     pub metrics: Arc<super::metrics::Metrics>,
     /// A checkpoint to continue from: its client registry and the pushes to apply first.
     pub resume: Option<super::durability::Checkpoint>,
+    /// Where events are recorded (shared with `/api/record`).
+    pub record: SharedRecord,
 }
 
 impl Coordinator {
@@ -268,7 +265,7 @@ impl Coordinator {
             deltas: VecDeque::new(),
             snapshot: None,
             started: Instant::now(),
-            record: Record::new(p.cfg.record_events.max(1)),
+            record: p.record,
             status_tx: p.status_tx,
             last_status: None,
             status_dirty: false,
@@ -524,9 +521,6 @@ impl Coordinator {
                     let actions = self.policy.on_round_time(now, client, &report);
                     self.execute(actions).await;
                 }
-            }
-            Inbound::Record { since, reply } => {
-                let _ = reply.send(self.record.since(since));
             }
             Inbound::Replica { reply } => {
                 let v = self.replica_version;

@@ -114,17 +114,25 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 struct Since {
     #[serde(default)]
     since: usize,
+    limit: Option<usize>,
 }
 
-/// The event record from event number `since` on: `{"next": N, "events": [...]}`.
+/// A page of the event record from event number `since` on (`limit` events, default 10,000,
+/// at most 100,000): `{"next": N, "end": E, "events": [...]}`; ask again from `next` until it
+/// equals `end`. Read from the shared record, never through the coordinator, and serialized
+/// off its lock: readers do not slow the server down.
 async fn record(State(shared): State<Arc<Shared>>, Query(q): Query<Since>) -> Response {
-    let (tx, rx) = oneshot::channel();
-    if shared.tx.send(Inbound::Record { since: q.since, reply: tx }).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response();
-    }
-    match rx.await {
-        Ok((next, events)) => json_response(&serde_json::json!({ "next": next, "events": events })),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down").into_response(),
+    use super::record::{DEFAULT_PAGE, MAX_PAGE};
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let record = shared.record.clone();
+    let since = q.since;
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&record.page(since, limit))).await {
+        Ok(Ok(body)) => {
+            let mut r = body.into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "record could not be serialized").into_response(),
     }
 }
 
@@ -212,8 +220,10 @@ async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Request<Body>) -
             .max_message_size(Some(max))
             .max_frame_size(Some(max))
             .accept_unmasked_frames(false);
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        super::session::run(ws, shared, peer).await;
+        let io = super::session::Counted::new(TokioIo::new(upgraded));
+        let read = io.read_counter();
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        super::session::run(ws, shared, peer, read).await;
         drop(permit);
     });
     Response::builder()

@@ -45,6 +45,8 @@ pub struct Shared {
     pub auth: Auth,
     /// Failed tokens per address (see [`auth::Throttle`]).
     pub throttle: auth::Throttle,
+    /// The event record (appended by the coordinator, read by `/api/record`).
+    pub record: record::SharedRecord,
     pub metrics: Arc<Metrics>,
     pub status: watch::Receiver<Arc<Status>>,
     /// Fashion-MNIST for browser shards, loaded on first request.
@@ -255,13 +257,7 @@ impl ServerHandle {
 
     /// The event record from event `since` on.
     pub async fn record(&self, since: usize) -> Result<(usize, Vec<Event>), ServerError> {
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Inbound::Record { since, reply: tx })
-            .await
-            .map_err(|_| ServerError::Stopped("record".into()))?;
-        rx.await.map_err(|_| ServerError::Stopped("record".into()))
+        Ok(self.shared.record.since(since))
     }
 
     /// The engine's state (x, momentum, x̂, versions).
@@ -379,6 +375,14 @@ pub async fn start_with(
     start_inner(cfg, listener, layout, engine, None).await
 }
 
+/// The default frame limit of a model of `n` parameters: a Push of every parameter (a 40-byte
+/// header and 6 bytes per entry) plus 64 KiB, the most a control message may take. For `mlp`
+/// (101,770 parameters) that is 0.67 MB, instead of the 64 MiB every session could be made to
+/// buffer before.
+pub fn derived_frame_limit(n: usize) -> usize {
+    crate::protocol::frame::PUSH_HEADER_LEN + 6 * n + crate::protocol::message::MAX_CONTROL_BYTES
+}
+
 async fn start_inner(
     cfg: ServerConfig,
     listener: TcpListener,
@@ -387,6 +391,10 @@ async fn start_inner(
     resume: Option<durability::Checkpoint>,
 ) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
+    let mut cfg = cfg;
+    if cfg.max_frame_bytes == 0 {
+        cfg.max_frame_bytes = derived_frame_limit(layout.num_params());
+    }
     let info = engine.info();
     tracing::info!(
         engine = %info.kind, adapter = %info.adapter, backend = %info.backend, mode = %info.mode,
@@ -404,6 +412,7 @@ async fn start_inner(
     let (status_tx, status_rx) = watch::channel(Arc::new(Status::empty(&layout, &info)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
+    let record = record::SharedRecord::new(cfg.record_events.max(1));
     let coordinator = Coordinator::new(CoordinatorParts {
         cfg: cfg.clone(),
         layout: layout.clone(),
@@ -413,6 +422,7 @@ async fn start_inner(
         status_tx,
         metrics: metrics.clone(),
         resume,
+        record: record.clone(),
     });
     let shared = Arc::new(Shared {
         max_nnz: cfg.max_nnz.unwrap_or(n).min(n),
@@ -421,6 +431,7 @@ async fn start_inner(
         tx,
         auth,
         throttle: auth::Throttle::default(),
+        record,
         metrics,
         status: status_rx,
         data: tokio::sync::OnceCell::new(),

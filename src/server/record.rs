@@ -149,3 +149,58 @@ impl Record {
         self.staleness.clone()
     }
 }
+
+/// The record, shared by the coordinator (which appends) and the HTTP handler (which reads a
+/// page at a time under a short lock): readers never wait for the coordinator, and the
+/// coordinator waits at most for one page to be copied.
+#[derive(Clone)]
+pub struct SharedRecord(std::sync::Arc<std::sync::Mutex<Record>>);
+
+/// One page of the record.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// The number of the event after this page: ask from it next.
+    pub next: usize,
+    /// The number of the next event the server will record (the page is the last one when
+    /// `next == end`).
+    pub end: usize,
+    pub events: Vec<Event>,
+}
+
+/// Events per page of `/api/record` unless the request asks for fewer (or more, up to
+/// [`MAX_PAGE`]).
+pub const DEFAULT_PAGE: usize = 10_000;
+pub const MAX_PAGE: usize = 100_000;
+
+impl SharedRecord {
+    pub fn new(cap: usize) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Record::new(cap))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn push(&self, e: Event) {
+        self.lock().push(e);
+    }
+
+    /// At most `limit` events from number `since` on (from the oldest held when `since` is
+    /// older).
+    pub fn page(&self, since: usize, limit: usize) -> Page {
+        let g = self.lock();
+        let end = g.first + g.events.len();
+        let from = since.max(g.first).min(end);
+        let events: Vec<Event> = g.events.iter().skip(from - g.first).take(limit).cloned().collect();
+        Page { next: from + events.len(), end, events }
+    }
+
+    /// Every event from number `since` on, and the number to ask from next time.
+    pub fn since(&self, since: usize) -> (usize, Vec<Event>) {
+        self.lock().since(since)
+    }
+
+    pub fn staleness_histogram(&self) -> Vec<u64> {
+        self.lock().staleness_histogram()
+    }
+}

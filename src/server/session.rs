@@ -30,8 +30,12 @@ use crate::protocol::message::{
 };
 
 /// Runs a session to its end.
-pub async fn run<S>(ws: WebSocketStream<S>, shared: Arc<Shared>, peer: std::net::SocketAddr)
-where
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    shared: Arc<Shared>,
+    peer: std::net::SocketAddr,
+    read: Arc<std::sync::atomic::AtomicU64>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = ws.split();
@@ -43,6 +47,12 @@ where
         Err(_) => {
             shared.metrics.refused("handshake_timeout");
             let _ = send_error(&mut sink, "handshake", "no hello within the handshake timeout", true).await;
+            return;
+        }
+        Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
+            shared.metrics.refused("frame");
+            let message = format!("frame of {size} bytes exceeds max_frame_bytes {max_size}");
+            let _ = send_error(&mut sink, "frame", &message, true).await;
             return;
         }
         Ok(None) | Ok(Some(Err(_))) => return,
@@ -177,7 +187,7 @@ where
     });
 
     // 4. Reader: socket → validation → coordinator.
-    let reader = read_loop(&mut stream, &shared, client, &outbox);
+    let reader = read_loop(&mut stream, &shared, client, &outbox, &read);
     let mut writer_done = false;
     let reason = tokio::select! {
         r = reader => r,
@@ -208,18 +218,46 @@ async fn read_loop<S>(
     shared: &Shared,
     client: ClientId,
     outbox: &Outbox,
+    read: &std::sync::atomic::AtomicU64,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    use std::sync::atomic::Ordering;
     let idle = Duration::from_secs_f64(shared.cfg.idle_timeout_s);
+    let frame_timeout = Duration::from_secs_f64(shared.cfg.frame_timeout_s);
     let limits = PushLimits { num_params: shared.num_params, max_nnz: shared.max_nnz };
     let mut rate = RateLimiter::new(shared.cfg.max_push_rate);
+    // Bytes read when the last message completed, and when more arrived after it (a message
+    // has begun).
+    let mut done_at = read.load(Ordering::Relaxed);
+    let mut last_msg = tokio::time::Instant::now();
+    let mut begun: Option<tokio::time::Instant> = None;
+    let tick = frame_timeout.min(idle).min(Duration::from_secs(1)).max(Duration::from_millis(10));
     loop {
-        let msg = match tokio::time::timeout(idle, stream.next()).await {
+        let msg = match tokio::time::timeout(tick, stream.next()).await {
             Err(_) => {
-                error_to(outbox, "idle", "no message within the idle timeout", true);
-                return "idle timeout".into();
+                let now = tokio::time::Instant::now();
+                if read.load(Ordering::Relaxed) > done_at {
+                    let since = *begun.get_or_insert(now);
+                    if now - since >= frame_timeout {
+                        shared.metrics.rejected("frame_timeout");
+                        error_to(
+                            outbox,
+                            "frame",
+                            &format!(
+                                "a message was begun but not completed within {:.0} s",
+                                frame_timeout.as_secs_f64()
+                            ),
+                            true,
+                        );
+                        return "partial frame timeout".into();
+                    }
+                } else if now - last_msg >= idle {
+                    error_to(outbox, "idle", "no message within the idle timeout", true);
+                    return "idle timeout".into();
+                }
+                continue;
             }
             Ok(None) => return "connection closed".into(),
             Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
@@ -235,6 +273,9 @@ where
             Ok(Some(Err(e))) => return format!("connection error: {e}"),
             Ok(Some(Ok(m))) => m,
         };
+        done_at = read.load(Ordering::Relaxed);
+        begun = None;
+        last_msg = tokio::time::Instant::now();
         match msg {
             Message::Binary(frame) => handle_push(frame, shared, client, outbox, &limits, &mut rate).await,
             Message::Text(text) if text.len() > MAX_CONTROL_BYTES => {
@@ -395,4 +436,68 @@ fn fragments(
         let opcode = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
         Frame::message(message.slice(start..end), opcode, i + 1 == n)
     })
+}
+
+/// A connection that counts the bytes read from it, so that the session can tell a silent
+/// client from one whose message has begun and stalled (the WebSocket layer only hands over
+/// complete messages).
+pub struct Counted<T> {
+    inner: T,
+    read: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T) -> Self {
+        Self { inner, read: Arc::default() }
+    }
+
+    pub fn read_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.read.clone()
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }

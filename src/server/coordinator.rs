@@ -124,6 +124,8 @@ struct Registry {
 /// An accepted push waiting to be aggregated.
 struct Pending {
     client: ClientId,
+    /// The client id of the session that pushed it (kept after the session ends).
+    name: String,
     header: PushHeader,
     frame: Bytes,
     accepted_at: Duration,
@@ -172,6 +174,8 @@ pub struct Coordinator {
     durable: Option<Durable>,
     /// Pushes to apply before serving (from a checkpoint and its WAL).
     resume: Vec<super::durability::PendingPush>,
+    /// The WAL written after that checkpoint: pushes and the steps that applied them.
+    resume_wal: Vec<super::durability::WalOp>,
 }
 
 /// Checkpoint and WAL state (with `--checkpoint-dir`).
@@ -208,6 +212,12 @@ pub struct EvalPoint {
     pub bytes_out: u64,
 }
 
+/// The weights of a step: from the weighting rule, or as a log recorded them.
+enum Weights {
+    Computed(Normalization),
+    Logged(Vec<f32>),
+}
+
 /// How the coordinator is built.
 pub struct CoordinatorParts {
     pub cfg: Arc<ServerConfig>,
@@ -237,7 +247,9 @@ impl Coordinator {
         });
         let mut registry = HashMap::new();
         let mut resume = Vec::new();
+        let mut resume_wal = Vec::new();
         if let Some(c) = p.resume {
+            resume_wal = c.wal;
             for (id, seq) in c.registry {
                 registry.insert(id, Registry { last_seq: Some(seq), ..Default::default() });
             }
@@ -246,6 +258,7 @@ impl Coordinator {
         Self {
             durable,
             resume,
+            resume_wal,
             weighting: p.cfg.weighting(),
             selection: p.cfg.selection,
             layout: p.layout,
@@ -324,38 +337,84 @@ impl Coordinator {
     }
 
     /// Applies what a checkpoint and its WAL hold, writes a fresh checkpoint and opens a WAL.
+    ///
+    /// The WAL's step records are replayed exactly: the same pushes in the same steps with the
+    /// same weights and broadcasts, so the model, x̂ and the version are those the crashed
+    /// server had reached (bit for bit). Pushes that were acknowledged but not yet aggregated
+    /// when it died are then applied in steps of up to `max_batch`, in the order they were
+    /// accepted, before any client is served.
     async fn start_durability(&mut self) -> Result<(), String> {
+        use super::durability::WalOp;
         let resume = std::mem::take(&mut self.resume);
-        if !resume.is_empty() {
-            let n = resume.len();
+        let wal = std::mem::take(&mut self.resume_wal);
+        let mut ops: Vec<WalOp> = resume.into_iter().map(WalOp::Push).collect();
+        ops.extend(wal);
+        if !ops.is_empty() {
             let limits = crate::protocol::frame::PushLimits {
                 num_params: self.layout.num_params() as u64,
                 max_nnz: self.layout.num_params() as u64,
             };
-            let mut ids = Vec::new();
-            for p in resume {
-                let header = match PushView::decode(&p.frame, &limits) {
-                    Ok(v) => v.header,
-                    Err(e) => {
-                        tracing::warn!(error = %e, client = %p.client_id, "a recovered push does not decode; skipped");
-                        continue;
+            // (client id, seq) → pending push, for the step records to find their pushes.
+            let mut by_seq: HashMap<(String, u64), PushId> = HashMap::new();
+            let mut order = Vec::new();
+            let (mut pushes, mut steps) = (0usize, 0usize);
+            for op in ops {
+                match op {
+                    WalOp::Push(p) => {
+                        let header = match PushView::decode(&p.frame, &limits) {
+                            Ok(v) => v.header,
+                            Err(e) => {
+                                tracing::warn!(error = %e, client = %p.client_id, "a recovered push does not decode; skipped");
+                                continue;
+                            }
+                        };
+                        let r = self.registry.entry(p.client_id.clone()).or_default();
+                        r.last_seq = Some(r.last_seq.map_or(header.seq, |s| s.max(header.seq)));
+                        let id = self.next_push;
+                        self.next_push += 1;
+                        by_seq.insert((p.client_id.clone(), header.seq), id);
+                        self.pending.insert(
+                            id,
+                            Pending {
+                                client: 0,
+                                name: p.client_id,
+                                header,
+                                frame: p.frame,
+                                accepted_at: self.now(),
+                            },
+                        );
+                        order.push(id);
+                        pushes += 1;
                     }
-                };
-                let r = self.registry.entry(p.client_id.clone()).or_default();
-                r.last_seq = Some(r.last_seq.map_or(header.seq, |s| s.max(header.seq)));
-                let id = self.next_push;
-                self.next_push += 1;
-                self.pending
-                    .insert(id, Pending { client: 0, header, frame: p.frame, accepted_at: self.now() });
-                ids.push(id);
+                    WalOp::Step(s) => {
+                        let mut ids = Vec::with_capacity(s.items.len());
+                        let mut weights = Vec::with_capacity(s.items.len());
+                        for (name, seq, w) in s.items {
+                            match by_seq.remove(&(name.clone(), seq)) {
+                                Some(id) => {
+                                    ids.push(id);
+                                    weights.push(w);
+                                }
+                                None => {
+                                    tracing::warn!(client = %name, seq, "a logged step names a push the log lacks")
+                                }
+                            }
+                        }
+                        self.step_with(ids, Weights::Logged(weights), Some(s.broadcast)).await;
+                        steps += 1;
+                    }
+                }
             }
-            for batch in ids.chunks(self.cfg.max_batch) {
+            let left: Vec<PushId> = order.into_iter().filter(|id| self.pending.contains_key(id)).collect();
+            for batch in left.chunks(self.cfg.max_batch) {
                 self.step(batch.to_vec(), Normalization::Batch).await;
             }
             tracing::info!(
-                pushes = n,
+                pushes,
+                steps,
+                not_yet_aggregated = left.len(),
                 version = self.version,
-                "applied the pushes recovered from the checkpoint and WAL"
+                "replayed the checkpoint and WAL"
             );
         }
         if self.durable.is_some() {
@@ -390,8 +449,7 @@ impl Coordinator {
             .into_iter()
             .map(|id| {
                 let p = &self.pending[id];
-                let name = self.clients.get(&p.client).map(|c| c.name.clone()).unwrap_or_default();
-                super::durability::PendingPush { client_id: name, frame: p.frame.clone() }
+                super::durability::PendingPush { client_id: p.name.clone(), frame: p.frame.clone() }
             })
             .collect();
         let ckpt = super::durability::Checkpoint {
@@ -403,6 +461,7 @@ impl Coordinator {
             policy_state: self.policy.state(),
             wal_seq,
             state,
+            wal: Vec::new(),
         };
         let version = ckpt.state.version;
         let written = tokio::task::spawn_blocking(move || ckpt.write(&dir, 3))
@@ -787,7 +846,7 @@ impl Coordinator {
             nnz: header.nnz,
             bytes,
         });
-        self.pending.insert(id, Pending { client, header, frame, accepted_at: now });
+        self.pending.insert(id, Pending { client, name: c.name.clone(), header, frame, accepted_at: now });
         self.unacked.insert(id, Unacked { client, seq: header.seq, base_version: header.base_version });
         self.policy.on_loss(now, LossSource::Push(client), header.loss as f64);
         let meta = PushMeta {
@@ -875,12 +934,27 @@ impl Coordinator {
 
     /// Aggregates a batch and broadcasts; returns the policy's follow-up actions.
     async fn step(&mut self, ids: Vec<PushId>, normalization: Normalization) -> Vec<Action> {
+        self.step_with(ids, Weights::Computed(normalization), None).await
+    }
+
+    /// One aggregation step. `weights` are computed by the weighting rule, or given (a logged
+    /// step replayed); `broadcast` is given when replayed, else it follows `broadcast_every`.
+    async fn step_with(
+        &mut self,
+        ids: Vec<PushId>,
+        weights_in: Weights,
+        broadcast: Option<bool>,
+    ) -> Vec<Action> {
         let mut items = Vec::with_capacity(ids.len());
         let mut taken = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut logged = Vec::with_capacity(ids.len());
+        for (j, id) in ids.iter().enumerate() {
             if let Some(p) = self.pending.remove(id) {
                 items.push(p);
                 taken.push(*id);
+                if let Weights::Logged(w) = &weights_in {
+                    logged.push(w.get(j).copied().unwrap_or(0.0));
+                }
             }
         }
         if items.is_empty() {
@@ -896,8 +970,16 @@ impl Coordinator {
             })
             .collect();
         let mut weights = std::mem::take(&mut self.weights);
-        batch_weights(&self.weighting, normalization, &inputs, &mut weights);
-        let broadcast_now = (t + 1).is_multiple_of(self.cfg.broadcast_every);
+        match weights_in {
+            Weights::Computed(normalization) => {
+                batch_weights(&self.weighting, normalization, &inputs, &mut weights)
+            }
+            Weights::Logged(_) => {
+                weights.clear();
+                weights.extend_from_slice(&logged);
+            }
+        }
+        let broadcast_now = broadcast.unwrap_or_else(|| (t + 1).is_multiple_of(self.cfg.broadcast_every));
         let k = crate::engine::k_for_density(self.cfg.rho_down, self.layout.num_params());
         let selection = self.selection.with_k(k);
         let frames: Vec<(Bytes, f32)> =
@@ -983,6 +1065,15 @@ impl Coordinator {
             topk_seconds: topk_time.as_secs_f64(),
             delta_nnz: bc.as_ref().map(|b| b.header.nnz as u64),
         });
+        // The step goes to the log before its Delta is sent and its Acks are released: a
+        // client never sees a step that a resumed server would not replay.
+        if let Some(w) = self.durable.as_mut().and_then(|d| d.wal.as_mut()) {
+            let logged: Vec<(&str, u64, f32)> =
+                items.iter().zip(&self.weights).map(|(p, &w)| (p.name.as_str(), p.header.seq, w)).collect();
+            if let Err(e) = w.append_step(&logged, broadcast_now) {
+                tracing::error!(error = %e, "write-ahead log failed: a crash now would replay this step differently");
+            }
+        }
         if let Some(bc) = bc {
             let t0 = std::time::Instant::now();
             self.publish(bc);

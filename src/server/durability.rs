@@ -61,6 +61,22 @@ pub struct PendingPush {
     pub frame: Bytes,
 }
 
+/// One record of the write-ahead log: an accepted push, or an aggregation step that was applied
+/// (which pushes, with which weights, and whether a Delta was broadcast after it).
+#[derive(Clone, Debug, PartialEq)]
+pub enum WalOp {
+    Push(PendingPush),
+    Step(LoggedStep),
+}
+
+/// An applied aggregation step, as the log holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedStep {
+    /// (client id, seq, weight) of each push, in the order they were aggregated.
+    pub items: Vec<(String, u64, f32)>,
+    pub broadcast: bool,
+}
+
 /// Everything a checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
@@ -74,6 +90,8 @@ pub struct Checkpoint {
     pub policy_state: serde_json::Value,
     /// The WAL file that holds what was accepted after this checkpoint.
     pub wal_seq: u64,
+    /// What that WAL holds (read at resume; not stored in the checkpoint file).
+    pub wal: Vec<WalOp>,
 }
 
 const PREFIX: &str = "checkpoint-";
@@ -211,6 +229,7 @@ impl Checkpoint {
             policy_state: serde_json::from_str(&get("sparsync.policy_state")?)
                 .unwrap_or(serde_json::Value::Null),
             wal_seq: parse("sparsync.wal_seq")?,
+            wal: Vec::new(),
         })
     }
 
@@ -267,6 +286,7 @@ pub struct Wal {
 }
 
 const WAL_MAGIC: &[u8; 4] = b"SPWL";
+const WAL_STEP_MAGIC: &[u8; 4] = b"SPWS";
 
 impl Wal {
     /// Starts log file number `seq` (empty) and removes older ones: call it once the checkpoint
@@ -292,15 +312,39 @@ impl Wal {
     /// Appends one accepted push; returns once the operating system has it.
     pub fn append(&mut self, client_id: &str, frame: &[u8]) -> Result<(), DurabilityError> {
         let name = client_id.as_bytes();
-        let mut rec = Vec::with_capacity(16 + 2 + name.len() + frame.len());
-        let payload_len = 2 + name.len() + frame.len();
-        rec.extend_from_slice(WAL_MAGIC);
-        rec.extend_from_slice(&(payload_len as u32).to_le_bytes());
-        let len = (name.len() as u16).to_le_bytes();
-        rec.extend_from_slice(&fnv64(&[&len, name, frame]).to_le_bytes());
-        rec.extend_from_slice(&len);
-        rec.extend_from_slice(name);
-        rec.extend_from_slice(frame);
+        let mut payload = Vec::with_capacity(2 + name.len() + frame.len());
+        payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        payload.extend_from_slice(name);
+        payload.extend_from_slice(frame);
+        self.write_record(WAL_MAGIC, &payload)
+    }
+
+    /// Appends an applied aggregation step: the pushes it took (by client id and seq), their
+    /// weights, and whether a Delta was broadcast after it. Written before the step's Delta is
+    /// sent and its Acks released, so no client has seen a step the log lacks.
+    pub fn append_step(
+        &mut self,
+        items: &[(&str, u64, f32)],
+        broadcast: bool,
+    ) -> Result<(), DurabilityError> {
+        let mut payload = Vec::with_capacity(5 + items.len() * 24);
+        payload.push(broadcast as u8);
+        payload.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        for (name, seq, w) in items {
+            payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            payload.extend_from_slice(name.as_bytes());
+            payload.extend_from_slice(&seq.to_le_bytes());
+            payload.extend_from_slice(&w.to_bits().to_le_bytes());
+        }
+        self.write_record(WAL_STEP_MAGIC, &payload)
+    }
+
+    fn write_record(&mut self, magic: &[u8; 4], payload: &[u8]) -> Result<(), DurabilityError> {
+        let mut rec = Vec::with_capacity(16 + payload.len());
+        rec.extend_from_slice(magic);
+        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&fnv64(&[payload]).to_le_bytes());
+        rec.extend_from_slice(payload);
         self.file.write_all(&rec).map_err(io("appending to", &self.path))
     }
 
@@ -317,7 +361,7 @@ fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
 
 /// The records of WAL files numbered `seq` and later, in order. A torn tail is reported and
 /// dropped.
-pub fn replay(dir: &Path, seq: u64) -> Result<Vec<PendingPush>, DurabilityError> {
+pub fn replay(dir: &Path, seq: u64) -> Result<Vec<WalOp>, DurabilityError> {
     let mut out = Vec::new();
     for (v, path) in wal_files(dir) {
         if v < seq {
@@ -326,7 +370,8 @@ pub fn replay(dir: &Path, seq: u64) -> Result<Vec<PendingPush>, DurabilityError>
         let b = std::fs::read(&path).map_err(io("reading", &path))?;
         let mut at = 0;
         while at < b.len() {
-            let ok = b.len() >= at + 16 && &b[at..at + 4] == WAL_MAGIC;
+            let step = b.len() >= at + 16 && &b[at..at + 4] == WAL_STEP_MAGIC;
+            let ok = b.len() >= at + 16 && (&b[at..at + 4] == WAL_MAGIC || step);
             let len = if ok {
                 u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize
             } else {
@@ -343,18 +388,46 @@ pub fn replay(dir: &Path, seq: u64) -> Result<Vec<PendingPush>, DurabilityError>
                 tracing::warn!(file = %path.display(), offset = at, "corrupt WAL record ignored");
                 break;
             }
+            if step {
+                match parse_step(payload) {
+                    Some(s) => out.push(WalOp::Step(s)),
+                    None => {
+                        tracing::warn!(file = %path.display(), offset = at, "malformed WAL step record ignored");
+                        break;
+                    }
+                }
+                at = end;
+                continue;
+            }
             let nlen = u16::from_le_bytes([payload[0], payload[1]]) as usize;
             if 2 + nlen > payload.len() {
                 break;
             }
-            out.push(PendingPush {
+            out.push(WalOp::Push(PendingPush {
                 client_id: String::from_utf8_lossy(&payload[2..2 + nlen]).to_string(),
                 frame: Bytes::copy_from_slice(&payload[2 + nlen..]),
-            });
+            }));
             at = end;
         }
     }
     Ok(out)
+}
+
+fn parse_step(p: &[u8]) -> Option<LoggedStep> {
+    let broadcast = *p.first()? != 0;
+    let count = u32::from_le_bytes(p.get(1..5)?.try_into().ok()?) as usize;
+    let mut at = 5;
+    let mut items = Vec::with_capacity(count.min(p.len() / 14));
+    for _ in 0..count {
+        let nlen = u16::from_le_bytes(p.get(at..at + 2)?.try_into().ok()?) as usize;
+        let name = String::from_utf8_lossy(p.get(at + 2..at + 2 + nlen)?).to_string();
+        at += 2 + nlen;
+        let seq = u64::from_le_bytes(p.get(at..at + 8)?.try_into().ok()?);
+        let w = f32::from_bits(u32::from_le_bytes(p.get(at + 8..at + 12)?.try_into().ok()?));
+        at += 12;
+        items.push((name, seq, w));
+    }
+    (at == p.len()).then_some(LoggedStep { items, broadcast })
 }
 
 #[cfg(test)]
@@ -374,6 +447,7 @@ mod tests {
             },
             registry: BTreeMap::from([("a".to_string(), 7)]),
             pending: vec![PendingPush { client_id: "a".into(), frame: Bytes::from_static(b"frame-bytes") }],
+            wal: Vec::new(),
             policy: "asp".into(),
             policy_state: serde_json::json!({ "pending": 1 }),
             wal_seq: version + 1,
@@ -411,17 +485,29 @@ mod tests {
         let mut w = Wal::start(dir.path(), 3).unwrap();
         w.append("a", b"one").unwrap();
         w.append("bb", b"two").unwrap();
+        w.append_step(&[("a", 7, 0.25), ("bb", 1, -0.0)], true).unwrap();
         let got = replay(dir.path(), 3).unwrap();
+        let pushes: Vec<_> = got
+            .iter()
+            .filter_map(|op| match op {
+                WalOp::Push(p) => Some((p.client_id.as_str(), &p.frame[..])),
+                WalOp::Step(_) => None,
+            })
+            .collect();
+        assert_eq!(pushes, vec![("a", &b"one"[..]), ("bb", &b"two"[..])]);
         assert_eq!(
-            got.iter().map(|p| (p.client_id.as_str(), &p.frame[..])).collect::<Vec<_>>(),
-            vec![("a", &b"one"[..]), ("bb", &b"two"[..])]
+            got[2],
+            WalOp::Step(LoggedStep {
+                items: vec![("a".into(), 7, 0.25), ("bb".into(), 1, -0.0)],
+                broadcast: true
+            })
         );
         // A half-written record at the end is ignored.
         let path = dir.path().join("wal-000000000003.log");
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.extend_from_slice(b"SPWL\x10\x00");
         std::fs::write(&path, bytes).unwrap();
-        assert_eq!(replay(dir.path(), 3).unwrap().len(), 2);
+        assert_eq!(replay(dir.path(), 3).unwrap().len(), 3);
         // Rotation at a checkpoint starts a fresh log and drops older ones.
         w.rotate(8).unwrap();
         w.append("c", b"three").unwrap();

@@ -361,7 +361,7 @@ fn resume_from(dir: &Path, layout: &ModelLayout) -> Result<durability::Checkpoin
         path = %path.display(), version = c.state.version, pending = c.pending.len(), wal_records = wal.len(),
         "resuming from checkpoint"
     );
-    c.pending.extend(wal);
+    c.wal = wal;
     Ok(c)
 }
 

@@ -493,9 +493,11 @@ async fn half_sent_and_oversized_frames_are_cut_off() {
             ws
         }
     };
+    // The Error the server sends, and the close code that follows it.
     let error_of = |mut ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >| async move {
+        let mut error = None;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), ws.next())
                 .await
@@ -503,11 +505,14 @@ async fn half_sent_and_oversized_frames_are_cut_off() {
             {
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(ServerMessage::Error(e)) = serde_json::from_str::<ServerMessage>(t.as_str()) {
-                        return e;
+                        error = Some(e);
                     }
                 }
+                Some(Ok(Message::Close(f))) => {
+                    return (error.expect("an error before the close"), f.map(|f| u16::from(f.code)));
+                }
                 Some(Ok(_)) => {}
-                other => panic!("closed without an error: {other:?}"),
+                other => panic!("closed without a close frame: {other:?} (error {error:?})"),
             }
         }
     };
@@ -517,9 +522,10 @@ async fn half_sent_and_oversized_frames_are_cut_off() {
     let raw = ws.get_mut();
     let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = raw else { panic!("plain TCP") };
     tcp.write_all(&frame_head(60 << 20)).await.unwrap();
-    let e = error_of(ws).await;
+    let (e, code) = error_of(ws).await;
     assert_eq!((e.field.as_str(), e.fatal), ("frame", true), "{e:?}");
     assert!(e.message.contains(&format!("exceeds max_frame_bytes {limit}")), "{e:?}");
+    assert_eq!(code, Some(1009), "closed as too big");
 
     // Within the limit, but half sent and then silent: cut off after about a second.
     let mut ws = joined("half").await;
@@ -528,9 +534,10 @@ async fn half_sent_and_oversized_frames_are_cut_off() {
     tcp.write_all(&frame_head(5000)).await.unwrap();
     tcp.write_all(&[0u8; 2500]).await.unwrap();
     let t0 = std::time::Instant::now();
-    let e = error_of(ws).await;
+    let (e, code) = error_of(ws).await;
     assert_eq!((e.field.as_str(), e.fatal), ("frame", true), "{e:?}");
     assert!(e.message.contains("not completed"), "{e:?}");
+    assert_eq!(code, Some(1008), "closed as a policy violation");
     assert!(t0.elapsed() < Duration::from_secs(5), "cut off after {:?}", t0.elapsed());
     assert_eq!(rejected(&h, "frame_timeout").await, 1);
     honest_push(&mut good, &mut seq).await;

@@ -1010,7 +1010,7 @@ impl Coordinator {
                     c.outbox.push(Outbound::Text(
                         ServerMessage::error("engine", format!("server engine failed: {e}"), true).to_json(),
                     ));
-                    c.outbox.close("engine failure");
+                    c.outbox.close_with(1011, "engine failure");
                 }
                 self.rx.close();
                 return Vec::new();

@@ -204,7 +204,7 @@ async fn serve_conn<IO>(
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r {
             if e.is_timeout() {
-                // hyper answers 408 when it can and closes: a slow or stalled request.
+                // hyper closes the connection without an answer: a slow or stalled request.
                 metrics.refused("header_timeout");
                 tracing::info!(%peer, "request headers timed out");
             } else {

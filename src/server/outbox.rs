@@ -31,8 +31,9 @@ pub enum Outbound {
         version: u64,
         frame: Bytes,
     },
-    /// Close the session after everything queued before it.
-    Close(String),
+    /// Close the session after everything queued before it, with this WebSocket close code
+    /// (RFC 6455 §7.4.1: 1000 normal, 1001 going away, 1008 policy, 1009 too big, 1011 error).
+    Close(u16, String),
 }
 
 impl Outbound {
@@ -40,7 +41,7 @@ impl Outbound {
         match self {
             Self::Text(t) => t.len(),
             Self::Binary(b) | Self::Delta { frame: b, .. } | Self::Snapshot { frame: b, .. } => b.len(),
-            Self::Close(r) => r.len(),
+            Self::Close(_, r) => r.len(),
         }
     }
 }
@@ -127,7 +128,7 @@ impl Outbox {
                 g.closed = true;
                 g.overflow = Some(reason.clone());
                 g.bytes = reason.len();
-                g.queue.push_back(Outbound::Close(reason));
+                g.queue.push_back(Outbound::Close(1008, reason));
                 drop(g);
                 self.notify.notify_one();
                 return;
@@ -208,13 +209,18 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Queues a close after what is queued; nothing is queued after it.
+    /// Queues a normal close (1000) after what is queued; nothing is queued after it.
     pub fn close(&self, reason: impl Into<String>) {
+        self.close_with(1000, reason)
+    }
+
+    /// Queues a close with `code` after what is queued; nothing is queued after it.
+    pub fn close_with(&self, code: u16, reason: impl Into<String>) {
         let mut g = self.lock();
         if g.closed {
             return;
         }
-        let msg = Outbound::Close(reason.into());
+        let msg = Outbound::Close(code, reason.into());
         g.bytes += msg.len();
         g.queue.push_back(msg);
         g.closed = true;
@@ -319,7 +325,7 @@ mod tests {
         o.close("shutting down");
         o.push(Outbound::Text("ignored after close".into()));
         assert!(matches!(o.next().await, Next::Send(Outbound::Text(_))));
-        assert!(matches!(o.next().await, Next::Send(Outbound::Close(_))));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Close(..))));
         assert!(matches!(o.next().await, Next::Closed));
         assert_eq!(o.queued_bytes(), 0);
     }
@@ -337,7 +343,7 @@ mod tests {
         assert!(why.contains("1000 bytes"), "{why}");
         assert!(o.queued_bytes() < 200, "the queue was emptied: {}", o.queued_bytes());
         o.push(Outbound::Text("ignored".into()));
-        assert!(matches!(o.next().await, Next::Send(Outbound::Close(_))));
+        assert!(matches!(o.next().await, Next::Send(Outbound::Close(1008, _))));
         assert!(matches!(o.next().await, Next::Closed));
         assert_eq!(o.queued_bytes(), 0);
     }

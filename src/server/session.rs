@@ -160,8 +160,9 @@ pub async fn run<S>(
                     | Outbound::Delta { frame: b, .. }
                     | Outbound::Snapshot { frame: b, .. },
                 ) => Message::Binary(b),
-                Next::Send(Outbound::Close(reason)) => {
-                    let frame = CloseFrame { code: CloseCode::Normal, reason: truncate(&reason, 120).into() };
+                Next::Send(Outbound::Close(code, reason)) => {
+                    let frame =
+                        CloseFrame { code: CloseCode::from(code), reason: truncate(&reason, 120).into() };
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     let _ = sink.close().await;
                     return Ok::<(), WsError>(());
@@ -189,22 +190,22 @@ pub async fn run<S>(
     // 4. Reader: socket → validation → coordinator.
     let reader = read_loop(&mut stream, &shared, client, &outbox, &read);
     let mut writer_done = false;
-    let reason = tokio::select! {
+    let (code, reason) = tokio::select! {
         r = reader => r,
         w = &mut writer => {
             writer_done = true;
             match w {
-                Ok(Ok(())) => "closed by server".to_string(),
-                Ok(Err(e)) => format!("write failed: {e}"),
-                Err(e) => format!("writer task failed: {e}"),
+                Ok(Ok(())) => (1000, "closed by server".to_string()),
+                Ok(Err(e)) => (1011, format!("write failed: {e}")),
+                Err(e) => (1011, format!("writer task failed: {e}")),
             }
         },
-        _ = shared.shutdown_started() => "server shutting down".to_string(),
+        _ = shared.shutdown_started() => (1001, "server shutting down".to_string()),
     };
     let _ = shared.tx.send(Inbound::Leave { client, reason: reason.clone() }).await;
     // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it. A finished
     // JoinHandle must not be polled again.
-    outbox.close(reason.clone());
+    outbox.close_with(code, reason.clone());
     if !writer_done && tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
         writer.abort();
     }
@@ -219,7 +220,7 @@ async fn read_loop<S>(
     client: ClientId,
     outbox: &Outbox,
     read: &std::sync::atomic::AtomicU64,
-) -> String
+) -> (u16, String)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -251,15 +252,15 @@ where
                             ),
                             true,
                         );
-                        return "partial frame timeout".into();
+                        return (1008, "partial frame timeout".into());
                     }
                 } else if now - last_msg >= idle {
                     error_to(outbox, "idle", "no message within the idle timeout", true);
-                    return "idle timeout".into();
+                    return (1000, "idle timeout".into());
                 }
                 continue;
             }
-            Ok(None) => return "connection closed".into(),
+            Ok(None) => return (1000, "connection closed".into()),
             Ok(Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })))) => {
                 shared.metrics.rejected("frame");
                 error_to(
@@ -268,9 +269,9 @@ where
                     &format!("frame of {size} bytes exceeds max_frame_bytes {max_size}"),
                     true,
                 );
-                return "oversized frame".into();
+                return (1009, "oversized frame".into());
             }
-            Ok(Some(Err(e))) => return format!("connection error: {e}"),
+            Ok(Some(Err(e))) => return (1002, format!("connection error: {e}")),
             Ok(Some(Ok(m))) => m,
         };
         done_at = read.load(Ordering::Relaxed);
@@ -289,7 +290,7 @@ where
             Message::Text(text) => match serde_json::from_str::<ClientMessage>(text.as_str()) {
                 Ok(ClientMessage::Hello(_)) => error_to(outbox, "handshake", "already joined", false),
                 Ok(ClientMessage::Bye { reason }) => {
-                    return format!("client said bye: {}", clip(&reason, MAX_REASON_LEN));
+                    return (1000, format!("client said bye: {}", clip(&reason, MAX_REASON_LEN)));
                 }
                 Ok(ClientMessage::SnapshotRequest) => outbox.mark_lagging(),
                 Ok(ClientMessage::Eval(report)) => {
@@ -303,12 +304,12 @@ where
                 }
                 Err(e) => error_to(outbox, "json", &format!("malformed control message: {e}"), false),
             },
-            Message::Close(_) => return "client closed".into(),
+            Message::Close(_) => return (1000, "client closed".into()),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
         if let Some(why) = outbox.overflowed() {
             shared.metrics.rejected("unread_replies");
-            return why;
+            return (1008, why);
         }
     }
 }

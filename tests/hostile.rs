@@ -254,7 +254,7 @@ async fn a_live_client_id_cannot_be_taken_over() {
         _ => None,
     })
     .await;
-    assert_eq!(r.field, "seq", "{r:?}");
+    assert_eq!(r.field, "seq_gap", "{r:?}");
     honest_push(&mut victim, &mut seq).await;
 
     // The same client, reconnecting with its secret, replaces its own session.
@@ -540,6 +540,28 @@ async fn half_sent_and_oversized_frames_are_cut_off() {
     assert_eq!(code, Some(1008), "closed as a policy violation");
     assert!(t0.elapsed() < Duration::from_secs(5), "cut off after {:?}", t0.elapsed());
     assert_eq!(rejected(&h, "frame_timeout").await, 1);
+
+    // A fragmented message whose first fragment arrived, with Pings every 300 ms after it: the
+    // Pings neither complete the message nor keep it alive.
+    let mut ws = joined("pinger").await;
+    let raw = ws.get_mut();
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = raw else { panic!("plain TCP") };
+    let mut first = frame_head(100);
+    first[0] = 0x02; // binary, FIN not set
+    first.extend_from_slice(&[0u8; 100]);
+    tcp.write_all(&first).await.unwrap();
+    let t0 = std::time::Instant::now();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A masked Ping without payload.
+        if tcp.write_all(&[0x89, 0x80, 1, 2, 3, 4]).await.is_err() {
+            break;
+        }
+    }
+    let (e, code) = error_of(ws).await;
+    assert!(e.message.contains("not completed") && code == Some(1008), "{e:?} {code:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "cut off after {:?}", t0.elapsed());
+    assert_eq!(rejected(&h, "frame_timeout").await, 2);
     honest_push(&mut good, &mut seq).await;
     h.shutdown("done").await.unwrap();
 }

@@ -84,14 +84,17 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
     // Replay: every accepted update, aggregated in the record's order with the record's
     // weights, on the CPU engine from the same initial model.
     let base = format!("http://{addr}");
-    let state = loop {
+    // The status is published at most every 100 ms: wait until it shows every acknowledged
+    // push aggregated (a snapshot from between two batches can show fewer).
+    let mut state = serde_json::Value::Null;
+    for _ in 0..600 {
         let (_, body) = load::http_get(&base, "/api/status", None).await.unwrap();
-        let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        if s["accepted"] == s["aggregated"] && s["pending"] == 0 {
-            break s;
+        state = serde_json::from_slice(&body).unwrap();
+        if state["accepted"] == report.acked && state["aggregated"] == report.acked && state["pending"] == 0 {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
     assert_eq!(state["accepted"].as_u64().unwrap(), report.acked);
     // The record, page by page.
     let mut events = Vec::new();

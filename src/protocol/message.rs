@@ -17,7 +17,8 @@ pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 /// Longest text the server echoes back or logs from what a client sent (bytes).
 pub const MAX_ECHO_LEN: usize = 200;
 
-/// `s` cut to at most `max` bytes at a character boundary, with "…" when it was cut.
+/// `s` cut to at most `max` bytes at a character boundary; when it was cut, "… (N bytes)"
+/// follows (so the result can be up to ~25 bytes longer than `max`).
 pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();

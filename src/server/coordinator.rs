@@ -29,11 +29,12 @@ use crate::protocol::message::{
 };
 use crate::protocol::model::ModelLayout;
 
-/// Shortest time between two status publications.
-/// A push's seq may be at most this far above the client's last accepted seq: a client (or
-/// someone using its id) cannot push seq = u64::MAX and lock the client out.
+/// A push's seq may be at most this far above the client's last accepted seq (or above 0 for
+/// its first push): a client, or someone using its id, cannot push seq = u64::MAX and lock the
+/// client out.
 pub const MAX_SEQ_GAP: u64 = 1 << 20;
 
+/// Shortest time between two status publications.
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
 /// An idle server still republishes its status this often (uptime, connection times).
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -361,13 +362,14 @@ impl Coordinator {
             for op in ops {
                 match op {
                     WalOp::Push(p) => {
-                        let header = match PushView::decode(&p.frame, &limits) {
+                        let mut header = match PushView::decode(&p.frame, &limits) {
                             Ok(v) => v.header,
                             Err(e) => {
                                 tracing::warn!(error = %e, client = %p.client_id, "a recovered push does not decode; skipped");
                                 continue;
                             }
                         };
+                        header.samples = header.samples.min(self.cfg.max_samples.max(1));
                         let r = self.registry.entry(p.client_id.clone()).or_default();
                         r.last_seq = Some(r.last_seq.map_or(header.seq, |s| s.max(header.seq)));
                         let id = self.next_push;
@@ -396,7 +398,7 @@ impl Coordinator {
                                     weights.push(w);
                                 }
                                 None => {
-                                    tracing::warn!(client = %name, seq, "a logged step names a push the log lacks")
+                                    tracing::error!(client = %name, seq, "a logged step names a push the log lacks: the resumed model differs from the crashed server's")
                                 }
                             }
                         }
@@ -792,14 +794,16 @@ impl Coordinator {
                 ),
             );
         }
-        if let Some(last) = reg.last_seq
-            && header.seq - last > MAX_SEQ_GAP
-        {
+        let last = reg.last_seq.unwrap_or(0);
+        if header.seq - last > MAX_SEQ_GAP {
             return self.reject(
                 client,
                 header.seq,
-                "seq",
-                format!("seq {} jumps more than {MAX_SEQ_GAP} past the last accepted seq {last}", header.seq),
+                "seq_gap",
+                format!(
+                    "seq {} jumps more than {MAX_SEQ_GAP} past the last accepted seq {last} (a first seq is at most {MAX_SEQ_GAP})",
+                    header.seq
+                ),
             );
         }
         let mut header = header;
@@ -1035,9 +1039,7 @@ impl Coordinator {
         self.counters.agg_bytes += agg_bytes;
         let mut record_items = Vec::with_capacity(items.len());
         for ((p, id), (input, w)) in items.iter().zip(&taken).zip(inputs.iter().zip(&weights)) {
-            if let Some(c) = self.clients.get(&p.client)
-                && let Some(r) = self.registry.get_mut(&c.name)
-            {
+            if let Some(r) = self.registry.get_mut(&p.name) {
                 r.commits += 1;
                 r.staleness_sum += input.staleness;
             }

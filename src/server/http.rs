@@ -221,9 +221,9 @@ async fn ws_upgrade(State(shared): State<Arc<Shared>>, mut req: Request<Body>) -
             .max_frame_size(Some(max))
             .accept_unmasked_frames(false);
         let io = super::session::Counted::new(TokioIo::new(upgraded));
-        let read = io.read_counter();
+        let started = io.message_started();
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        super::session::run(ws, shared, peer, read).await;
+        super::session::run(ws, shared, peer, started).await;
         drop(permit);
     });
     Response::builder()

@@ -439,7 +439,11 @@ async fn start_inner(
         shutdown: shutdown_rx.clone(),
         cfg: cfg.clone(),
     });
+    // Serve once the coordinator has published its first status, after it applied what a
+    // checkpoint and its WAL hold: no one sees the empty state of a server that is resuming.
+    let mut first_status = shared.status.clone();
     let coordinator = tokio::spawn(coordinator.run());
+    let _ = first_status.changed().await;
     let router = http::router(shared.clone());
     let limits = listener::Limits {
         max_connections: cfg.max_clients,

@@ -34,7 +34,7 @@ pub async fn run<S>(
     ws: WebSocketStream<S>,
     shared: Arc<Shared>,
     peer: std::net::SocketAddr,
-    read: Arc<std::sync::atomic::AtomicU64>,
+    started: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -188,7 +188,7 @@ pub async fn run<S>(
     });
 
     // 4. Reader: socket → validation → coordinator.
-    let reader = read_loop(&mut stream, &shared, client, &outbox, &read);
+    let reader = read_loop(&mut stream, &shared, client, &outbox, &started);
     let mut writer_done = false;
     let (code, reason) = tokio::select! {
         r = reader => r,
@@ -219,42 +219,37 @@ async fn read_loop<S>(
     shared: &Shared,
     client: ClientId,
     outbox: &Outbox,
-    read: &std::sync::atomic::AtomicU64,
+    started: &std::sync::Mutex<Option<tokio::time::Instant>>,
 ) -> (u16, String)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    use std::sync::atomic::Ordering;
     let idle = Duration::from_secs_f64(shared.cfg.idle_timeout_s);
     let frame_timeout = Duration::from_secs_f64(shared.cfg.frame_timeout_s);
     let limits = PushLimits { num_params: shared.num_params, max_nnz: shared.max_nnz };
     let mut rate = RateLimiter::new(shared.cfg.max_push_rate);
-    // Bytes read when the last message completed, and when more arrived after it (a message
-    // has begun).
-    let mut done_at = read.load(Ordering::Relaxed);
     let mut last_msg = tokio::time::Instant::now();
-    let mut begun: Option<tokio::time::Instant> = None;
     let tick = frame_timeout.min(idle).min(Duration::from_secs(1)).max(Duration::from_millis(10));
     loop {
         let msg = match tokio::time::timeout(tick, stream.next()).await {
             Err(_) => {
                 let now = tokio::time::Instant::now();
-                if read.load(Ordering::Relaxed) > done_at {
-                    let since = *begun.get_or_insert(now);
-                    if now - since >= frame_timeout {
-                        shared.metrics.rejected("frame_timeout");
-                        error_to(
-                            outbox,
-                            "frame",
-                            &format!(
-                                "a message was begun but not completed within {:.0} s",
-                                frame_timeout.as_secs_f64()
-                            ),
-                            true,
-                        );
-                        return (1008, "partial frame timeout".into());
-                    }
-                } else if now - last_msg >= idle {
+                let begun = *started.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(since) = begun
+                    && now - since >= frame_timeout
+                {
+                    shared.metrics.rejected("frame_timeout");
+                    error_to(
+                        outbox,
+                        "frame",
+                        &format!(
+                            "a message was begun but not completed within {:.0} s",
+                            frame_timeout.as_secs_f64()
+                        ),
+                        true,
+                    );
+                    return (1008, "partial frame timeout".into());
+                } else if begun.is_none() && now - last_msg >= idle {
                     error_to(outbox, "idle", "no message within the idle timeout", true);
                     return (1000, "idle timeout".into());
                 }
@@ -274,9 +269,11 @@ where
             Ok(Some(Err(e))) => return (1002, format!("connection error: {e}")),
             Ok(Some(Ok(m))) => m,
         };
-        done_at = read.load(Ordering::Relaxed);
-        begun = None;
-        last_msg = tokio::time::Instant::now();
+        // Only data messages count as activity: a Ping every few seconds does not keep a
+        // silent (or half-sent) session open.
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            last_msg = tokio::time::Instant::now();
+        }
         match msg {
             Message::Binary(frame) => handle_push(frame, shared, client, outbox, &limits, &mut rate).await,
             Message::Text(text) if text.len() > MAX_CONTROL_BYTES => {
@@ -439,21 +436,103 @@ fn fragments(
     })
 }
 
-/// A connection that counts the bytes read from it, so that the session can tell a silent
-/// client from one whose message has begun and stalled (the WebSocket layer only hands over
-/// complete messages).
+/// A connection that follows the WebSocket frames read from it, so that the session can tell a
+/// silent client from one whose data message has begun and stalled (the WebSocket layer only
+/// hands over complete messages). It parses the frame headers of what it reads (client frames
+/// are masked: RFC 6455 §5.2) and records when the current data message began; control frames
+/// (Ping, Pong, Close) between fragments do not end or restart it.
 pub struct Counted<T> {
     inner: T,
-    read: Arc<std::sync::atomic::AtomicU64>,
+    frames: FrameTracker,
+    started: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+/// Where the reader is in the frame stream.
+#[derive(Default)]
+struct FrameTracker {
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes left in the current frame (after its header).
+    payload_left: u64,
+    in_payload: bool,
+    /// The current frame is a data frame (text, binary, continuation) with FIN set.
+    data_fin: bool,
+    data: bool,
+    /// A data message has begun and not ended.
+    in_message: bool,
+}
+
+impl FrameTracker {
+    /// Feeds bytes; returns (a data message began, a data message ended) in them, in order:
+    /// the last event wins.
+    fn feed(&mut self, mut b: &[u8]) -> Option<bool> {
+        let mut last = None;
+        while !b.is_empty() {
+            if self.in_payload {
+                let n = (self.payload_left.min(b.len() as u64)) as usize;
+                self.payload_left -= n as u64;
+                b = &b[n..];
+                if self.payload_left == 0 {
+                    self.in_payload = false;
+                    if self.data && self.data_fin {
+                        self.in_message = false;
+                        last = Some(false);
+                    }
+                }
+                continue;
+            }
+            self.head[self.have] = b[0];
+            self.have += 1;
+            b = &b[1..];
+            if self.have == 1 {
+                let opcode = self.head[0] & 0x0F;
+                if opcode < 8 && !self.in_message {
+                    self.in_message = true;
+                    last = Some(true);
+                }
+                continue;
+            }
+            let len7 = self.head[1] & 0x7F;
+            let ext = match len7 {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+            if self.have < 2 + ext + mask {
+                continue;
+            }
+            let len = match ext {
+                0 => len7 as u64,
+                2 => u16::from_be_bytes([self.head[2], self.head[3]]) as u64,
+                _ => u64::from_be_bytes(self.head[2..10].try_into().expect("8 bytes")),
+            };
+            let opcode = self.head[0] & 0x0F;
+            self.data = opcode < 8;
+            self.data_fin = self.head[0] & 0x80 != 0;
+            self.have = 0;
+            self.payload_left = len;
+            self.in_payload = true;
+            if len == 0 {
+                self.in_payload = false;
+                if self.data && self.data_fin {
+                    self.in_message = false;
+                    last = Some(false);
+                }
+            }
+        }
+        last
+    }
 }
 
 impl<T> Counted<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, read: Arc::default() }
+        Self { inner, frames: FrameTracker::default(), started: Arc::default() }
     }
 
-    pub fn read_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.read.clone()
+    /// When the data message being read began (None: none is in progress).
+    pub fn message_started(&self) -> Arc<std::sync::Mutex<Option<tokio::time::Instant>>> {
+        self.started.clone()
     }
 }
 
@@ -465,8 +544,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let this = &mut *self;
+        if let Some(began) = this.frames.feed(&buf.filled()[before..]) {
+            let mut g = this.started.lock().unwrap_or_else(|p| p.into_inner());
+            *g = began.then(tokio::time::Instant::now);
+        }
         r
     }
 }
@@ -500,5 +582,53 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FrameTracker;
+
+    fn frame(fin: bool, opcode: u8, payload: usize) -> Vec<u8> {
+        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        if payload < 126 {
+            v.push(0x80 | payload as u8);
+        } else {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(payload as u16).to_be_bytes());
+        }
+        v.extend_from_slice(&[9, 9, 9, 9]);
+        v.extend(std::iter::repeat_n(7u8, payload));
+        v
+    }
+
+    #[test]
+    fn tracks_data_messages_across_fragments_and_control_frames() {
+        let mut t = FrameTracker::default();
+        // A whole message in one read: began and ended, ended last.
+        assert_eq!(t.feed(&frame(true, 2, 300)), Some(false));
+        assert!(!t.in_message);
+        // A message and the first half of the next in one read: the next one has begun.
+        let mut b = frame(true, 1, 10);
+        let next = frame(true, 2, 1000);
+        b.extend_from_slice(&next[..500]);
+        assert_eq!(t.feed(&b), Some(true));
+        assert!(t.in_message);
+        assert_eq!(t.feed(&next[500..]), Some(false));
+        // Fragments with a Ping between them: the message stays begun until its last fragment.
+        assert_eq!(t.feed(&frame(false, 2, 50)), Some(true));
+        assert_eq!(t.feed(&frame(true, 9, 4)), None, "a ping does not end it");
+        assert!(t.in_message);
+        assert_eq!(t.feed(&frame(false, 0, 50)), None);
+        assert_eq!(t.feed(&frame(true, 0, 0)), Some(false));
+        // Byte by byte.
+        let f = frame(true, 2, 200);
+        let mut events = Vec::new();
+        for byte in &f {
+            if let Some(e) = t.feed(std::slice::from_ref(byte)) {
+                events.push(e);
+            }
+        }
+        assert_eq!(events, vec![true, false]);
     }
 }

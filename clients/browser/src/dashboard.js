@@ -169,6 +169,10 @@ async function watchdog() {
     await new Promise((r) => setTimeout(r, 1000));
     const s = await reachable();
     if (s) {
+      // The event stream gave up (the browser closes it on a non-200 answer): open it again.
+      if (events.readyState === EventSource.CLOSED && document.body.dataset.state !== 'stopped') {
+        connect();
+      }
       if (document.body.dataset.state === 'stopped' || (window.sparsyncStatus && s.uptime_s < window.sparsyncStatus.uptime_s)) {
         // A (new) server answers: start over with its state.
         rates.kept = [];

@@ -138,3 +138,51 @@ async fn status_shows_every_acked_push_when_the_server_goes_idle() {
         seen.0["accepted"], seen.0["aggregated"], seen.0["version"], seen.1
     );
 }
+
+/// `snapshot_request` is answered in every case with a Snapshot of x̂ at the replica version:
+/// by a client that is up to date, and by one that had not read the Deltas of two new versions.
+/// (An up-to-date client got no answer at all, so a client that waited for one was stuck.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_request_is_always_answered() {
+    use sparsync::client::Event;
+    use sparsync::protocol::message::ClientMessage;
+    let n = 64;
+    let cfg = ServerConfig { engine: EngineChoice::Cpu, ..Default::default() };
+    let h =
+        start(cfg, n, Box::new(sparsync::engine::cpu::CpuAggregator::new(init(n, 1), Default::default())))
+            .await;
+    let mut c = connect(&h, "current").await;
+    c.send(&ClientMessage::SnapshotRequest).await.unwrap();
+    let v = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        wait_for(&mut c, |e| match e {
+            Event::Snapshot { version, .. } => Some(*version),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("an up-to-date client's request is answered");
+    assert_eq!(v, 0);
+
+    // A client that reads nothing while two versions are made, then asks.
+    let mut lazy = connect(&h, "lazy").await;
+    for seq in 1..=2u64 {
+        let base = c.version();
+        c.push(&header(base, seq, 1), &[seq as u32], &[half::f16::from_f32(0.5)]).await.unwrap();
+        wait_ack(&mut c, seq).await;
+        catch_up(&mut c, seq).await;
+    }
+    lazy.send(&ClientMessage::SnapshotRequest).await.unwrap();
+    let v = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        wait_for(&mut lazy, |e| match e {
+            Event::Snapshot { version, .. } => Some(*version),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("a client that skipped Deltas gets a Snapshot");
+    assert_eq!(v, 2);
+    assert_eq!(bits(lazy.replica.values()), bits(c.replica.values()), "the snapshot is x̂");
+    h.shutdown("done").await.unwrap();
+}

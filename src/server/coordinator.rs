@@ -63,6 +63,10 @@ pub enum Inbound {
         client: ClientId,
         have: Option<u64>,
     },
+    /// The client asked for a snapshot (`snapshot_request`): it always gets one.
+    SnapshotRequest {
+        client: ClientId,
+    },
     Eval {
         client: ClientId,
         report: EvalReport,
@@ -523,6 +527,7 @@ impl Coordinator {
             Inbound::Push { client, header, frame } => self.push(client, header, frame).await,
             Inbound::Leave { client, reason } => self.leave(client, &reason).await,
             Inbound::Resync { client, have } => self.resync(client, have).await,
+            Inbound::SnapshotRequest { client } => self.send_snapshot(client).await,
             Inbound::Eval { client, report } => {
                 let role = self.clients.get(&client).map(|c| c.role);
                 let refusal = match role {
@@ -1119,6 +1124,23 @@ impl Coordinator {
         let frame = Bytes::from(encode_snapshot(v, &values));
         self.snapshot = Some((v, frame.clone()));
         Ok((v, frame))
+    }
+
+    /// Answers a `snapshot_request`: a Snapshot of x̂ at the replica version, whatever the
+    /// client holds (the Deltas queued before it are dropped; those after it follow from it).
+    async fn send_snapshot(&mut self, client: ClientId) {
+        let Some((outbox, name)) = self.clients.get(&client).map(|c| (c.outbox.clone(), c.name.clone()))
+        else {
+            return;
+        };
+        match self.snapshot_frame().await {
+            Ok((v, f)) => {
+                self.counters.bytes_out += f.len() as u64;
+                self.registry.entry(name).or_default().bytes_out += f.len() as u64;
+                outbox.push_snapshot(v, f);
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
     }
 
     async fn resync(&mut self, client: ClientId, have: Option<u64>) {

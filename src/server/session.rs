@@ -289,7 +289,9 @@ where
                 Ok(ClientMessage::Bye { reason }) => {
                     return (1000, format!("client said bye: {}", clip(&reason, MAX_REASON_LEN)));
                 }
-                Ok(ClientMessage::SnapshotRequest) => outbox.mark_lagging(),
+                Ok(ClientMessage::SnapshotRequest) => {
+                    let _ = shared.tx.send(Inbound::SnapshotRequest { client }).await;
+                }
                 Ok(ClientMessage::Eval(report)) => {
                     let _ = shared.tx.send(Inbound::Eval { client, report }).await;
                 }

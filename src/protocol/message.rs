@@ -23,11 +23,20 @@ pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();
     }
+    format!("{}… ({} bytes)", cut(s, max), s.len()).into()
+}
+
+/// `s` cut to at most `max` bytes at a character boundary (for fields with a hard size, such
+/// as a WebSocket close reason).
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+    &s[..end]
 }
 
 /// What kind of program a client is.

@@ -1164,14 +1164,7 @@ impl Coordinator {
                 }
             }
         }
-        match self.snapshot_frame().await {
-            Ok((v, f)) => {
-                self.counters.bytes_out += f.len() as u64;
-                self.registry.entry(name).or_default().bytes_out += f.len() as u64;
-                outbox.push_snapshot(v, f);
-            }
-            Err(e) => tracing::error!(error = %e, "snapshot failed"),
-        }
+        self.send_snapshot(client).await;
     }
 
     async fn shutdown(&mut self, reason: &str) -> Result<ModelState, EngineError> {

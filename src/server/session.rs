@@ -26,7 +26,7 @@ use crate::policy::ClientId;
 use crate::protocol::frame::{PushLimits, PushView};
 use crate::protocol::message::{
     ClientMessage, HandshakeError, Hello, MAX_CONTROL_BYTES, MAX_ECHO_LEN, MAX_REASON_LEN, Reject,
-    ServerMessage, clip, parse_hello,
+    ServerMessage, clip, cut, parse_hello,
 };
 
 /// Runs a session to its end.
@@ -161,8 +161,7 @@ pub async fn run<S>(
                     | Outbound::Snapshot { frame: b, .. },
                 ) => Message::Binary(b),
                 Next::Send(Outbound::Close(code, reason)) => {
-                    let frame =
-                        CloseFrame { code: CloseCode::from(code), reason: truncate(&reason, 120).into() };
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: cut(&reason, 120).into() };
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     let _ = sink.close().await;
                     return Ok::<(), WsError>(());
@@ -367,22 +366,10 @@ where
 {
     sink.send(Message::text(ServerMessage::error(field, message, fatal).to_json())).await?;
     if fatal {
-        let frame = CloseFrame { code: CloseCode::Policy, reason: truncate(message, 120).into() };
+        let frame = CloseFrame { code: CloseCode::Policy, reason: cut(message, 120).into() };
         sink.send(Message::Close(Some(frame))).await?;
     }
     sink.flush().await
-}
-
-/// Close reasons must fit a control frame (125 bytes).
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Token bucket: `rate` pushes per second, bursts of up to max(1, rate) pushes.

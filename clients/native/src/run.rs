@@ -263,30 +263,23 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         opts.resume_secret = r.resume_secret.clone();
         let conn = match Connection::connect(&opts).await {
             Ok(c) => c,
-            // The server still holds a session of this id (for instance this process restarted
-            // and lost the session's secret, or the old connection is half-open): that session
-            // ends within the server's idle timeout, so this one is retried like a lost
-            // connection. Every other refusal is final.
-            Err(ClientError::Refused { field, .. }) if field == "client_id" && r.cfg.reconnect => {
-                let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(400) {
-                    return Err(RunError::GaveUp(since.elapsed()));
-                }
-                tracing::warn!(retry_in = ?backoff, "the server still holds a session of this client id; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            Err(e @ (ClientError::Refused { .. } | ClientError::Certificate { .. })) => return Err(e.into()),
             Err(e) => {
-                if !r.cfg.reconnect {
+                // A refusal is final, except one on the client id: the server still holds a
+                // session of this id (this process restarted and lost the session's secret, or
+                // the old connection is half-open), which ends within the server's idle
+                // timeout, so it is retried like a lost connection, for longer.
+                let held = matches!(&e, ClientError::Refused { field, .. } if field == "client_id");
+                let final_ =
+                    !held && matches!(e, ClientError::Refused { .. } | ClientError::Certificate { .. });
+                if final_ || !r.cfg.reconnect {
                     return Err(e.into());
                 }
+                let give_up = Duration::from_secs(if held { 400 } else { 120 });
                 let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(120) {
+                if since.elapsed() > give_up {
                     return Err(RunError::GaveUp(since.elapsed()));
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the server");
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot join the server; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;

@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
     let keys: Vec<u32> = d.iter().map(|&v| sparsync::protocol::numerics::magnitude_key(v)).collect();
     let (mut scratch, mut out) = (Vec::new(), Vec::new());
     g.bench_function("cpu_exact", |b| {
-        b.iter(|| sparsync::engine::select::exact_topk(&keys, N / 100, &mut scratch, &mut out))
+        b.iter(|| sparsync::protocol::select::exact_topk(&keys, N / 100, &mut scratch, &mut out))
     });
     g.finish();
 }

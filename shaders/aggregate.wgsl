@@ -1,4 +1,4 @@
-// aggregate.wgsl — one aggregation step over a model chunk (algorithms.md §2): the weighted
+// aggregate.wgsl — one aggregation step over a model chunk (docs/algorithms.md §2): the weighted
 // sparse sum of a batch of updates, then the dense apply, in one pass over the chunk.
 //
 // The chunk is cut into blocks of BLOCK parameters, one workgroup each. `bounds_main` first
@@ -267,7 +267,7 @@ fn main(
     }
 }
 
-// The apply of one parameter (algorithms.md §2), the CPU engine's rounding bit for bit:
+// The apply of one parameter (docs/algorithms.md §2), the CPU engine's rounding bit for bit:
 //   u = g                 (momentum off)   or   u = canon(mu*m[i] + g); m[i] = u
 //   x[i] = canon(x[i] + eta*u)  and  d[i] = canon(x[i] - xhat[i])   where u != 0
 // (eta == 1 skips the multiply). Where u == 0, x and so d keep their values.

@@ -1,4 +1,4 @@
-// topk.wgsl — select the broadcast entries of d = x − x̂ and apply them to x̂ (algorithms.md §3).
+// topk.wgsl — select the broadcast entries of d = x − x̂ and apply them to x̂ (docs/algorithms.md §3).
 //
 // Exact Top-k by magnitude (key = bits(d) & 0x7fffffff: unsigned order of keys is the order
 // of magnitudes; ties go to the lower index) has two paths:

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::engine::GpuMode;
 use crate::engine::SelectionMode;
 use crate::policy::staleness::WeightingKind;
 
@@ -23,17 +24,7 @@ pub enum EngineChoice {
     Cpu,
 }
 
-/// GPU aggregation mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuMode {
-    /// Bit-identical to the CPU engine: one dispatch per update, in batch order.
-    Deterministic,
-    /// The whole batch in one dispatch with atomic adds (order-dependent rounding).
-    Fast,
-}
-
-/// Synchronization policy (algorithms.md §5).
+/// Synchronization policy (docs/algorithms.md §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
@@ -332,6 +323,31 @@ impl ServerConfig {
             exp_beta: self.exp_beta,
             exp_cap: self.exp_cap,
             samples: self.sample_weighting,
+        }
+    }
+}
+
+/// What a client trains with where neither its own settings nor the server's directive say:
+/// the defaults of the settings a server tells clients (`local_steps`, `batch_size`,
+/// `learning_rate`, and Hermes' `hermes_samples` per round). They are read from
+/// [`ServerConfig::default`], so each is defined once, in `settings!` above.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClientDefaults {
+    pub local_steps: u64,
+    pub batch_size: u64,
+    pub learning_rate: f64,
+    /// Samples per local round (Hermes' D).
+    pub chunk_size: u64,
+}
+
+impl Default for ClientDefaults {
+    fn default() -> Self {
+        let c = ServerConfig::default();
+        Self {
+            local_steps: c.local_steps,
+            batch_size: c.batch_size,
+            learning_rate: c.learning_rate,
+            chunk_size: c.hermes_samples,
         }
     }
 }

@@ -29,6 +29,9 @@ pub mod data;
 pub mod engine;
 #[cfg(feature = "server")]
 pub mod orchestrate;
+/// PNG charts shared by the benchmarks and the experiments.
+#[cfg(feature = "server")]
+pub mod plot;
 #[cfg(feature = "server")]
 pub mod policy;
 #[cfg(feature = "server")]

@@ -1,4 +1,4 @@
-//! `CpuAggregator` against a straightforward f64 computation of algorithms.md §2–3.
+//! `CpuAggregator` against a straightforward f64 computation of docs/algorithms.md §2–3.
 
 mod common;
 
@@ -16,7 +16,7 @@ struct Reference {
     xhat: Vec<f64>,
 }
 
-/// Weights straight from algorithms.md §1–2, in f64.
+/// Weights straight from docs/algorithms.md §1–2, in f64.
 fn weights_f64(w: &Weighting, batch: &[WeightInput]) -> Vec<f64> {
     let total: f64 = batch.iter().map(|u| if w.samples { u.samples as f64 } else { 1.0 }).sum();
     batch

@@ -9,11 +9,11 @@ mod common;
 use common::*;
 use half::f16;
 use sparsync::engine::cpu::{CpuAggregator, TILE};
-use sparsync::engine::select::exact_topk;
 use sparsync::engine::{Aggregator, OptimizerSettings, Selection, UpdateRef};
 use sparsync::protocol::frame::{DeltaHeader, PushLimits, PushView, encode_delta, encode_push};
 use sparsync::protocol::model::SplitMix64;
 use sparsync::protocol::numerics::{self, add, canon, mul};
+use sparsync::protocol::select::exact_topk;
 
 /// The former single-threaded engine, operation for operation.
 struct Oracle {

@@ -13,7 +13,7 @@ use sparsync::bench::load::{self, LoadSpec};
 use sparsync::config::ServerConfig;
 use sparsync::engine::cpu::CpuAggregator;
 use sparsync::engine::{Aggregator, OptimizerSettings, UpdateRef};
-use sparsync::protocol::frame::{PushHeader, PushView, encode_push};
+use sparsync::protocol::frame::{PushHeader, PushLimits, ValidatedPush, encode_push};
 use sparsync::protocol::model::ModelLayout;
 
 const CLIENTS: usize = 500;
@@ -141,10 +141,12 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
                 loss: 1.0,
                 nnz: idx.len() as u32,
             };
-            frames.push((encode_push(&h, &idx, &vals), it["weight"].as_f64().unwrap() as f32));
+            let limits = PushLimits { num_params: PARAMS as u64, max_nnz: PARAMS as u64 };
+            let push = ValidatedPush::decode(encode_push(&h, &idx, &vals).into(), &limits).unwrap();
+            frames.push((push, it["weight"].as_f64().unwrap() as f32));
         }
         let updates: Vec<UpdateRef<'_>> =
-            frames.iter().map(|(f, w)| UpdateRef::from_push(&PushView::from_validated(f), *w)).collect();
+            frames.iter().map(|(f, w)| UpdateRef::from_push(&f.view(), *w)).collect();
         replay.aggregate(&updates).unwrap();
         steps += 1;
         replayed += updates.len() as u64;

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
 
-use super::load::{self, LoadReport, Quantiles, ServerCounters};
+use super::load::{self, LoadReport, LoadSpec, Quantiles, ServerCounters};
 
 /// Coordinator stages (serial: their shares of the window add up with idle time to 1).
 pub const COORDINATOR_STAGES: [&str; 7] =
@@ -213,7 +213,7 @@ async fn one(
     let base = format!("http://{addr}");
     let engine = engine_of(&base).await;
     let out = dir.join(format!("load-{clients}-{params}.json"));
-    let load = LoadSpecArgs {
+    let load = LoadSpec {
         url: format!("ws://{addr}/ws"),
         model: format!("flat-{params}"),
         clients,
@@ -221,9 +221,10 @@ async fn one(
         rate: spec.rate,
         window: spec.window,
         duration_s: spec.duration_s,
+        ..LoadSpec::default()
     };
     let mut child = tokio::process::Command::new(&spec.exe);
-    child.args(["bench", "loadgen"]).args(load.args()).arg("--out").arg(&out);
+    child.args(["bench", "loadgen"]).args(load.to_args()).arg("--out").arg(&out);
     let mut loadgen = Child(
         child
             .stdout(Stdio::piped())
@@ -259,7 +260,7 @@ async fn one(
                     }
                 }
             },
-                        _ = sampler.tick(), if in_window => {
+            _ = sampler.tick(), if in_window => {
                 if let Ok(c) = load::metrics(&base, None).await {
                     samples.push(c);
                 }
@@ -359,38 +360,6 @@ fn row(
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
         errors,
-    }
-}
-
-/// The load generator's command-line settings.
-struct LoadSpecArgs {
-    url: String,
-    model: String,
-    clients: usize,
-    density: f64,
-    rate: f64,
-    window: usize,
-    duration_s: f64,
-}
-
-impl LoadSpecArgs {
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--url".into(),
-            self.url.clone(),
-            "--model".into(),
-            self.model.clone(),
-            "--clients".into(),
-            self.clients.to_string(),
-            "--density".into(),
-            self.density.to_string(),
-            "--rate".into(),
-            self.rate.to_string(),
-            "--window".into(),
-            self.window.to_string(),
-            "--duration".into(),
-            self.duration_s.to_string(),
-        ]
     }
 }
 

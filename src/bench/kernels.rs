@@ -505,7 +505,7 @@ pub fn topk(
             let mut t = GpuTopk::new(ctx.clone());
             t.time_kernels();
             for &rho in &spec.densities {
-                let k = crate::engine::k_for_density(rho, n);
+                let k = crate::protocol::select::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} gpu"));
                 let sel = Selection::Exact { k };
                 // Compile and size everything, then a cold selection.
@@ -569,7 +569,7 @@ pub fn topk(
                 })
                 .map_err(|e| EngineError::Gpu(e.to_string()))?;
             for &rho in &spec.densities {
-                let k = crate::engine::k_for_density(rho, n);
+                let k = crate::protocol::select::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} cpu"));
                 let c0 = engine.counters();
                 let time_s = median_time(spec.reps, || {

@@ -24,31 +24,47 @@ use crate::protocol::frame::{FrameKind, PushHeader, check_prefix, encode_push, s
 use crate::protocol::message::{ClientKind, ClientMessage, Hello, Role, ServerMessage};
 use crate::protocol::model::SplitMix64;
 
-/// What to run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What to run. Also the flags of `sparsync bench loadgen`: each flag's default is the value of
+/// [`LoadSpec::default`], and the settings without a flag keep theirs in that process.
+#[derive(Clone, Debug, Serialize, Deserialize, clap::Args)]
 pub struct LoadSpec {
     /// `ws://HOST:PORT/ws`.
+    #[arg(long, default_value_t = LoadSpec::default().url)]
     pub url: String,
+    /// Join token, when the server requires one.
+    #[arg(long, env = "SPARSYNC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The server's model name (`flat-N` and the like).
+    #[arg(long, default_value_t = LoadSpec::default().model)]
     pub model: String,
+    /// Simulated clients.
+    #[arg(long, default_value_t = LoadSpec::default().clients)]
     pub clients: usize,
     /// nnz of each push as a fraction of the model.
+    #[arg(long, default_value_t = LoadSpec::default().density)]
     pub density: f64,
     /// Pushes per second per client; 0: as fast as `window` allows.
+    #[arg(long, default_value_t = LoadSpec::default().rate)]
     pub rate: f64,
     /// Most pushes a client has unanswered at once.
+    #[arg(long, default_value_t = LoadSpec::default().window)]
     pub window: usize,
-    /// How long clients push (after all have connected).
+    /// How long clients push (after all have connected), seconds.
+    #[arg(long = "duration", default_value_t = LoadSpec::default().duration_s)]
     pub duration_s: f64,
     /// How long to wait for the answers to the last pushes.
+    #[arg(skip = LoadSpec::default().drain_s)]
     pub drain_s: f64,
+    #[arg(skip = LoadSpec::default().seed)]
     pub seed: u64,
     /// Client ids are `{prefix}-{i}`.
+    #[arg(skip = LoadSpec::default().prefix)]
     pub prefix: String,
     /// Distinct payloads per client.
+    #[arg(skip = LoadSpec::default().pool)]
     pub pool: usize,
     /// Fetch `/api/record` afterwards to measure Push → Delta latency.
+    #[arg(skip = LoadSpec::default().latency)]
     pub latency: bool,
 }
 
@@ -69,6 +85,26 @@ impl Default for LoadSpec {
             pool: 4,
             latency: true,
         }
+    }
+}
+
+impl LoadSpec {
+    /// The flags of `sparsync bench loadgen` that run this spec. Without the token (a child
+    /// process gets it from `SPARSYNC_TOKEN`, not from a command line others can read) and the
+    /// settings that have no flag (the child uses their defaults).
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--url", self.url.clone()),
+            ("--model", self.model.clone()),
+            ("--clients", self.clients.to_string()),
+            ("--density", self.density.to_string()),
+            ("--rate", self.rate.to_string()),
+            ("--window", self.window.to_string()),
+            ("--duration", self.duration_s.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
     }
 }
 
@@ -763,5 +799,33 @@ mod tests {
         assert_eq!((q.count, q.p50, q.max), (100, 51.0, 100.0));
         assert_eq!(q.p99, 99.0);
         assert_eq!(Quantiles::of(vec![]).count, 0);
+    }
+
+    /// `bench loadgen`'s flags default to `LoadSpec::default()`, and `to_args` gives them back.
+    #[test]
+    fn loadgen_flags_round_trip() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            spec: LoadSpec,
+        }
+        let parse = |args: Vec<String>| {
+            let mut spec = Cli::parse_from(std::iter::once("loadgen".to_string()).chain(args)).spec;
+            spec.token = None; // SPARSYNC_TOKEN may be set where the tests run
+            format!("{spec:?}")
+        };
+        assert_eq!(parse(vec![]), format!("{:?}", LoadSpec::default()));
+        let spec = LoadSpec {
+            url: "ws://127.0.0.1:1/ws".into(),
+            model: "flat-1024".into(),
+            clients: 3,
+            density: 0.25,
+            rate: 2.5,
+            window: 4,
+            duration_s: 1.5,
+            ..LoadSpec::default()
+        };
+        assert_eq!(parse(spec.to_args()), format!("{spec:?}"));
     }
 }

@@ -195,7 +195,7 @@ pub fn summary(
 
 /// The e2e plot: throughput against clients and against model size, latency against clients.
 pub fn plot_e2e(path: &std::path::Path, rows: &[e2e::E2eRow]) -> anyhow::Result<()> {
-    use crate::orchestrate::plot::{Panel, line_panels};
+    use crate::plot::{Panel, line_panels};
     let pick = |sweep: &str| -> Vec<&e2e::E2eRow> { rows.iter().filter(|r| r.sweep == sweep).collect() };
     let (by_clients, by_size) = (pick("clients"), pick("size"));
     let series = |rs: &[&e2e::E2eRow], x: &dyn Fn(&e2e::E2eRow) -> f64| {

@@ -16,13 +16,13 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::select::{self, exact_topk};
 use super::{
     Aggregator, Broadcast, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection, UpdateRef,
 };
 use crate::protocol::frame::{DeltaHeader, encode_delta};
 use crate::protocol::model::SplitMix64;
 use crate::protocol::numerics::{self, add, canon, mul};
+use crate::protocol::select::{self, exact_topk};
 
 /// Parameters per tile: 32,768 (128 KiB of sums, as much of x, of momentum).
 pub const TILE: usize = 1 << 15;

@@ -1,4 +1,4 @@
-//! Aggregation engines: the model state and the math of algorithms.md §2–3.
+//! Aggregation engines: the model state and the math of docs/algorithms.md §2–3.
 //!
 //! One owner (the coordinator) holds an engine and calls, per step, [`Aggregator::aggregate`]
 //! with a batch of validated updates and then [`Aggregator::broadcast`], which selects the
@@ -9,7 +9,6 @@
 
 pub mod cpu;
 pub mod gpu;
-pub mod select;
 
 use crate::protocol::frame::DeltaHeader;
 
@@ -92,7 +91,18 @@ pub struct Broadcast {
     pub exact: bool,
 }
 
-/// Server optimiser settings (algorithms.md §2).
+/// How the GPU engine sums a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuMode {
+    /// Bit-identical to the CPU engine: the updates are added in batch order, each with the
+    /// canonical rounding (two dispatches per chunk).
+    Deterministic,
+    /// The whole batch in one dispatch with atomic adds (order-dependent rounding).
+    Fast,
+}
+
+/// Server optimiser settings (docs/algorithms.md §2).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OptimizerSettings {
     /// Server momentum μ (0 disables the momentum buffer).
@@ -146,7 +156,7 @@ pub enum EngineError {
     Gpu(String),
 }
 
-/// An aggregation engine (algorithms.md §2–3). Implementations must agree bit for bit with
+/// An aggregation engine (docs/algorithms.md §2–3). Implementations must agree bit for bit with
 /// [`cpu::CpuAggregator`] in deterministic mode.
 pub trait Aggregator: Send {
     fn info(&self) -> EngineInfo;
@@ -209,9 +219,4 @@ pub struct StageTimes {
     pub upload: std::time::Duration,
     /// Writing the Delta frame.
     pub encode: std::time::Duration,
-}
-
-/// k = ⌈ρ · n⌉, clamped to n.
-pub fn k_for_density(rho: f64, n: usize) -> usize {
-    ((rho * n as f64).ceil() as usize).min(n)
 }

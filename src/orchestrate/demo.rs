@@ -246,7 +246,7 @@ pub async fn run(cfg: DemoConfig) -> Result<DemoSummary, OrchestrateError> {
     }
     write("evals.csv", csv)?;
     let curve: Vec<(f64, f64)> = status.evals.iter().map(|e| (e.t, e.accuracy)).collect();
-    super::plot::lines(
+    crate::plot::lines(
         &dir.join("accuracy.png"),
         &format!("sparsync demo: {} clients, {}", n, status.policy),
         "seconds",

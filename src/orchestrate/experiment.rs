@@ -424,14 +424,14 @@ fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), Orchestr
         rs.iter().map(|r| (r.variant.clone(), r.curve.iter().map(|p| (x(p), p.accuracy)).collect())).collect()
     };
     if !comparison.is_empty() {
-        super::plot::lines(
+        crate::plot::lines(
             &cfg.out.join("accuracy_vs_time.png"),
             &format!("Test accuracy over time ({} clients, {target})", results.clients),
             "seconds",
             "accuracy",
             &series(&comparison, &|p| p.t),
         )?;
-        super::plot::lines(
+        crate::plot::lines(
             &cfg.out.join("accuracy_vs_bytes.png"),
             &format!("Test accuracy over uplink traffic ({} clients)", results.clients),
             "uplink MB",
@@ -449,7 +449,7 @@ fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), Orchestr
     };
     let all: Vec<&RunResult> = first.to_vec();
     if !all.is_empty() {
-        super::plot::histograms(
+        crate::plot::histograms(
             &cfg.out.join("staleness.png"),
             "Staleness of aggregated updates (fraction; last bin 20+)",
             "staleness",
@@ -457,7 +457,7 @@ fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), Orchestr
         )?;
     }
     if !sweep.is_empty() {
-        super::plot::lines(
+        crate::plot::lines(
             &cfg.out.join("staleness_weighting.png"),
             &format!("ASP with each staleness weighting ({target})"),
             "seconds",

@@ -6,7 +6,6 @@
 
 pub mod demo;
 pub mod experiment;
-pub mod plot;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,8 +25,8 @@ pub enum OrchestrateError {
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
-    #[error("plot {path}: {message}")]
-    Plot { path: String, message: String },
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
     #[error("{0}")]
     Invalid(String),
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, LossSource, PushId, PushMeta, SyncPolicy};
+use super::{Action, LossSource, PushId, PushMeta, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime};
 
 /// ADSP settings.
@@ -52,7 +52,7 @@ struct ClientState {
 #[derive(Clone, Debug, Default)]
 pub struct GlobalLoss {
     evaluator: Option<(Duration, f64)>,
-    per_client: BTreeMap<ClientId, f64>,
+    per_client: BTreeMap<SessionId, f64>,
 }
 
 impl GlobalLoss {
@@ -68,7 +68,7 @@ impl GlobalLoss {
         }
     }
 
-    pub fn forget(&mut self, client: ClientId) {
+    pub fn forget(&mut self, client: SessionId) {
         self.per_client.remove(&client);
     }
 
@@ -157,7 +157,7 @@ struct Search {
 /// The ADSP policy.
 pub struct Adsp {
     cfg: AdspConfig,
-    clients: BTreeMap<ClientId, ClientState>,
+    clients: BTreeMap<SessionId, ClientState>,
     c: u64,
     search: Option<Search>,
     period_start: Option<Duration>,
@@ -171,7 +171,7 @@ pub struct Adsp {
     loss: GlobalLoss,
     pending: Vec<PushId>,
     /// Per finished period: (C, commits per client).
-    history: Vec<(u64, BTreeMap<ClientId, u64>)>,
+    history: Vec<(u64, BTreeMap<SessionId, u64>)>,
     /// Every score computed: (C, r(C)).
     scores: Vec<(u64, f64)>,
 }
@@ -202,7 +202,7 @@ impl Adsp {
     }
 
     /// Finished periods: (C, commits per client).
-    pub fn history(&self) -> &[(u64, BTreeMap<ClientId, u64>)] {
+    pub fn history(&self) -> &[(u64, BTreeMap<SessionId, u64>)] {
         &self.history
     }
 
@@ -213,7 +213,7 @@ impl Adsp {
 
     fn directives(&mut self, force: bool) -> Vec<Action> {
         let mut out = Vec::new();
-        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        let ids: Vec<SessionId> = self.clients.keys().copied().collect();
         for id in ids {
             let t = self.interval(self.clients[&id].overhead);
             let st = self.clients.get_mut(&id).expect("listed above");
@@ -242,7 +242,7 @@ impl Adsp {
 
     fn end_period(&mut self, now: Duration) -> Vec<Action> {
         let start = self.period_start.expect("a period is running");
-        let commits: BTreeMap<ClientId, u64> = self.clients.iter().map(|(&c, s)| (c, s.commits)).collect();
+        let commits: BTreeMap<SessionId, u64> = self.clients.iter().map(|(&c, s)| (c, s.commits)).collect();
         self.history.push((self.c, commits));
         let end_loss = self.loss_now(now);
         let clock = now.saturating_sub(self.origin).as_secs_f64();
@@ -291,7 +291,7 @@ impl SyncPolicy for Adsp {
         "adsp"
     }
 
-    fn on_join(&mut self, now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, now: Duration, client: SessionId) -> Vec<Action> {
         if self.period_start.is_none() {
             self.period_start = Some(now);
             self.origin = now;
@@ -302,7 +302,7 @@ impl SyncPolicy for Adsp {
         self.directives(false)
     }
 
-    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clients.remove(&client);
         self.loss.forget(client);
         Vec::new()
@@ -316,7 +316,7 @@ impl SyncPolicy for Adsp {
         vec![Action::Ack(push.id)]
     }
 
-    fn on_round_time(&mut self, _now: Duration, client: ClientId, report: &RoundTime) -> Vec<Action> {
+    fn on_round_time(&mut self, _now: Duration, client: SessionId, report: &RoundTime) -> Vec<Action> {
         if let (Some(s), Some(o)) = (self.clients.get_mut(&client), report.commit_overhead_s) {
             s.overhead = o;
         }
@@ -416,7 +416,7 @@ mod tests {
         overheads: &[f64],
         seconds: f64,
         loss_of: &mut dyn FnMut(u64, f64) -> f64,
-    ) -> Vec<(u64, BTreeMap<ClientId, u64>)> {
+    ) -> Vec<(u64, BTreeMap<SessionId, u64>)> {
         let dt = 0.05;
         let mut next_commit = vec![0.0f64; overheads.len()];
         let mut interval = vec![f64::NAN; overheads.len()];
@@ -430,11 +430,11 @@ mod tests {
             }
         };
         for (i, &o) in overheads.iter().enumerate() {
-            let acts = p.on_join(Duration::from_secs_f64(t), i as ClientId);
+            let acts = p.on_join(Duration::from_secs_f64(t), i as SessionId);
             apply(acts, &mut interval);
             p.on_round_time(
                 Duration::ZERO,
-                i as ClientId,
+                i as SessionId,
                 &RoundTime { seconds: 1.0, steps: 1, commit_overhead_s: Some(o) },
             );
         }
@@ -451,7 +451,7 @@ mod tests {
                     id += 1;
                     let m = PushMeta {
                         id,
-                        client: i as ClientId,
+                        client: i as SessionId,
                         seq: id,
                         base_version: 0,
                         staleness: 0,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
 
 /// Asynchronous parallel: acknowledge at once, aggregate whatever is pending.
 pub struct Asp {
@@ -23,11 +23,11 @@ impl SyncPolicy for Asp {
         "asp"
     }
 
-    fn on_join(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, _now: Duration, _client: SessionId) -> Vec<Action> {
         Vec::new()
     }
 
-    fn on_leave(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, _client: SessionId) -> Vec<Action> {
         // Its accepted pushes were acknowledged: they stay and are aggregated.
         Vec::new()
     }

@@ -7,20 +7,20 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
 
 /// Bulk synchronous parallel with a round deadline.
 pub struct Bsp {
     deadline: Duration,
     round: u64,
     /// Members of the current round.
-    members: BTreeSet<ClientId>,
+    members: BTreeSet<SessionId>,
     /// Pushes of the current round, by client.
-    pushed: BTreeMap<ClientId, PushId>,
+    pushed: BTreeMap<SessionId, PushId>,
     /// Pushes that belong to later rounds (late or early ones), in arrival order.
-    next: VecDeque<(ClientId, PushId)>,
+    next: VecDeque<(SessionId, PushId)>,
     /// Every connected trainer.
-    active: BTreeSet<ClientId>,
+    active: BTreeSet<SessionId>,
     /// When the current round must close.
     round_deadline: Option<Duration>,
     /// The round being aggregated, awaiting its broadcast: its pushes get their Acks then.
@@ -86,7 +86,7 @@ impl SyncPolicy for Bsp {
         "bsp"
     }
 
-    fn on_join(&mut self, now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, now: Duration, client: SessionId) -> Vec<Action> {
         self.active.insert(client);
         // A round nobody has pushed to yet takes the newcomer; otherwise it joins the next.
         if self.closing.is_none() && self.pushed.is_empty() {
@@ -98,7 +98,7 @@ impl SyncPolicy for Bsp {
         Vec::new()
     }
 
-    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.active.remove(&client);
         self.members.remove(&client);
         // Its accepted pushes stay in their rounds (they were accepted); nothing waits on it.
@@ -130,7 +130,7 @@ impl SyncPolicy for Bsp {
         if now < deadline || self.closing.is_some() {
             return Vec::new();
         }
-        let late: Vec<ClientId> =
+        let late: Vec<SessionId> =
             self.members.iter().filter(|m| !self.pushed.contains_key(m)).copied().collect();
         let mut out: Vec<Action> = late
             .iter()
@@ -182,7 +182,7 @@ impl SyncPolicy for Bsp {
 mod tests {
     use super::*;
 
-    fn push(id: PushId, client: ClientId) -> PushMeta {
+    fn push(id: PushId, client: SessionId) -> PushMeta {
         PushMeta {
             id,
             client,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
 
 /// Buffered asynchronous aggregation.
 pub struct FedBuff {
@@ -23,11 +23,11 @@ impl SyncPolicy for FedBuff {
         "fedbuff"
     }
 
-    fn on_join(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, _now: Duration, _client: SessionId) -> Vec<Action> {
         Vec::new()
     }
 
-    fn on_leave(&mut self, _now: Duration, _client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, _client: SessionId) -> Vec<Action> {
         Vec::new()
     }
 

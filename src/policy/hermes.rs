@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime, SkipReport};
 
 /// The batch sizes Hermes chooses from.
@@ -51,11 +51,11 @@ struct Alloc {
 /// The Hermes policy.
 pub struct Hermes {
     cfg: HermesConfig,
-    clients: BTreeMap<ClientId, Alloc>,
+    clients: BTreeMap<SessionId, Alloc>,
     t_med: Option<f64>,
     pending: Vec<PushId>,
     /// Reallocations made: (client, D, b).
-    changes: Vec<(ClientId, u64, u64)>,
+    changes: Vec<(SessionId, u64, u64)>,
 }
 
 /// numpy's default percentile: linear interpolation between closest ranks.
@@ -78,7 +78,7 @@ pub fn median(values: &[f64]) -> f64 {
 /// True when `t` lies outside the closed interval [Q1 − 1.5·IQR, Q3 + 1.5·IQR] of `others`.
 ///
 /// The reference code tests `>=` / `<=`, which flags a client whose time equals everyone
-/// else's when the others agree exactly (IQR = 0); algorithms.md says "outside", and so do we.
+/// else's when the others agree exactly (IQR = 0); docs/algorithms.md §5 says "outside", and so do we.
 pub fn is_outlier(t: f64, others: &[f64]) -> bool {
     let mut v = others.to_vec();
     v.sort_by(f64::total_cmp);
@@ -119,7 +119,7 @@ impl Hermes {
     }
 
     /// The allocation of a client: (D, b).
-    pub fn allocation(&self, client: ClientId) -> Option<(u64, u64)> {
+    pub fn allocation(&self, client: SessionId) -> Option<(u64, u64)> {
         self.clients.get(&client).map(|a| (a.d, a.b))
     }
 
@@ -144,7 +144,7 @@ impl Hermes {
         }
     }
 
-    fn round_time(&mut self, client: ClientId, seconds: f64) -> Vec<Action> {
+    fn round_time(&mut self, client: SessionId, seconds: f64) -> Vec<Action> {
         let Some(a) = self.clients.get_mut(&client) else { return Vec::new() };
         a.last_round_s = Some(seconds);
         if self.t_med.is_none() {
@@ -194,7 +194,7 @@ impl SyncPolicy for Hermes {
         "hermes"
     }
 
-    fn on_join(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clients
             .insert(client, Alloc { d: self.cfg.samples, b: self.cfg.batch, last_round_s: None, loss: None });
         vec![Action::Directive {
@@ -209,7 +209,7 @@ impl SyncPolicy for Hermes {
         }]
     }
 
-    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clients.remove(&client);
         Vec::new()
     }
@@ -222,7 +222,7 @@ impl SyncPolicy for Hermes {
         vec![Action::Ack(push.id)]
     }
 
-    fn on_skip(&mut self, _now: Duration, client: ClientId, report: &SkipReport) -> Vec<Action> {
+    fn on_skip(&mut self, _now: Duration, client: SessionId, report: &SkipReport) -> Vec<Action> {
         if let Some(a) = self.clients.get_mut(&client)
             && report.loss.is_finite()
             && report.loss >= 0.0
@@ -235,7 +235,7 @@ impl SyncPolicy for Hermes {
         }
     }
 
-    fn on_round_time(&mut self, _now: Duration, client: ClientId, report: &RoundTime) -> Vec<Action> {
+    fn on_round_time(&mut self, _now: Duration, client: SessionId, report: &RoundTime) -> Vec<Action> {
         self.round_time(client, report.seconds)
     }
 
@@ -296,7 +296,7 @@ mod tests {
         let times = [40.0, 41.0, 39.0, 40.5, 160.0];
         let mut acts = Vec::new();
         for (c, &s) in times.iter().enumerate() {
-            acts.extend(p.on_round_time(t, c as ClientId, &report(s)));
+            acts.extend(p.on_round_time(t, c as SessionId, &report(s)));
         }
         assert_eq!(p.median_round_time(), Some(40.5));
         assert_eq!(acts.len(), 1, "only the slow client is reallocated: {acts:?}");

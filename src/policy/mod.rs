@@ -1,4 +1,4 @@
-//! Synchronization policies (algorithms.md §5): *when* updates form a batch, *whether* a client
+//! Synchronization policies (docs/algorithms.md §5): *when* updates form a batch, *whether* a client
 //! may go on, and *what* each client is told.
 //!
 //! A policy is pure logic over a clock: the coordinator calls it with the time since the server
@@ -19,7 +19,7 @@ use crate::protocol::message::{Directive, RoundTime, SkipReport};
 use staleness::Normalization;
 
 /// A session, as numbered by the coordinator.
-pub type ClientId = u64;
+pub type SessionId = u64;
 /// An accepted Push waiting in the coordinator, as numbered by the coordinator.
 pub type PushId = u64;
 
@@ -27,7 +27,7 @@ pub type PushId = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossSource {
     /// The training loss a client sent with a Push.
-    Push(ClientId),
+    Push(SessionId),
     /// An evaluator's score of the public replica (held-out data).
     Evaluator,
 }
@@ -36,7 +36,7 @@ pub enum LossSource {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PushMeta {
     pub id: PushId,
-    pub client: ClientId,
+    pub client: SessionId,
     pub seq: u64,
     pub base_version: u64,
     /// Staleness at acceptance.
@@ -63,12 +63,12 @@ pub enum Action {
     },
     /// Tell a client it was dropped from a synchronous round.
     RoundDropped {
-        client: ClientId,
+        client: SessionId,
         round: u64,
         reason: String,
     },
     Directive {
-        client: ClientId,
+        client: SessionId,
         directive: Directive,
     },
 }
@@ -76,19 +76,19 @@ pub enum Action {
 /// A synchronization policy. Only trainers are reported to it (evaluators never push).
 pub trait SyncPolicy: Send + Sync {
     fn name(&self) -> &'static str;
-    fn on_join(&mut self, now: Duration, client: ClientId) -> Vec<Action>;
-    fn on_leave(&mut self, now: Duration, client: ClientId) -> Vec<Action>;
+    fn on_join(&mut self, now: Duration, client: SessionId) -> Vec<Action>;
+    fn on_leave(&mut self, now: Duration, client: SessionId) -> Vec<Action>;
     fn on_push(&mut self, now: Duration, push: &PushMeta) -> Vec<Action>;
     /// A batch was aggregated and broadcast as `version`.
     fn on_aggregated(&mut self, _now: Duration, _version: u64, _pushes: &[PushId]) -> Vec<Action> {
         Vec::new()
     }
     /// Hermes: a client finished a round without a significant improvement.
-    fn on_skip(&mut self, _now: Duration, _client: ClientId, _report: &SkipReport) -> Vec<Action> {
+    fn on_skip(&mut self, _now: Duration, _client: SessionId, _report: &SkipReport) -> Vec<Action> {
         Vec::new()
     }
     /// A client reports how long its last local round took.
-    fn on_round_time(&mut self, _now: Duration, _client: ClientId, _report: &RoundTime) -> Vec<Action> {
+    fn on_round_time(&mut self, _now: Duration, _client: SessionId, _report: &RoundTime) -> Vec<Action> {
         Vec::new()
     }
     /// A sample of the global loss.
@@ -110,31 +110,4 @@ pub trait SyncPolicy: Send + Sync {
 /// Splits `pushes` into `Aggregate` actions of at most `max_batch` each.
 pub fn batches(pushes: Vec<PushId>, max_batch: usize, normalization: Normalization) -> Vec<Action> {
     pushes.chunks(max_batch.max(1)).map(|c| Action::Aggregate { pushes: c.to_vec(), normalization }).collect()
-}
-
-/// Builds the policy a server config names.
-pub fn build(cfg: &crate::config::ServerConfig) -> Box<dyn SyncPolicy> {
-    use crate::config::PolicyKind;
-    let secs = Duration::from_secs_f64;
-    match cfg.policy {
-        PolicyKind::Asp => Box::new(asp::Asp::new(cfg.max_batch)),
-        PolicyKind::Bsp => Box::new(bsp::Bsp::new(secs(cfg.bsp_deadline_s))),
-        PolicyKind::Ssp => Box::new(ssp::Ssp::new(cfg.ssp_bound, cfg.max_batch)),
-        PolicyKind::Fedbuff => Box::new(fedbuff::FedBuff::new(cfg.fedbuff_k)),
-        PolicyKind::Adsp => Box::new(adsp::Adsp::new(adsp::AdspConfig {
-            period: secs(cfg.adsp_period_s),
-            min_interval: secs(cfg.adsp_min_interval_s),
-            research_every: secs(cfg.adsp_research_s),
-            target_loss: cfg.adsp_target_loss,
-            rise: 0.3,
-            max_batch: cfg.max_batch,
-        })),
-        PolicyKind::Hermes => Box::new(hermes::Hermes::new(hermes::HermesConfig {
-            samples: cfg.hermes_samples,
-            batch: cfg.hermes_batch,
-            epochs: cfg.hermes_epochs,
-            tolerance: cfg.hermes_tolerance_s,
-            max_batch: cfg.max_batch,
-        })),
-    }
 }

@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, ClientId, PushId, PushMeta, SyncPolicy};
+use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
 
 /// Stale synchronous parallel with bound `b`.
 pub struct Ssp {
     bound: u64,
     max_batch: usize,
-    clocks: BTreeMap<ClientId, u64>,
+    clocks: BTreeMap<SessionId, u64>,
     /// Held Acks: (client, push).
-    held: Vec<(ClientId, PushId)>,
+    held: Vec<(SessionId, PushId)>,
     pending: Vec<PushId>,
 }
 
@@ -34,7 +34,7 @@ impl Ssp {
         self.clocks.values().copied().min().unwrap_or(0)
     }
 
-    fn may_go_on(&self, client: ClientId) -> bool {
+    fn may_go_on(&self, client: SessionId) -> bool {
         let c = self.clocks.get(&client).copied().unwrap_or(0);
         c <= self.min_clock() + self.bound
     }
@@ -60,14 +60,14 @@ impl SyncPolicy for Ssp {
         "ssp"
     }
 
-    fn on_join(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_join(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         // A newcomer starts at the slowest clock, so it neither holds back nor races ahead.
         let start = if self.clocks.is_empty() { 0 } else { self.min_clock() };
         self.clocks.insert(client, start);
         Vec::new()
     }
 
-    fn on_leave(&mut self, _now: Duration, client: ClientId) -> Vec<Action> {
+    fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clocks.remove(&client);
         self.held.retain(|&(c, _)| c != client);
         self.release()
@@ -108,7 +108,7 @@ impl SyncPolicy for Ssp {
 mod tests {
     use super::*;
 
-    fn push(id: PushId, client: ClientId) -> PushMeta {
+    fn push(id: PushId, client: SessionId) -> PushMeta {
         PushMeta { id, client, seq: id, base_version: 0, staleness: 0, samples: 1, local_steps: 1, loss: 1.0 }
     }
 

@@ -1,4 +1,4 @@
-//! Staleness weighting α(s) and batch weights (algorithms.md §1–2).
+//! Staleness weighting α(s) and batch weights (docs/algorithms.md §1–2).
 
 use serde::{Deserialize, Serialize};
 
@@ -92,7 +92,7 @@ pub enum Normalization {
 /// Smallest loss used by the `loss` weighting (a zero loss would get infinite weight).
 pub const MIN_LOSS: f64 = 1e-6;
 
-/// Weights of a batch per algorithms.md §2 (computed in f64, rounded once to f32).
+/// Weights of a batch per docs/algorithms.md §2 (computed in f64, rounded once to f32).
 pub fn batch_weights(w: &Weighting, norm: Normalization, batch: &[WeightInput], out: &mut Vec<f32>) {
     out.clear();
     if batch.is_empty() {

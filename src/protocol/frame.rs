@@ -205,6 +205,39 @@ pub struct PushLimits {
     pub max_nnz: u64,
 }
 
+/// A Push that passed [`PushView::decode`], owning its (reference-counted) frame.
+///
+/// The only way to make one is [`ValidatedPush::decode`], so holding one is the proof that the
+/// frame is well formed: code after the session's checks never re-validates or `expect`s.
+#[derive(Clone, Debug)]
+pub struct ValidatedPush {
+    header: PushHeader,
+    frame: bytes::Bytes,
+}
+
+impl ValidatedPush {
+    /// Validates `frame` (see [`PushView::decode`]) and keeps it without copying.
+    pub fn decode(frame: bytes::Bytes, limits: &PushLimits) -> Result<Self, FrameError> {
+        let header = PushView::decode(&frame, limits)?.header;
+        Ok(ValidatedPush { header, frame })
+    }
+
+    /// The header as the client sent it.
+    pub fn header(&self) -> &PushHeader {
+        &self.header
+    }
+
+    /// The whole frame, as received.
+    pub fn frame(&self) -> &bytes::Bytes {
+        &self.frame
+    }
+
+    /// A borrowed view for the engines.
+    pub fn view(&self) -> PushView<'_> {
+        PushView { header: self.header, frame: &self.frame }
+    }
+}
+
 /// A validated Push borrowing its frame: indices and values are read in place.
 #[derive(Clone, Copy, Debug)]
 pub struct PushView<'a> {
@@ -251,12 +284,6 @@ impl<'a> PushView<'a> {
             return Err(FrameError::BadPadding);
         }
         Ok(view)
-    }
-
-    /// Wraps a frame that [`PushView::decode`] already accepted.
-    pub fn from_validated(frame: &'a [u8]) -> Self {
-        let header = Self::peek_header(frame).expect("frame was validated before");
-        PushView { header, frame }
     }
 
     /// The whole frame.

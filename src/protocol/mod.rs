@@ -12,6 +12,7 @@ pub mod message;
 pub mod model;
 pub mod numerics;
 pub mod replica;
+pub mod select;
 
 /// The protocol version this build speaks. A Hello with another version is refused with a
 /// message that names both.

@@ -115,7 +115,7 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
         EngineChoice::Cpu => Ok(Box::new(cpu(values))),
         EngineChoice::Gpu | EngineChoice::Auto => {
             let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
-            match crate::engine::gpu::GpuAggregator::from_config(cfg, &values, opt) {
+            match crate::engine::gpu::GpuAggregator::new(&values, opt, &gpu_options(cfg)) {
                 Ok(g) if require => Ok(Box::new(g)),
                 Ok(g) => Ok(Box::new(FallbackEngine { inner: Box::new(g), on_gpu: true, opt, threads })),
                 Err(e) if !require => {
@@ -228,9 +228,46 @@ impl Aggregator for FallbackEngine {
     }
 }
 
-/// Builds the policy the config asks for.
-pub fn build_policy(cfg: &ServerConfig) -> Result<Box<dyn SyncPolicy>, ServerError> {
-    Ok(crate::policy::build(cfg))
+/// The GPU engine's options from the server's settings.
+fn gpu_options(cfg: &ServerConfig) -> crate::engine::gpu::GpuOptions {
+    crate::engine::gpu::GpuOptions {
+        mode: cfg.gpu_mode,
+        chunk_elems: cfg.chunk_elems,
+        device: crate::engine::gpu::device::DeviceOptions {
+            adapter: cfg.adapter.clone(),
+            hardware_only: cfg.adapter.is_none(),
+            ..Default::default()
+        },
+        fault: cfg.inject_gpu_fault,
+    }
+}
+
+/// Builds the policy the config asks for, each from its own settings.
+pub fn build_policy(cfg: &ServerConfig) -> Box<dyn SyncPolicy> {
+    use crate::config::PolicyKind;
+    use crate::policy::{adsp, asp, bsp, fedbuff, hermes, ssp};
+    let secs = Duration::from_secs_f64;
+    match cfg.policy {
+        PolicyKind::Asp => Box::new(asp::Asp::new(cfg.max_batch)),
+        PolicyKind::Bsp => Box::new(bsp::Bsp::new(secs(cfg.bsp_deadline_s))),
+        PolicyKind::Ssp => Box::new(ssp::Ssp::new(cfg.ssp_bound, cfg.max_batch)),
+        PolicyKind::Fedbuff => Box::new(fedbuff::FedBuff::new(cfg.fedbuff_k)),
+        PolicyKind::Adsp => Box::new(adsp::Adsp::new(adsp::AdspConfig {
+            period: secs(cfg.adsp_period_s),
+            min_interval: secs(cfg.adsp_min_interval_s),
+            research_every: secs(cfg.adsp_research_s),
+            target_loss: cfg.adsp_target_loss,
+            rise: 0.3,
+            max_batch: cfg.max_batch,
+        })),
+        PolicyKind::Hermes => Box::new(hermes::Hermes::new(hermes::HermesConfig {
+            samples: cfg.hermes_samples,
+            batch: cfg.hermes_batch,
+            epochs: cfg.hermes_epochs,
+            tolerance: cfg.hermes_tolerance_s,
+            max_batch: cfg.max_batch,
+        })),
+    }
 }
 
 /// A running server.
@@ -417,7 +454,7 @@ async fn start_inner(
         cfg: cfg.clone(),
         layout: layout.clone(),
         engine,
-        policy: build_policy(&cfg)?,
+        policy: build_policy(&cfg),
         rx,
         status_tx,
         metrics: metrics.clone(),
@@ -463,14 +500,22 @@ async fn start_inner(
     Ok(ServerHandle { addr, shared, shutdown_tx, listener, coordinator })
 }
 
-/// Runs a server until `shutdown` resolves, then stops it gracefully.
-pub async fn run(
+/// Runs a server until `until` resolves, then stops it gracefully and returns the final state.
+///
+/// `until` is first polled once the server serves (after what a checkpoint holds is applied), so
+/// it may also announce the server, as `sparsync serve --ready-file` does. When it resolves to an
+/// error, the server is stopped the same way and that error is returned.
+pub async fn run<E: From<ServerError>>(
     cfg: ServerConfig,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<ModelState, ServerError> {
+    until: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<ModelState, E> {
     let handle = start(cfg, listener).await?;
-    shutdown.await;
+    let outcome = until.await;
     tracing::info!("shutting down: applying accepted updates");
-    handle.shutdown("server shutting down").await
+    let state = handle.shutdown("server shutting down").await;
+    outcome?;
+    let state = state?;
+    tracing::info!(version = state.version, "stopped");
+    Ok(state)
 }

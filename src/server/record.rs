@@ -3,14 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{ClientId, PushId};
+use crate::policy::{PushId, SessionId};
 use crate::protocol::message::{ClientKind, Directive, Role};
 
 /// One push inside an aggregation step.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AggregatedPush {
     pub push: PushId,
-    pub client: ClientId,
+    pub client: SessionId,
     pub seq: u64,
     /// t − τ when aggregated.
     pub staleness: u64,
@@ -25,19 +25,19 @@ pub struct AggregatedPush {
 pub enum Event {
     Join {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         name: String,
         role: Role,
         kind: ClientKind,
     },
     Leave {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         reason: String,
     },
     Accept {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         push: PushId,
         seq: u64,
         base_version: u64,
@@ -50,20 +50,20 @@ pub enum Event {
     },
     Reject {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         seq: u64,
         field: String,
         reason: String,
     },
     Ack {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         push: PushId,
         seq: u64,
     },
     Drop {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         push: PushId,
         seq: u64,
         reason: String,
@@ -80,19 +80,19 @@ pub enum Event {
     },
     RoundDropped {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         round: u64,
         reason: String,
     },
     Directive {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         directive: Directive,
     },
     /// An evaluator's score, with the server's frame byte counters at that moment.
     Eval {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         version: u64,
         accuracy: f64,
         loss: f64,
@@ -101,7 +101,7 @@ pub enum Event {
     },
     Skip {
         t: f64,
-        client: ClientId,
+        client: SessionId,
         round: u64,
         loss: f64,
     },

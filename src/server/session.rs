@@ -22,8 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use super::Shared;
 use super::coordinator::Inbound;
 use super::outbox::{Next, Outbound, Outbox};
-use crate::policy::ClientId;
-use crate::protocol::frame::{PushLimits, PushView};
+use crate::policy::SessionId;
+use crate::protocol::frame::{PushLimits, PushView, ValidatedPush};
 use crate::protocol::message::{
     ClientMessage, HandshakeError, Hello, MAX_CONTROL_BYTES, MAX_ECHO_LEN, MAX_REASON_LEN, Reject,
     ServerMessage, clip, cut, parse_hello,
@@ -118,7 +118,7 @@ pub async fn run<S>(
         let _ = send_error(&mut sink, "server", "server is shutting down", true).await;
         return;
     }
-    let client = match reply_rx.await {
+    let session = match reply_rx.await {
         Ok(Ok(id)) => id,
         Ok(Err((field, reason))) => {
             shared.metrics.refused(field);
@@ -171,7 +171,7 @@ pub async fn run<S>(
                     return Ok(());
                 }
                 Next::Resync(have) => {
-                    if writer_tx.send(Inbound::Resync { client, have }).await.is_err() {
+                    if writer_tx.send(Inbound::Resync { session, have }).await.is_err() {
                         return Ok(());
                     }
                     continue;
@@ -187,7 +187,7 @@ pub async fn run<S>(
     });
 
     // 4. Reader: socket → validation → coordinator.
-    let reader = read_loop(&mut stream, &shared, client, &outbox, &started);
+    let reader = read_loop(&mut stream, &shared, session, &outbox, &started);
     let mut writer_done = false;
     let (code, reason) = tokio::select! {
         r = reader => r,
@@ -201,7 +201,7 @@ pub async fn run<S>(
         },
         _ = shared.shutdown_started() => (1001, "server shutting down".to_string()),
     };
-    let _ = shared.tx.send(Inbound::Leave { client, reason: reason.clone() }).await;
+    let _ = shared.tx.send(Inbound::Leave { session, reason: reason.clone() }).await;
     // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it. A finished
     // JoinHandle must not be polled again.
     outbox.close_with(code, reason.clone());
@@ -209,14 +209,14 @@ pub async fn run<S>(
         writer.abort();
     }
     shared.metrics.session_closed();
-    tracing::debug!(client, %name, %reason, "session ended");
+    tracing::debug!(session, %name, %reason, "session ended");
 }
 
 /// Reads frames until the socket closes or the session must end; returns why it ended.
 async fn read_loop<S>(
     stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
     shared: &Shared,
-    client: ClientId,
+    session: SessionId,
     outbox: &Outbox,
     started: &std::sync::Mutex<Option<tokio::time::Instant>>,
 ) -> (u16, String)
@@ -274,7 +274,7 @@ where
             last_msg = tokio::time::Instant::now();
         }
         match msg {
-            Message::Binary(frame) => handle_push(frame, shared, client, outbox, &limits, &mut rate).await,
+            Message::Binary(frame) => handle_push(frame, shared, session, outbox, &limits, &mut rate).await,
             Message::Text(text) if text.len() > MAX_CONTROL_BYTES => {
                 error_to(
                     outbox,
@@ -289,16 +289,16 @@ where
                     return (1000, format!("client said bye: {}", clip(&reason, MAX_REASON_LEN)));
                 }
                 Ok(ClientMessage::SnapshotRequest) => {
-                    let _ = shared.tx.send(Inbound::SnapshotRequest { client }).await;
+                    let _ = shared.tx.send(Inbound::SnapshotRequest { session }).await;
                 }
                 Ok(ClientMessage::Eval(report)) => {
-                    let _ = shared.tx.send(Inbound::Eval { client, report }).await;
+                    let _ = shared.tx.send(Inbound::Eval { session, report }).await;
                 }
                 Ok(ClientMessage::Skip(report)) => {
-                    let _ = shared.tx.send(Inbound::Skip { client, report }).await;
+                    let _ = shared.tx.send(Inbound::Skip { session, report }).await;
                 }
                 Ok(ClientMessage::RoundTime(report)) => {
-                    let _ = shared.tx.send(Inbound::RoundTime { client, report }).await;
+                    let _ = shared.tx.send(Inbound::RoundTime { session, report }).await;
                 }
                 Err(e) => error_to(outbox, "json", &format!("malformed control message: {e}"), false),
             },
@@ -315,25 +315,24 @@ where
 async fn handle_push(
     frame: Bytes,
     shared: &Shared,
-    client: ClientId,
+    session: SessionId,
     outbox: &Outbox,
     limits: &PushLimits,
     rate: &mut RateLimiter,
 ) {
     let t0 = std::time::Instant::now();
-    let decoded = PushView::decode(&frame, limits);
+    // The frame moves to the coordinator as is: no copy of the arrays.
+    let decoded = ValidatedPush::decode(frame.clone(), limits);
     shared.metrics.stage("decode", t0.elapsed());
     match decoded {
-        Ok(view) => {
+        Ok(push) => {
             if !rate.allow(tokio::time::Instant::now()) {
                 shared.metrics.rejected("rate");
                 let reason = format!("push rate exceeds max_push_rate {}/s", shared.cfg.max_push_rate);
-                reject_to(outbox, view.header.seq, "rate", &reason);
+                reject_to(outbox, push.header().seq, "rate", &reason);
                 return;
             }
-            let header = view.header;
-            // The frame moves to the coordinator as is: no copy of the arrays.
-            let _ = shared.tx.send(Inbound::Push { client, header, frame }).await;
+            let _ = shared.tx.send(Inbound::Push { session, push }).await;
         }
         Err(e) => {
             shared.metrics.rejected(e.field());

@@ -2,15 +2,14 @@
 
 use serde::Serialize;
 
-use super::coordinator::EvalPoint;
 use crate::engine::EngineInfo;
-use crate::policy::ClientId;
+use crate::policy::SessionId;
 use crate::protocol::message::{ClientKind, Directive, Role, SessionSettings};
 
 /// One connected client.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClientStatus {
-    pub session: ClientId,
+    pub session: SessionId,
     pub client_id: String,
     pub kind: ClientKind,
     pub role: Role,
@@ -118,4 +117,16 @@ impl Status {
             staleness_histogram: Vec::new(),
         }
     }
+}
+
+/// One evaluator report, kept for `/api/status`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EvalPoint {
+    pub t: f64,
+    pub version: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+    /// Frame bytes the server had received (pushes) and sent (Deltas, snapshots) by then.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }

@@ -18,7 +18,6 @@ use tokio::sync::oneshot;
 
 use super::Shared;
 use super::coordinator::Inbound;
-use super::http::json_response;
 
 #[derive(rust_embed::RustEmbed)]
 #[folder = "clients/browser/dist/"]
@@ -184,4 +183,12 @@ async fn test_set(State(shared): State<Arc<Shared>>, Query(q): Query<ShardQuery>
     let n = (q.samples.unwrap_or(1000) as usize).min(data.test.len());
     let idx: Vec<usize> = (0..n).collect();
     binary(encode_shard(&data.test, &idx, 0, 1))
+}
+
+/// A JSON body with its content type.
+pub fn json_response<T: serde::Serialize + ?Sized>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

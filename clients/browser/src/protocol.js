@@ -206,7 +206,7 @@ export function checksum(values) {
   return hi.toString(16).padStart(8, '0') + lo.toString(16).padStart(8, '0');
 }
 
-// Top-k with error feedback (algorithms.md §4): u = delta + r; send the k largest |u| as f16
+// Top-k with error feedback (docs/algorithms.md §4): u = delta + r; send the k largest |u| as f16
 // (ties to the lower index); r = u − what was sent. `residual` is a Float64Array kept by the
 // caller. Returns { indices: Uint32Array, values: Uint16Array } in index order.
 export function sparsify(delta, residual, k) {

@@ -19,17 +19,19 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use sparsync::client::{ClientError, ClientOptions, Connection, Event, Session};
+use sparsync::config::ClientDefaults;
 use sparsync::data::{FashionMnist, Partition};
-use sparsync::engine::k_for_density;
 use sparsync::protocol::frame::{PushHeader, encode_push};
 use sparsync::protocol::message::{ClientKind, ClientMessage, EvalReport, Role, RoundTime, SkipReport};
-use tokio::sync::mpsc;
+use sparsync::protocol::select::k_for_density;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::emulate::Emulation;
 use crate::model::ModelError;
 use crate::sparsify::{Sparse, Sparsifier};
-use crate::train::{RoundStats, Trainer};
+use crate::train::{RoundStats, Score, Trainer};
 
 /// How the client trains between pushes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -57,7 +59,9 @@ impl Default for Gate {
     }
 }
 
-/// Everything a client run needs.
+/// Everything a client run needs. [`Config::default`] holds `sparsync-client`'s defaults (its
+/// flags default to them); training settings left at `None` follow the server's directive, else
+/// [`ClientDefaults`].
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: String,
@@ -93,15 +97,14 @@ pub struct Config {
 /// on a small model) kept a core busy and crowded the trainers on small machines.
 pub const DEFAULT_EVAL_INTERVAL_S: f64 = 0.5;
 
-impl Config {
-    /// A trainer of `model` with `sparsync-client`'s defaults: shard 0/1, IID, seed 0, the
-    /// server's directives for steps, batch, learning rate and density, no stop condition,
-    /// reconnecting.
-    pub fn new(server: &str, client_id: &str, model: &str) -> Self {
+impl Default for Config {
+    /// A trainer of mlp at the default address: shard 0/1, IID, seed 0, the server's directives
+    /// for steps, batch, learning rate and density, no stop condition, reconnecting.
+    fn default() -> Self {
         Self {
-            server: server.into(),
-            client_id: client_id.into(),
-            model: model.into(),
+            server: "ws://127.0.0.1:7070/ws".into(),
+            client_id: "client-0".into(),
+            model: "mlp".into(),
             token: None,
             ca: None,
             role: Role::Trainer,
@@ -122,6 +125,13 @@ impl Config {
             reconnect: true,
             gate: Gate::default(),
         }
+    }
+}
+
+impl Config {
+    /// A trainer of `model` at `server` with the other defaults of [`Config::default`].
+    pub fn new(server: &str, client_id: &str, model: &str) -> Self {
+        Self { server: server.into(), client_id: client_id.into(), model: model.into(), ..Self::default() }
     }
 }
 
@@ -152,6 +162,14 @@ pub enum RunError {
     Model(#[from] ModelError),
     #[error("gave up reconnecting after {0:?}")]
     GaveUp(Duration),
+    #[error("the {what} thread failed: {reason}")]
+    Thread { what: &'static str, reason: String },
+}
+
+impl RunError {
+    fn thread(what: &'static str, e: tokio::task::JoinError) -> Self {
+        Self::Thread { what, reason: e.to_string() }
+    }
 }
 
 /// A push that has not been answered yet.
@@ -162,7 +180,8 @@ struct InFlight {
     sent_at: Instant,
 }
 
-/// The training state that moves onto the blocking thread and back.
+/// The trainer and the emulation it trains under. A training job (on a blocking thread) holds
+/// its lock while it runs: the session loop waits for the job before it touches the model.
 struct Work {
     trainer: Trainer,
     emul: Emulation,
@@ -175,6 +194,8 @@ enum End {
 
 struct Runner {
     cfg: Config,
+    /// Training settings where neither `cfg` nor the server's directive give them.
+    defaults: ClientDefaults,
     data: FashionMnist,
     /// Training indices of this client's shard (Hermes: without its local test split).
     /// This client's shard (indices into the training set), shared with the training jobs.
@@ -183,8 +204,8 @@ struct Runner {
     local_test: Vec<usize>,
     /// Test-set indices that tell a trainer when it reached `target_accuracy`.
     check: Vec<usize>,
-    work: Option<Work>,
-    sparsifier: Option<Sparsifier>,
+    work: Arc<Mutex<Work>>,
+    sparsifier: Sparsifier,
     base: Vec<f32>,
     base_version: u64,
     seq: u64,
@@ -201,14 +222,13 @@ struct Runner {
     adopt_pending: bool,
     last_eval_version: Option<u64>,
     last_eval_at: Option<Instant>,
-    /// The server's resume secret for this client id (sent again when reconnecting).
-    resume_secret: Option<String>,
     summary: Summary,
     started: Instant,
 }
 
 /// Runs a client until a stop condition, the server's goodbye, or a failure.
 pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Summary, RunError> {
+    let started = Instant::now();
     let (i, n) = cfg.shard;
     let shards = sparsync::data::partition(&data.train.labels, n, cfg.partition, cfg.seed);
     let mut shard = shards.get(i).cloned().unwrap_or_default();
@@ -224,14 +244,22 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         partition = %cfg.partition, emulation = %emul.describe(), role = ?cfg.role, mode = ?cfg.mode,
         "client starting"
     );
+    let mut link = Link::new(&cfg);
+    let (mut conn, mut rejoined) = link.join().await?;
+    // The first Welcome settles the model: the trainer is built for it, checked against its
+    // layout and set to the replica; it and the sparsifier are kept across reconnects.
+    let mut trainer = Trainer::new(&conn.welcome.model, cfg.seed)?;
+    trainer.net().check_layout(&conn.welcome.layout)?;
+    trainer.set_params(conn.replica.values())?;
     let mut r = Runner {
         summary: Summary { client_id: cfg.client_id.clone(), ..Default::default() },
+        defaults: ClientDefaults::default(),
         data,
         train: shard.into(),
         local_test,
         check: Vec::new(),
-        work: None,
-        sparsifier: None,
+        work: Arc::new(Mutex::new(Work { trainer, emul })),
+        sparsifier: Sparsifier::new(conn.num_params()),
         base: Vec::new(),
         base_version: 0,
         seq: 0,
@@ -245,58 +273,13 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         adopt_pending: false,
         last_eval_version: None,
         last_eval_at: None,
-        resume_secret: None,
-        started: Instant::now(),
+        started,
         cfg,
     };
-    let mut emul = Some(emul);
-    let mut backoff = Duration::from_millis(200);
-    let mut down_since: Option<Instant> = None;
     loop {
-        let mut opts = ClientOptions::new(r.cfg.server.clone(), r.cfg.client_id.clone(), String::new());
-        opts.token = r.cfg.token.clone();
-        opts.kind = ClientKind::Native;
-        opts.role = r.cfg.role;
-        opts.ca = r.cfg.ca.clone();
-        opts.device = Some(format!("native ({})", std::env::consts::ARCH));
-        opts.model = r.cfg.model.clone();
-        opts.resume_secret = r.resume_secret.clone();
-        let conn = match Connection::connect(&opts).await {
-            Ok(c) => c,
-            Err(e) => {
-                // A refusal is final, except one on the client id: the server still holds a
-                // session of this id (this process restarted and lost the session's secret, or
-                // the old connection is half-open), which ends within the server's idle
-                // timeout, so it is retried like a lost connection, for longer.
-                let held = matches!(&e, ClientError::Refused { field, .. } if field == "client_id");
-                let final_ =
-                    !held && matches!(e, ClientError::Refused { .. } | ClientError::Certificate { .. });
-                if final_ || !r.cfg.reconnect {
-                    return Err(e.into());
-                }
-                let give_up = Duration::from_secs(if held { 400 } else { 120 });
-                let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > give_up {
-                    return Err(RunError::GaveUp(since.elapsed()));
-                }
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot join the server; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        r.resume_secret = Some(conn.welcome.resume_secret.clone());
-        if down_since.take().is_some() {
+        if rejoined {
             r.summary.reconnects += 1;
             tracing::info!(reconnects = r.summary.reconnects, "reconnected");
-        }
-        backoff = Duration::from_millis(200);
-        if r.work.is_none() {
-            let mut trainer = Trainer::new(&conn.welcome.model, r.cfg.seed)?;
-            trainer.net().check_layout(&conn.welcome.layout)?;
-            trainer.set_params(conn.replica.values())?;
-            r.work = Some(Work { trainer, emul: emul.take().expect("set once") });
-            r.sparsifier = Some(Sparsifier::new(conn.num_params()));
         }
         r.resolve_mode(&conn.welcome.settings.policy);
         match r.session(conn).await? {
@@ -310,9 +293,80 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
                     return Ok(r.summary);
                 }
                 tracing::warn!(reason = %why, "connection lost; reconnecting");
-                down_since = Some(Instant::now());
+                link.lost();
             }
         }
+        (conn, rejoined) = link.join().await?;
+    }
+}
+
+/// The first wait before trying to join again; it doubles with each failure up to
+/// [`RETRY_MAX`].
+const RETRY_START: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long to keep trying while the server cannot be reached…
+const GIVE_UP: Duration = Duration::from_secs(120);
+/// …and while it still holds a session of this client id (which ends within its idle timeout).
+const GIVE_UP_HELD: Duration = Duration::from_secs(400);
+
+/// Joining the server, and joining again after a lost connection: the options of every Hello
+/// (with the resume secret of the last Welcome) and the retry state.
+struct Link {
+    opts: ClientOptions,
+    reconnect: bool,
+    retry: Duration,
+    /// Since when joining has failed or the connection was lost (None: connected). A join that
+    /// ends such a time counts as a reconnect.
+    down_since: Option<Instant>,
+}
+
+impl Link {
+    fn new(cfg: &Config) -> Self {
+        let mut opts = ClientOptions::new(cfg.server.clone(), cfg.client_id.clone(), cfg.model.clone());
+        opts.token = cfg.token.clone();
+        opts.kind = ClientKind::Native;
+        opts.role = cfg.role;
+        opts.ca = cfg.ca.clone();
+        opts.device = Some(format!("native ({})", std::env::consts::ARCH));
+        Self { opts, reconnect: cfg.reconnect, retry: RETRY_START, down_since: None }
+    }
+
+    /// Joins, retrying failures that may pass when reconnecting is allowed. Returns the
+    /// connection and whether it ends a time without one.
+    async fn join(&mut self) -> Result<(Connection, bool), RunError> {
+        loop {
+            let e = match Connection::connect(&self.opts).await {
+                Ok(conn) => {
+                    // The server's resume secret for this client id, sent again when reconnecting.
+                    self.opts.resume_secret = Some(conn.welcome.resume_secret.clone());
+                    self.retry = RETRY_START;
+                    return Ok((conn, self.down_since.take().is_some()));
+                }
+                Err(e) => e,
+            };
+            // A refusal is final, except one on the client id: the server still holds a session
+            // of this id (this process restarted and lost the session's secret, or the old
+            // connection is half-open), which ends within the server's idle timeout, so it is
+            // retried like a lost connection, for longer.
+            let held = matches!(&e, ClientError::Refused { field, .. } if field == "client_id");
+            let final_ = !held && matches!(e, ClientError::Refused { .. } | ClientError::Certificate { .. });
+            if final_ || !self.reconnect {
+                return Err(e.into());
+            }
+            let give_up = if held { GIVE_UP_HELD } else { GIVE_UP };
+            let since = *self.down_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > give_up {
+                return Err(RunError::GaveUp(since.elapsed()));
+            }
+            tracing::warn!(error = %e, retry_in = ?self.retry, "cannot join the server; retrying");
+            tokio::time::sleep(self.retry).await;
+            self.retry = (self.retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// The connection was lost: the next join is a reconnect.
+    fn lost(&mut self) {
+        self.down_since = Some(Instant::now());
     }
 }
 
@@ -346,36 +400,30 @@ impl Runner {
         }
     }
 
-    fn work(&mut self) -> &mut Work {
-        self.work.as_mut().expect("present between jobs")
-    }
-
     /// x_local = x_base = the replica.
-    fn adopt(&mut self, s: &Session) -> Result<(), ModelError> {
+    async fn adopt(&mut self, s: &Session) -> Result<(), ModelError> {
         self.base = s.replica.values().to_vec();
         self.base_version = s.replica.version().unwrap_or(0);
-        let base = std::mem::take(&mut self.base);
-        let r = self.work().trainer.set_params(&base);
-        self.base = base;
-        r
+        self.work.lock().await.trainer.set_params(&self.base)
     }
 
     fn local_steps(&self, s: &Session) -> u64 {
-        self.cfg.local_steps.or(s.directive.local_steps).unwrap_or(10).max(1)
+        self.cfg.local_steps.or(s.directive.local_steps).unwrap_or(self.defaults.local_steps).max(1)
     }
 
     fn batch(&self, s: &Session) -> usize {
-        self.cfg.batch_size.or(s.directive.batch_size).unwrap_or(32).max(1) as usize
+        self.cfg.batch_size.or(s.directive.batch_size).unwrap_or(self.defaults.batch_size).max(1) as usize
     }
 
     fn lr(&self, s: &Session) -> f64 {
-        self.cfg.learning_rate.or(s.directive.learning_rate).unwrap_or(0.05)
+        self.cfg.learning_rate.or(s.directive.learning_rate).unwrap_or(self.defaults.learning_rate)
     }
 
     /// Hermes: (E, D, b) and the steps of one round.
     fn hermes_round(&self, s: &Session) -> (u64, usize, usize, u64) {
         let e = s.directive.local_epochs.unwrap_or(1).max(1);
-        let d = (s.directive.chunk_size.unwrap_or(2500) as usize).clamp(1, self.train.len().max(1));
+        let d = (s.directive.chunk_size.unwrap_or(self.defaults.chunk_size) as usize)
+            .clamp(1, self.train.len().max(1));
         let b = self.batch(s).min(d);
         (e, d, b, e * d.div_ceil(b) as u64)
     }
@@ -406,20 +454,20 @@ impl Runner {
         (0..d).map(|j| self.train[(self.chunk_at + j) % n.max(1)]).collect::<Vec<_>>().into()
     }
 
-    fn start_job(&mut self, s: &Session, steps: u64) -> tokio::task::JoinHandle<(Work, RoundStats)> {
-        let mut work = self.work.take().expect("no job is running");
+    /// Trains `steps` steps on a blocking thread, which holds the trainer until it is done.
+    async fn start_job(&self, s: &Session, steps: u64) -> JoinHandle<RoundStats> {
+        let mut work = self.work.clone().lock_owned().await;
         let data = self.data.train.clone();
         let idx = self.job_data(s);
         let (batch, lr) = (self.batch(s), self.lr(s));
         tokio::task::spawn_blocking(move || {
-            let Work { trainer, emul } = &mut work;
-            let stats = trainer.train(&data, &idx, steps, batch, lr, |dt| {
+            let Work { trainer, emul } = &mut *work;
+            trainer.train(&data, &idx, steps, batch, lr, |dt| {
                 let wait = emul.step_delay(dt);
                 if !wait.is_zero() {
                     std::thread::sleep(wait);
                 }
-            });
-            (work, stats)
+            })
         })
     }
 
@@ -443,11 +491,11 @@ impl Runner {
     }
 
     async fn send_push(&mut self, s: &mut Session) -> Result<(), ClientError> {
-        let x = self.work().trainer.params();
+        let x = self.work.lock().await.trainer.params();
         let delta: Vec<f32> = x.iter().zip(&self.base).map(|(a, b)| a - b).collect();
         let rho = self.cfg.rho_up.unwrap_or(s.welcome.settings.rho_up);
         let k = k_for_density(rho, self.n()).min(s.welcome.settings.max_nnz as usize);
-        let sparse = self.sparsifier.as_mut().expect("present").sparsify(&delta, k);
+        let sparse = self.sparsifier.sparsify(&delta, k);
         self.seq += 1;
         let loss = if self.round.loss.is_finite() && self.round.loss >= 0.0 { self.round.loss } else { 0.0 };
         let h = PushHeader {
@@ -461,7 +509,7 @@ impl Runner {
         let frame = encode_push(&h, &sparse.indices, &sparse.values);
         let sent_at = Instant::now();
         self.inflight = Some(InFlight { seq: self.seq, frame: frame.clone(), sparse, sent_at });
-        let wait = self.work().emul.send_delay(frame.len());
+        let wait = self.work.lock().await.emul.send_delay(frame.len());
         tokio::time::sleep(wait).await;
         self.summary.pushes += 1;
         s.send_binary(frame).await
@@ -517,7 +565,7 @@ impl Runner {
                     if self.seq > 1 {
                         self.report_round(s, overhead).await?;
                     }
-                    self.adopt(s)?;
+                    self.adopt(s).await?;
                     self.new_round();
                 }
             }
@@ -534,8 +582,7 @@ impl Runner {
 
     /// Hermes: push only when the test loss improved significantly.
     async fn hermes_gate(&mut self, s: &mut Session) -> Result<(), RunError> {
-        let trainer = &self.work.as_ref().expect("present between jobs").trainer;
-        let score = trainer.evaluate(&self.data.train, Some(&self.local_test));
+        let score = self.work.lock().await.trainer.evaluate(&self.data.train, Some(&self.local_test));
         self.summary.last_loss = Some(score.loss);
         let l = score.loss;
         self.gate_window.push_back(l);
@@ -593,8 +640,7 @@ impl Runner {
                     } else {
                         tracing::warn!(seq = rj.seq, field = %rj.field, reason = %rj.reason, "push rejected; its values go back into the residual");
                         self.summary.rejected += 1;
-                        let sparse = f.sparse.clone();
-                        self.sparsifier.as_mut().expect("present").restore(&sparse);
+                        self.sparsifier.restore(&f.sparse);
                     }
                     self.push_answered(s).await?;
                 }
@@ -630,13 +676,12 @@ impl Runner {
             self.adopt_pending = true;
             return Ok(());
         }
-        let f = self.inflight.take().expect("checked by the caller");
+        let Some(f) = self.inflight.take() else { return Ok(()) };
         let overhead = f.sent_at.elapsed().as_secs_f64();
         self.report_round(s, Some(overhead)).await?;
-        self.adopt(s)?;
+        self.adopt(s).await?;
         if !self.check.is_empty() {
-            let trainer = &self.work.as_ref().expect("present between jobs").trainer;
-            let sc = trainer.evaluate(&self.data.test, Some(&self.check));
+            let sc = self.work.lock().await.trainer.evaluate(&self.data.test, Some(&self.check));
             self.summary.last_accuracy = Some(sc.accuracy);
         }
         self.new_round();
@@ -656,18 +701,16 @@ impl Runner {
     async fn evaluate(&mut self, s: &mut Session) -> Result<(), RunError> {
         let version = s.replica.version().unwrap_or(0);
         let values = s.replica.values().to_vec();
-        let mut work = self.work.take().expect("no job runs on an evaluator");
+        let mut work = self.work.clone().lock_owned().await;
         let test = self.data.test.clone();
         let limit = self.cfg.eval_samples.unwrap_or(usize::MAX).min(test.len());
-        let (work, score) = tokio::task::spawn_blocking(move || {
+        let score = tokio::task::spawn_blocking(move || -> Result<Score, ModelError> {
             let idx: Vec<usize> = (0..limit).collect();
-            let r = work.trainer.set_params(&values).map(|_| work.trainer.evaluate(&test, Some(&idx)));
-            (work, r)
+            work.trainer.set_params(&values)?;
+            Ok(work.trainer.evaluate(&test, Some(&idx)))
         })
         .await
-        .expect("evaluation thread");
-        self.work = Some(work);
-        let score = score?;
+        .map_err(|e| RunError::thread("evaluation", e))??;
         self.last_eval_version = Some(version);
         self.last_eval_at = Some(Instant::now());
         self.summary.evaluations += 1;
@@ -697,7 +740,7 @@ impl Runner {
                 }
             }
         });
-        self.adopt(&s)?;
+        self.adopt(&s).await?;
         self.new_round();
         if let Some(f) = &self.inflight {
             // Answered as a duplicate if the server had it already: exactly once either way.
@@ -707,7 +750,8 @@ impl Runner {
         if self.cfg.role == Role::Evaluator {
             self.evaluate(&mut s).await?;
         }
-        let mut job: Option<tokio::task::JoinHandle<(Work, RoundStats)>> = None;
+        // The training job running, if any (it holds the trainer).
+        let mut job: Option<JoinHandle<RoundStats>> = None;
         let end = loop {
             if let Some(reason) = self.stop_reason() {
                 break End::Stop(reason);
@@ -715,7 +759,7 @@ impl Runner {
             if job.is_none()
                 && let Some(steps) = self.steps_wanted(&s)
             {
-                job = Some(self.start_job(&s, steps));
+                job = Some(self.start_job(&s, steps).await);
             }
             let deadline = self.cfg.duration.map(|d| self.started + d);
             let eval_at =
@@ -735,20 +779,18 @@ impl Runner {
                         }
                     }
                 },
-                r = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
-                                        job = None;
-                    let (work, stats) = r.expect("training thread");
-                    self.work = Some(work);
+                r = finished(&mut job), if job.is_some() => {
+                    job = None;
+                    let stats = r.map_err(|e| RunError::thread("training", e))?;
                     self.after_job(&mut s, stats).await?;
                 },
                 _ = sleep_until(deadline) => {}
                 _ = sleep_until(eval_at) => self.evaluate(&mut s).await?,
             }
         };
-        if let Some(j) = job
-            && let Ok((work, _)) = j.await
-        {
-            self.work = Some(work);
+        if let Some(j) = job {
+            // The next session starts from the model the running chunk leaves.
+            let _ = j.await;
         }
         let (down, up) = s.traffic();
         self.summary.bytes_down += down;
@@ -758,6 +800,14 @@ impl Runner {
         }
         reader.abort();
         Ok(end)
+    }
+}
+
+/// What the running job returns; never resolves when none runs.
+async fn finished(job: &mut Option<JoinHandle<RoundStats>>) -> Result<RoundStats, tokio::task::JoinError> {
+    match job {
+        Some(j) => j.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Top-k with error feedback and f16 values (algorithms.md §4):
+//! Top-k with error feedback and f16 values (docs/algorithms.md §4):
 //!
 //! ```text
 //! u = Δ + r;  S = Top-k(|u|);  send (S, f16(u[S]));  r = u − scatter(S, f16(u[S]))
@@ -10,9 +10,9 @@
 //! exception: such an entry keeps its excess in the residual, rounded.)
 
 use half::f16;
-use sparsync::engine::select::{self, INF_KEY};
 use sparsync::protocol::model::SplitMix64;
 use sparsync::protocol::numerics::magnitude_key;
+use sparsync::protocol::select::{self, INF_KEY};
 
 /// Error-feedback state of one client.
 #[derive(Clone, Debug)]
@@ -351,7 +351,7 @@ mod tests {
                 let got = s.sparsify(&delta, k).indices;
                 let keys: Vec<u32> = delta.iter().map(|&v| magnitude_key(v)).collect();
                 let (mut scratch, mut want) = (Vec::new(), Vec::new());
-                sparsync::engine::select::exact_topk(&keys, k, &mut scratch, &mut want);
+                sparsync::protocol::select::exact_topk(&keys, k, &mut scratch, &mut want);
                 assert_eq!(got, want, "n {n} k {k}");
             }
         }

@@ -26,7 +26,7 @@ use super::{
     Aggregator, Broadcast, EngineCounters, EngineError, EngineInfo, ModelState, OptimizerSettings, Selection,
     UpdateRef,
 };
-use crate::config::{GpuMode, ServerConfig};
+use crate::engine::GpuMode;
 use crate::protocol::frame::{DeltaHeader, encode_delta_with_body};
 use crate::protocol::numerics::canon;
 
@@ -158,28 +158,10 @@ pub struct GpuAggregator {
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl GpuAggregator {
-    /// Opens the device the config names and uploads the model.
+    /// Opens the device `opts` names and uploads the model.
     ///
-    /// Software adapters (lavapipe and the like) are slower than the CPU engine: neither
-    /// `--engine auto` nor `--engine gpu` picks one unless `--adapter` names it.
-    pub fn from_config(
-        cfg: &ServerConfig,
-        values: &[f32],
-        opt: OptimizerSettings,
-    ) -> Result<Self, EngineError> {
-        let opts = GpuOptions {
-            mode: cfg.gpu_mode,
-            chunk_elems: cfg.chunk_elems,
-            device: DeviceOptions {
-                adapter: cfg.adapter.clone(),
-                hardware_only: cfg.adapter.is_none(),
-                ..Default::default()
-            },
-            fault: cfg.inject_gpu_fault,
-        };
-        Self::new(values, opt, &opts)
-    }
-
+    /// Software adapters (lavapipe and the like) are slower than the CPU engine: the server
+    /// sets `hardware_only` unless `--adapter` names one.
     pub fn new(values: &[f32], opt: OptimizerSettings, opts: &GpuOptions) -> Result<Self, EngineError> {
         let ctx = device::open(&opts.device)?;
         Self::with_context(ctx, values, opt, opts)

@@ -7,9 +7,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::shaders::TOPK;
 use super::util::{self, Ctx, Readback, Timer, UniformSlots};
-use crate::engine::select::normal_quantile;
 use crate::engine::{EngineError, Selection};
 use crate::protocol::frame::sparse_payload_len;
+use crate::protocol::select::normal_quantile;
 
 /// Keep in sync: `ChunkParams` in shaders/topk.wgsl.
 #[repr(C)]

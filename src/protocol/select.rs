@@ -1,4 +1,5 @@
-//! CPU selection of broadcast entries: exact Top-k by magnitude and GaussianK.
+//! Selection of broadcast entries, shared by the engines and the clients: exact Top-k by magnitude
+//! and GaussianK.
 //!
 //! Both return the selected indices in ascending order. The GPU kernels implement the same
 //! definitions (`shaders/topk.wgsl`), and tests compare them.
@@ -172,7 +173,7 @@ pub fn normal_quantile(p: f64) -> f64 {
     }
 }
 
-/// Refinements GaussianK may make to its threshold (algorithms.md §3).
+/// Refinements GaussianK may make to its threshold (docs/algorithms.md §3).
 pub const GAUSSIANK_MAX_REFINEMENTS: usize = 3;
 
 /// Starting GaussianK threshold for density ρ = k / n from the mean and standard deviation of d.
@@ -195,6 +196,11 @@ pub fn gaussiank_refine(mut threshold: f64, k: usize, mut count_above: impl FnMu
         }
     }
     threshold
+}
+
+/// k = ⌈ρ · n⌉, clamped to n.
+pub fn k_for_density(rho: f64, n: usize) -> usize {
+    ((rho * n as f64).ceil() as usize).min(n)
 }
 
 #[cfg(test)]

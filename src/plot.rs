@@ -7,9 +7,15 @@ use std::sync::Once;
 
 use plotters::prelude::*;
 
-use super::OrchestrateError;
+/// A chart that could not be drawn.
+#[derive(Debug, thiserror::Error)]
+#[error("plot {path}: {message}")]
+pub struct PlotError {
+    pub path: String,
+    pub message: String,
+}
 
-static FONT: &[u8] = include_bytes!("../../data/font/DejaVuSans-subset.ttf");
+static FONT: &[u8] = include_bytes!("../data/font/DejaVuSans-subset.ttf");
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -35,8 +41,8 @@ pub fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-fn err(path: &Path) -> impl Fn(String) -> OrchestrateError + '_ {
-    move |message| OrchestrateError::Plot { path: path.display().to_string(), message }
+fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
+    move |message| PlotError { path: path.display().to_string(), message }
 }
 
 /// Series of (x, y) points with their names.
@@ -49,7 +55,7 @@ pub fn lines(
     x_label: &str,
     y_label: &str,
     series: &Series,
-) -> Result<(), OrchestrateError> {
+) -> Result<(), PlotError> {
     register_font();
     let e = err(path);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
@@ -68,7 +74,7 @@ pub struct Panel<'a> {
 }
 
 /// Line charts side by side under one title.
-pub fn line_panels(path: &Path, title: &str, panels: &[Panel<'_>]) -> Result<(), OrchestrateError> {
+pub fn line_panels(path: &Path, title: &str, panels: &[Panel<'_>]) -> Result<(), PlotError> {
     register_font();
     let e = err(path);
     let n = panels.len().max(1);
@@ -150,7 +156,7 @@ pub fn histograms(
     title: &str,
     x_label: &str,
     series: &[(String, Vec<f64>)],
-) -> Result<(), OrchestrateError> {
+) -> Result<(), PlotError> {
     register_font();
     let e = err(path);
     let cols = series.len().clamp(1, 4);

@@ -1,0 +1,583 @@
+//! The coordinator: the one task that owns the engine, the policy and the sessions' outboxes.
+//!
+//! Sessions send it [`Inbound`] messages over a bounded channel (that is where backpressure
+//! comes from). Every rule lives in the synchronous [`machine::Machine`]: this module is the
+//! thin async shell around it. It turns each message into a call on the machine and carries
+//! out the [`Effect`]s it returns: JSON to an outbox, a Delta fanned out to every outbox as
+//! one shared, reference-counted frame, an aggregation step on the engine's blocking thread,
+//! an event for the record. It also owns durability (checkpoints, the write-ahead log) and
+//! publishes the status.
+
+pub mod machine;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::durability::{Checkpoint, Wal, WalOp};
+use super::metrics::Metrics;
+use super::outbox::{Outbound, Outbox};
+use super::record::SharedRecord;
+pub use super::status::EvalPoint;
+use super::status::Status;
+use crate::config::ServerConfig;
+use crate::engine::{Aggregator, EngineError, EngineInfo, ModelState, UpdateRef};
+use crate::policy::{SessionId, SyncPolicy};
+use crate::protocol::frame::{ValidatedPush, encode_snapshot};
+use crate::protocol::message::{EvalReport, Hello, RoundTime, SkipReport};
+use crate::protocol::model::ModelLayout;
+pub use machine::MAX_SEQ_GAP;
+use machine::{Effect, Log, Machine, StatusInputs, StepJob, StepOutcome};
+
+/// Shortest time between two status publications.
+const STATUS_PERIOD: Duration = Duration::from_millis(100);
+/// An idle server still republishes its status this often (uptime, connection times).
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Messages from sessions (and the server) to the coordinator.
+pub enum Inbound {
+    Join {
+        hello: Hello,
+        /// The Hello's token is the client id's own (per-client tokens).
+        proven: bool,
+        outbox: Arc<Outbox>,
+        reply: oneshot::Sender<JoinReply>,
+    },
+    /// A Push that passed the stateless checks.
+    Push {
+        session: SessionId,
+        push: ValidatedPush,
+    },
+    Leave {
+        session: SessionId,
+        reason: String,
+    },
+    /// The session's replica fell behind; it holds x̂ at `have` (if it knows).
+    Resync {
+        session: SessionId,
+        have: Option<u64>,
+    },
+    /// The client asked for a snapshot (`snapshot_request`): it always gets one.
+    SnapshotRequest {
+        session: SessionId,
+    },
+    Eval {
+        session: SessionId,
+        report: EvalReport,
+    },
+    Skip {
+        session: SessionId,
+        report: SkipReport,
+    },
+    RoundTime {
+        session: SessionId,
+        report: RoundTime,
+    },
+    /// Model state (tests, checkpoints).
+    State {
+        reply: oneshot::Sender<Result<ModelState, String>>,
+    },
+    /// The public replica and its version.
+    Replica {
+        reply: oneshot::Sender<Result<(u64, Vec<f32>), String>>,
+    },
+    /// Stop: aggregate every accepted push, say Bye to every session, return the final state.
+    Shutdown {
+        reason: String,
+        reply: oneshot::Sender<Result<ModelState, String>>,
+    },
+}
+
+/// The coordinator's answer to a Join: the session, or the Hello field at fault and why.
+pub type JoinReply = Result<SessionId, (&'static str, String)>;
+
+/// How the coordinator is built.
+pub struct CoordinatorParts {
+    pub cfg: Arc<ServerConfig>,
+    pub layout: ModelLayout,
+    pub engine: Box<dyn Aggregator>,
+    pub policy: Box<dyn SyncPolicy>,
+    pub rx: mpsc::Receiver<Inbound>,
+    pub status_tx: watch::Sender<Arc<Status>>,
+    pub metrics: Arc<Metrics>,
+    /// A checkpoint to continue from: its client ids' seqs, its pending pushes and its log.
+    pub resume: Option<Checkpoint>,
+    /// Where events are recorded (shared with `/api/record`).
+    pub record: SharedRecord,
+}
+
+/// Checkpoint and WAL state (with `--checkpoint-dir`).
+struct Durable {
+    dir: std::path::PathBuf,
+    wal: Option<Wal>,
+    wal_seq: u64,
+    last_at: Instant,
+    last_version: u64,
+}
+
+/// The write-ahead log as the machine uses it (absent until the first checkpoint is written,
+/// and without `--wal`).
+struct WalLog<'a> {
+    wal: Option<&'a mut Wal>,
+    metrics: &'a Metrics,
+    spent: Duration,
+}
+
+impl WalLog<'_> {
+    fn timed<T>(
+        &mut self,
+        f: impl FnOnce(&mut Wal) -> Result<T, super::durability::DurabilityError>,
+    ) -> Result<(), String> {
+        let Some(w) = self.wal.as_deref_mut() else { return Ok(()) };
+        let t0 = std::time::Instant::now();
+        let r = f(w).map(|_| ()).map_err(|e| e.to_string());
+        let d = t0.elapsed();
+        self.spent += d;
+        self.metrics.stage("wal", d);
+        r
+    }
+}
+
+impl Log for WalLog<'_> {
+    fn push(&mut self, client_id: &str, frame: &[u8]) -> Result<(), String> {
+        self.timed(|w| w.append(client_id, frame))
+    }
+    fn step(&mut self, items: &[(&str, u64, f32)], broadcast: bool) -> Result<(), String> {
+        self.timed(|w| w.append_step(items, broadcast))
+    }
+}
+
+/// The async shell around the [`Machine`].
+pub struct Coordinator {
+    cfg: Arc<ServerConfig>,
+    machine: Machine,
+    engine: Arc<Mutex<Box<dyn Aggregator>>>,
+    engine_info: EngineInfo,
+    rx: mpsc::Receiver<Inbound>,
+    outboxes: HashMap<SessionId, Arc<Outbox>>,
+    /// x̂ encoded as a Snapshot frame, once per replica version.
+    snapshot: Option<(u64, Bytes)>,
+    started: Instant,
+    record: SharedRecord,
+    status_tx: watch::Sender<Arc<Status>>,
+    last_status: Option<Instant>,
+    /// Something changed since the last status publication.
+    status_dirty: bool,
+    metrics: Arc<Metrics>,
+    durable: Option<Durable>,
+    /// A checkpoint (and its WAL) to apply before serving.
+    resume: Option<Checkpoint>,
+}
+
+impl Coordinator {
+    pub fn new(p: CoordinatorParts) -> Self {
+        let version = p.engine.version();
+        let engine_info = p.engine.info();
+        let machine = Machine::new(
+            p.cfg.clone(),
+            p.layout,
+            p.policy,
+            version,
+            p.engine.replica_version(),
+            p.metrics.clone(),
+        );
+        let durable = p.cfg.checkpoint_dir.clone().map(|dir| Durable {
+            wal_seq: Wal::next_seq(&dir),
+            dir,
+            wal: None,
+            last_at: Instant::now(),
+            last_version: version,
+        });
+        Self {
+            cfg: p.cfg,
+            machine,
+            engine: Arc::new(Mutex::new(p.engine)),
+            engine_info,
+            rx: p.rx,
+            outboxes: HashMap::new(),
+            snapshot: None,
+            started: Instant::now(),
+            record: p.record,
+            status_tx: p.status_tx,
+            last_status: None,
+            status_dirty: false,
+            metrics: p.metrics,
+            durable,
+            resume: p.resume,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The log the machine writes to (the WAL, when one is open).
+    fn log(&mut self) -> (&mut Machine, WalLog<'_>) {
+        let wal = self.durable.as_mut().and_then(|d| d.wal.as_mut());
+        (&mut self.machine, WalLog { wal, metrics: &self.metrics, spent: Duration::ZERO })
+    }
+
+    /// Runs until every sender is gone or a Shutdown arrives.
+    pub async fn run(mut self) {
+        if let Err(e) = self.start_durability().await {
+            tracing::error!(error = %e, "cannot start checkpoints; stopping");
+            self.rx.close();
+            return;
+        }
+        // The status reflects the (possibly resumed) model before anything happens.
+        self.publish_status(true);
+        loop {
+            let wake = self.machine.next_wakeup().map(|d| self.started + d);
+            let period = if self.status_dirty { STATUS_PERIOD } else { STATUS_HEARTBEAT };
+            let status_due = self.last_status.map(|t| t + period);
+            let msg = tokio::select! {
+                m = self.rx.recv() => match m {
+                    Some(m) => Some(m),
+                    None => break,
+                },
+                _ = sleep_until(wake) => None,
+                _ = sleep_until(status_due) => None,
+            };
+            let mut stop = false;
+            if let Some(m) = msg {
+                stop |= self.handle(m).await;
+            }
+            // Everything that queued meanwhile is handled before the policy is polled: with
+            // ASP, the pushes that arrived while the engine was busy form one batch.
+            while !stop && let Ok(m) = self.rx.try_recv() {
+                stop |= self.handle(m).await;
+            }
+            if stop || self.poll_policy().await {
+                break;
+            }
+            self.maybe_checkpoint().await;
+            self.publish_status(false);
+        }
+        self.publish_status(true);
+    }
+
+    /// Applies what a checkpoint and its WAL hold (see [`Machine::recover`]), writes a fresh
+    /// checkpoint and opens a WAL, before any client is served.
+    async fn start_durability(&mut self) -> Result<(), String> {
+        if let Some(c) = self.resume.take() {
+            let mut ops: Vec<WalOp> = c.pending.into_iter().map(WalOp::Push).collect();
+            ops.extend(c.wal);
+            let (found, effects) = self.machine.recover(self.now(), c.registry, ops);
+            self.apply(effects).await;
+            if found.pushes + found.steps > 0 {
+                tracing::info!(
+                    pushes = found.pushes,
+                    steps = found.steps,
+                    not_yet_aggregated = found.not_yet_aggregated,
+                    version = self.machine.version(),
+                    "replayed the checkpoint and WAL"
+                );
+            }
+        }
+        if self.durable.is_some() {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn maybe_checkpoint(&mut self) {
+        let Some(d) = &self.durable else { return };
+        let version = self.machine.version();
+        let by_time = self.cfg.checkpoint_every_s > 0.0
+            && d.last_at.elapsed() >= Duration::from_secs_f64(self.cfg.checkpoint_every_s);
+        let by_versions = self.cfg.checkpoint_every_versions > 0
+            && version >= d.last_version + self.cfg.checkpoint_every_versions;
+        if (by_time || by_versions)
+            && version != d.last_version
+            && let Err(e) = self.checkpoint().await
+        {
+            tracing::error!(error = %e, "checkpoint failed");
+        }
+    }
+
+    /// Writes a checkpoint of everything accepted so far, then starts a new WAL file.
+    async fn checkpoint(&mut self) -> Result<std::path::PathBuf, String> {
+        let Some(d) = &self.durable else { return Err("no checkpoint directory".into()) };
+        let (dir, wal_seq) = (d.dir.clone(), d.wal_seq);
+        let state = self.with_engine(|e| e.read_state()).await.map_err(|e| e.to_string())?;
+        let parts = self.machine.checkpoint_parts();
+        let layout = self.machine.layout();
+        let ckpt = Checkpoint {
+            model: layout.name.clone(),
+            layout: layout.tensors.clone(),
+            registry: parts.last_seqs,
+            pending: parts.pending,
+            policy: parts.policy,
+            policy_state: parts.policy_state,
+            wal_seq,
+            state,
+            wal: Vec::new(),
+        };
+        let version = ckpt.state.version;
+        let written = tokio::task::spawn_blocking(move || ckpt.write(&dir, 3))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(d) = self.durable.as_mut() else { return Err("no checkpoint directory".into()) };
+        if self.cfg.wal {
+            // The checkpoint naming this WAL file is durable: records before it can go.
+            match &mut d.wal {
+                Some(w) => w.rotate(wal_seq).map_err(|e| e.to_string())?,
+                None => d.wal = Some(Wal::start(&d.dir, wal_seq).map_err(|e| e.to_string())?),
+            }
+        }
+        d.wal_seq = wal_seq + 1;
+        d.last_at = Instant::now();
+        d.last_version = version;
+        tracing::info!(version, path = %written.display(), "checkpoint written");
+        Ok(written)
+    }
+
+    /// Runs the policy's decisions until it has none; returns true when a Shutdown arrived.
+    async fn poll_policy(&mut self) -> bool {
+        loop {
+            let Some(effects) = self.machine.poll(self.now()) else { return false };
+            self.apply(effects).await;
+            // Handle what arrived during the step before the next batch forms, but at most
+            // one batch worth: while the engine is the bottleneck the backlog of accepted
+            // pushes stays bounded, the inbound channel fills and sessions stop reading their
+            // sockets (TCP backpressure) instead of the server buffering without limit.
+            for _ in 0..self.cfg.max_batch {
+                let Ok(m) = self.rx.try_recv() else { break };
+                if self.handle(m).await {
+                    return true;
+                }
+            }
+            // A server saturated for minutes still publishes its status and checkpoints.
+            self.maybe_checkpoint().await;
+            self.publish_status(false);
+        }
+    }
+
+    /// Handles one message; returns true when the coordinator must stop.
+    async fn handle(&mut self, msg: Inbound) -> bool {
+        let now = self.now();
+        let effects = match msg {
+            Inbound::Join { hello, proven, outbox, reply } => {
+                let r = self.join(hello, proven, outbox).await;
+                let _ = reply.send(r);
+                return false;
+            }
+            Inbound::Push { session, push } => {
+                let t0 = std::time::Instant::now();
+                let (machine, mut log) = self.log();
+                let effects = machine.push(now, session, push, &mut log);
+                let spent = log.spent;
+                self.metrics.stage("policy", t0.elapsed().saturating_sub(spent));
+                effects
+            }
+            Inbound::Leave { session, reason } => {
+                self.outboxes.remove(&session);
+                self.machine.leave(now, session, &reason)
+            }
+            Inbound::Resync { session, have } => self.machine.resync(session, have),
+            Inbound::SnapshotRequest { session } => self.machine.snapshot_request(session),
+            Inbound::Eval { session, report } => self.machine.eval(now, session, report),
+            Inbound::Skip { session, report } => self.machine.skip(now, session, report),
+            Inbound::RoundTime { session, report } => self.machine.round_time(now, session, report),
+            Inbound::Replica { reply } => {
+                let v = self.machine.replica_version();
+                let r = self.with_engine(|e| e.read_replica()).await;
+                let _ = reply.send(r.map(|values| (v, values)).map_err(|e| e.to_string()));
+                return false;
+            }
+            Inbound::State { reply } => {
+                let r = self.with_engine(|e| e.read_state()).await;
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+                return false;
+            }
+            Inbound::Shutdown { reason, reply } => {
+                let r = self.shutdown(&reason).await;
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+                return true;
+            }
+        };
+        self.apply(effects).await;
+        false
+    }
+
+    async fn join(&mut self, hello: Hello, proven: bool, outbox: Arc<Outbox>) -> JoinReply {
+        // The Snapshot that follows the Welcome is read before the machine admits the session.
+        if let Err(e) = self.snapshot_frame().await {
+            return Err(("server", format!("engine failed to read the model: {e}")));
+        }
+        let (session, effects) = self.machine.join(self.now(), hello, proven)?;
+        self.outboxes.insert(session, outbox);
+        self.apply(effects).await;
+        Ok(session)
+    }
+
+    /// Carries out the machine's effects in order.
+    async fn apply(&mut self, effects: Vec<Effect>) {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Send { session, msg } => {
+                    if let Some(o) = self.outboxes.get(&session) {
+                        o.push(Outbound::Text(msg.to_json()));
+                    }
+                }
+                Effect::Snapshot { session } => self.send_snapshot(session).await,
+                Effect::Deltas { session, from, chain } => {
+                    let Some(o) = self.outboxes.get(&session).cloned() else { continue };
+                    if o.resync_with_deltas(from, &chain) {
+                        let bytes: u64 = chain.iter().map(|(_, _, f)| f.len() as u64).sum();
+                        self.machine.count_sent(session, bytes);
+                    } else {
+                        self.send_snapshot(session).await;
+                    }
+                }
+                Effect::Broadcast { base, version, frame } => {
+                    let t0 = std::time::Instant::now();
+                    let len = frame.len() as u64;
+                    for (&session, o) in &self.outboxes {
+                        if o.push_delta(base, version, frame.clone()) {
+                            self.machine.count_sent(session, len);
+                        }
+                    }
+                    self.metrics.stage("fanout", t0.elapsed());
+                }
+                Effect::Close { session, code, reason } => {
+                    if let Some(o) = self.outboxes.remove(&session) {
+                        o.close_with(code, reason);
+                    }
+                }
+                Effect::Step(job) => {
+                    let outcome = self.run_step(job).await;
+                    let now = self.now();
+                    let (machine, mut log) = self.log();
+                    queue.extend(machine.step_done(now, outcome, &mut log));
+                }
+                Effect::Record(event) => self.record.push(event),
+                Effect::Stop => self.rx.close(),
+            }
+        }
+    }
+
+    /// Runs one aggregation step (and its broadcast) on the engine's blocking thread.
+    async fn run_step(&mut self, job: StepJob) -> Result<StepOutcome, String> {
+        let StepJob { updates, broadcast } = job;
+        let result = self
+            .with_engine(move |e| {
+                let refs: Vec<UpdateRef<'_>> =
+                    updates.iter().map(|(p, w)| UpdateRef::from_push(&p.view(), *w)).collect();
+                let t0 = std::time::Instant::now();
+                e.aggregate(&refs)?;
+                let agg = t0.elapsed();
+                let t1 = std::time::Instant::now();
+                let bc = match broadcast {
+                    Some(selection) => Some(e.broadcast(selection)?),
+                    None => None,
+                };
+                Ok((bc, agg, t1.elapsed(), e.take_stage_times(), e.info(), e.counters()))
+            })
+            .await;
+        let (broadcast, agg, topk, parts, info, counters) = result.map_err(|e| e.to_string())?;
+        if info != self.engine_info {
+            tracing::info!(engine = %info.kind, adapter = %info.adapter, "engine changed");
+            self.engine_info = info;
+            // Published at the next chance, not at the end of the status period.
+            self.last_status = None;
+        }
+        self.metrics.engine(&counters);
+        self.metrics.stage("upload", parts.upload);
+        self.metrics.stage("aggregate", agg.saturating_sub(parts.upload));
+        self.metrics.stage("topk", topk.saturating_sub(parts.encode));
+        self.metrics.stage("encode", parts.encode);
+        Ok(StepOutcome { broadcast, agg_seconds: agg.as_secs_f64(), topk_seconds: topk.as_secs_f64() })
+    }
+
+    async fn with_engine<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Aggregator) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
+            f(e.as_mut())
+        })
+        .await
+        .unwrap_or_else(|join| Err(EngineError::Gpu(format!("engine task failed: {join}"))))
+    }
+
+    /// The snapshot of x̂ at the replica version, encoded once per version.
+    async fn snapshot_frame(&mut self) -> Result<(u64, Bytes), EngineError> {
+        let v = self.machine.replica_version();
+        if let Some((sv, f)) = &self.snapshot
+            && *sv == v
+        {
+            return Ok((v, f.clone()));
+        }
+        let values = self.with_engine(|e| e.read_replica()).await?;
+        let frame = Bytes::from(encode_snapshot(v, &values));
+        self.snapshot = Some((v, frame.clone()));
+        Ok((v, frame))
+    }
+
+    /// Queues a Snapshot of x̂ to a session (the Deltas queued before it are dropped; those
+    /// after it follow from it).
+    async fn send_snapshot(&mut self, session: SessionId) {
+        let Some(outbox) = self.outboxes.get(&session).cloned() else { return };
+        match self.snapshot_frame().await {
+            Ok((v, f)) => {
+                self.machine.count_sent(session, f.len() as u64);
+                outbox.push_snapshot(v, f);
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
+    }
+
+    async fn shutdown(&mut self, reason: &str) -> Result<ModelState, EngineError> {
+        // Everything accepted is applied and acknowledged before the state is taken.
+        let effects = self.machine.shutdown(self.now());
+        self.apply(effects).await;
+        if self.durable.is_some() {
+            match self.checkpoint().await {
+                Ok(path) => tracing::info!(path = %path.display(), "final checkpoint written"),
+                Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
+            }
+        }
+        let effects = self.machine.farewell(reason);
+        self.apply(effects).await;
+        self.with_engine(|e| e.read_state()).await
+    }
+
+    /// Publishes the status at most every [`STATUS_PERIOD`]; a change inside the period is
+    /// published when it ends.
+    fn publish_status(&mut self, force: bool) {
+        let now = Instant::now();
+        if !force && self.last_status.is_some_and(|t| now - t < STATUS_PERIOD) {
+            self.status_dirty = true;
+            return;
+        }
+        self.status_dirty = false;
+        self.last_status = Some(now);
+        self.metrics.queues(self.rx.len(), self.machine.pending_len());
+        let inputs = StatusInputs {
+            engine: self.engine_info.clone(),
+            stages: self.metrics.stage_seconds(),
+            staleness_histogram: self.record.staleness_histogram(),
+        };
+        let outboxes = &self.outboxes;
+        let status = self.machine.status(self.now(), inputs, |s| {
+            outboxes.get(&s).map_or((false, 0), |o| (o.is_lagging(), o.queued_bytes() as u64))
+        });
+        let _ = self.status_tx.send(Arc::new(status));
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

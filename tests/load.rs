@@ -115,9 +115,9 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
     assert_eq!(events.first().map(|e| e["event"].as_str()), Some(Some("join")), "record starts at the start");
     let mut index_of = std::collections::HashMap::new();
     for e in events.iter().filter(|e| e["event"] == "join") {
-        let name = e["name"].as_str().unwrap();
+        let name = e["client_id"].as_str().unwrap();
         let i: usize = name.strip_prefix("load-").unwrap().parse().unwrap();
-        index_of.insert(e["client"].as_u64().unwrap(), i);
+        index_of.insert(e["session"].as_u64().unwrap(), i);
     }
     let layout = ModelLayout::builtin(&model).unwrap();
     let cfg = ServerConfig::default();
@@ -129,7 +129,7 @@ async fn five_hundred_clients_every_push_answered_and_the_model_replays_exactly(
     for e in events.iter().filter(|e| e["event"] == "aggregate") {
         let mut frames = Vec::new();
         for it in e["items"].as_array().unwrap() {
-            let i = index_of[&it["client"].as_u64().unwrap()];
+            let i = index_of[&it["session"].as_u64().unwrap()];
             let seq = it["seq"].as_u64().unwrap();
             // The load generator's pool slot for push `seq`.
             let (idx, vals) = load::payload(spec.seed, i, seq as usize % spec.pool, PARAMS, nnz);

@@ -35,7 +35,7 @@ async fn run(cfg: ServerConfig, scripts: Vec<Script>) -> (Vec<Event>, Vec<Log>, 
     let names = events
         .iter()
         .filter_map(|e| match e {
-            Event::Join { client, name, .. } => Some((*client, name.clone())),
+            Event::Join { session, client_id, .. } => Some((*session, client_id.clone())),
             _ => None,
         })
         .collect();
@@ -59,7 +59,7 @@ fn check_common(events: &[Event]) {
             Event::Accept { push, .. } => {
                 accepted.insert(*push);
             }
-            Event::Ack { push, .. } | Event::Drop { push, .. } => *answered.entry(*push).or_default() += 1,
+            Event::Ack { push, .. } => *answered.entry(*push).or_default() += 1,
             Event::Aggregate { items, .. } => {
                 for i in items {
                     assert!(accepted.contains(&i.push), "aggregated push {} was never accepted", i.push);
@@ -99,7 +99,7 @@ async fn bsp_rounds_take_one_push_per_member_and_never_pass_the_deadline() {
                 first_join.get_or_insert(*t);
             }
             Event::Aggregate { t, items, .. } => {
-                let clients: HashSet<u64> = items.iter().map(|i| i.client).collect();
+                let clients: HashSet<u64> = items.iter().map(|i| i.session).collect();
                 assert_eq!(clients.len(), items.len(), "one push per client per round");
                 let start = last_close.or(first_join).unwrap();
                 assert!(
@@ -162,18 +162,18 @@ async fn ssp_never_lets_a_client_run_more_than_b_ahead() {
     let mut held = 0;
     for e in &events {
         match e {
-            Event::Join { client, .. } => {
+            Event::Join { session: client, .. } => {
                 let start = clocks.values().copied().min().unwrap_or(0);
                 clocks.insert(*client, start);
             }
-            Event::Leave { client, .. } => {
+            Event::Leave { session: client, .. } => {
                 clocks.remove(client);
             }
-            Event::Accept { client, push, .. } => {
+            Event::Accept { session: client, push, .. } => {
                 *clocks.get_mut(client).unwrap() += 1;
                 push_client.insert(*push, *client);
             }
-            Event::Ack { client, .. } => {
+            Event::Ack { session: client, .. } => {
                 let min = clocks.values().copied().min().unwrap();
                 let mine = clocks[client];
                 assert!(
@@ -234,7 +234,7 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
         match e {
             Event::Join { .. } => active += 1,
             Event::Leave { .. } => active -= 1,
-            Event::Accept { t, client, .. } => {
+            Event::Accept { t, session: client, .. } => {
                 *per_period.entry(((t - origin) / period) as u64).or_default().entry(*client).or_default() +=
                     1;
                 clients.insert(*client);
@@ -297,17 +297,19 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
     let mut checked = 0;
     for e in &events {
         match e {
-            Event::Join { client, role, .. } if *role == sparsync::protocol::message::Role::Trainer => {
+            Event::Join { session: client, role, .. }
+                if *role == sparsync::protocol::message::Role::Trainer =>
+            {
                 latest.insert(*client, None);
             }
-            Event::Leave { client, .. } => {
+            Event::Leave { session: client, .. } => {
                 latest.remove(client);
             }
-            Event::Accept { client, push, loss, .. } => {
+            Event::Accept { session: client, push, loss, .. } => {
                 latest.insert(*client, Some(*loss as f64));
                 push_loss.insert(*push, *loss as f64);
             }
-            Event::Skip { client, loss, .. } => {
+            Event::Skip { session: client, loss, .. } => {
                 if let Some(l) = latest.get_mut(client) {
                     *l = Some(*loss);
                 }

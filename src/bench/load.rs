@@ -613,7 +613,7 @@ async fn delta_latencies(base: &str, token: Option<&str>, logs: &[ClientLog]) ->
         match e["event"].as_str() {
             Some("join") => {
                 if let (Some(c), Some(i)) =
-                    (e["client"].as_u64(), e["name"].as_str().and_then(|n| by_name.get(n)))
+                    (e["session"].as_u64(), e["client_id"].as_str().and_then(|n| by_name.get(n)))
                 {
                     session.insert(c, *i);
                 }
@@ -621,7 +621,7 @@ async fn delta_latencies(base: &str, token: Option<&str>, logs: &[ClientLog]) ->
             Some("aggregate") => {
                 let version = e["version"].as_u64().unwrap_or(0);
                 for it in e["items"].as_array().into_iter().flatten() {
-                    if let (Some(c), Some(seq)) = (it["client"].as_u64(), it["seq"].as_u64())
+                    if let (Some(c), Some(seq)) = (it["session"].as_u64(), it["seq"].as_u64())
                         && let Some(&i) = session.get(&c)
                     {
                         aggregated.insert((i, seq), version);

@@ -231,8 +231,8 @@ async fn run_one(
     let mut commits: BTreeMap<String, u64> = BTreeMap::new();
     for e in &events {
         match e {
-            Event::Join { t, client, name, role, .. } => {
-                names.insert(*client, name.clone());
+            Event::Join { t, session, client_id, role, .. } => {
+                names.insert(*session, client_id.clone());
                 if *role == crate::protocol::message::Role::Trainer {
                     t0.get_or_insert(*t);
                 }
@@ -241,7 +241,7 @@ async fn run_one(
                 for i in items {
                     hist[(i.staleness as usize).min(STALENESS_BINS - 1)] += 1;
                     *commits
-                        .entry(names.get(&i.client).cloned().unwrap_or_else(|| i.client.to_string()))
+                        .entry(names.get(&i.session).cloned().unwrap_or_else(|| i.session.to_string()))
                         .or_default() += 1;
                 }
             }

@@ -220,7 +220,7 @@ impl Adsp {
             if force || st.interval.is_none_or(|old| (old - t).abs() > 1e-9) {
                 st.interval = Some(t);
                 out.push(Action::Directive {
-                    client: id,
+                    session: id,
                     directive: Directive {
                         commit_interval_s: Some(t),
                         reason: Some(format!(
@@ -309,7 +309,7 @@ impl SyncPolicy for Adsp {
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
-        if let Some(s) = self.clients.get_mut(&push.client) {
+        if let Some(s) = self.clients.get_mut(&push.session) {
             s.commits += 1;
         }
         self.pending.push(push.id);
@@ -424,7 +424,7 @@ mod tests {
         let mut t = 0.0;
         let apply = |acts: Vec<Action>, interval: &mut Vec<f64>| {
             for a in acts {
-                if let Action::Directive { client, directive } = a {
+                if let Action::Directive { session: client, directive } = a {
                     interval[client as usize] = directive.commit_interval_s.unwrap();
                 }
             }
@@ -451,7 +451,7 @@ mod tests {
                     id += 1;
                     let m = PushMeta {
                         id,
-                        client: i as SessionId,
+                        session: i as SessionId,
                         seq: id,
                         base_version: 0,
                         staleness: 0,

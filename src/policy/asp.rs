@@ -62,7 +62,7 @@ mod tests {
     fn push(id: PushId) -> PushMeta {
         PushMeta {
             id,
-            client: 1,
+            session: 1,
             seq: id,
             base_version: 0,
             staleness: 0,

@@ -106,7 +106,7 @@ impl SyncPolicy for Bsp {
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
-        let c = push.client;
+        let c = push.session;
         if self.closing.is_none() && self.members.contains(&c) && !self.pushed.contains_key(&c) {
             self.pushed.insert(c, push.id);
             return self.try_close();
@@ -134,8 +134,8 @@ impl SyncPolicy for Bsp {
             self.members.iter().filter(|m| !self.pushed.contains_key(m)).copied().collect();
         let mut out: Vec<Action> = late
             .iter()
-            .map(|&client| Action::RoundDropped {
-                client,
+            .map(|&session| Action::RoundDropped {
+                session,
                 round: self.round,
                 reason: format!("missed the round deadline of {:.1} s", self.deadline.as_secs_f64()),
             })
@@ -185,7 +185,7 @@ mod tests {
     fn push(id: PushId, client: SessionId) -> PushMeta {
         PushMeta {
             id,
-            client,
+            session: client,
             seq: id,
             base_version: 0,
             staleness: 0,
@@ -231,7 +231,7 @@ mod tests {
             acts,
             vec![
                 Action::RoundDropped {
-                    client: 3,
+                    session: 3,
                     round: 1,
                     reason: "missed the round deadline of 5.0 s".into()
                 },
@@ -271,7 +271,7 @@ mod tests {
         let mut p = Bsp::new(s(1.0));
         p.on_join(s(0.0), 1);
         let acts = p.poll(s(1.0));
-        assert!(matches!(acts[0], Action::RoundDropped { client: 1, round: 1, .. }));
+        assert!(matches!(acts[0], Action::RoundDropped { session: 1, round: 1, .. }));
         assert_eq!(p.round, 2);
         assert!(p.members.contains(&1));
     }

@@ -74,7 +74,7 @@ mod tests {
         for id in 0..10 {
             let m = PushMeta {
                 id,
-                client: id % 2,
+                session: id % 2,
                 seq: id,
                 base_version: 0,
                 staleness: 0,

@@ -175,7 +175,7 @@ impl Hermes {
         a.last_round_s = None;
         self.changes.push((client, d, b));
         vec![Action::Directive {
-            client,
+            session: client,
             directive: Directive {
                 chunk_size: Some(d),
                 batch_size: Some(b),
@@ -198,7 +198,7 @@ impl SyncPolicy for Hermes {
         self.clients
             .insert(client, Alloc { d: self.cfg.samples, b: self.cfg.batch, last_round_s: None, loss: None });
         vec![Action::Directive {
-            client,
+            session: client,
             directive: Directive {
                 chunk_size: Some(self.cfg.samples),
                 batch_size: Some(self.cfg.batch),
@@ -215,7 +215,7 @@ impl SyncPolicy for Hermes {
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
-        if let Some(a) = self.clients.get_mut(&push.client) {
+        if let Some(a) = self.clients.get_mut(&push.session) {
             a.loss = Some(push.loss as f64);
         }
         self.pending.push(push.id);

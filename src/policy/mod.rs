@@ -36,7 +36,7 @@ pub enum LossSource {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PushMeta {
     pub id: PushId,
-    pub client: SessionId,
+    pub session: SessionId,
     pub seq: u64,
     pub base_version: u64,
     /// Staleness at acceptance.
@@ -56,19 +56,14 @@ pub enum Action {
     },
     /// Let the client go on: send the Ack of this push.
     Ack(PushId),
-    /// Discard an accepted push that was not yet acknowledged, telling the client why.
-    Drop {
-        push: PushId,
-        reason: String,
-    },
     /// Tell a client it was dropped from a synchronous round.
     RoundDropped {
-        client: SessionId,
+        session: SessionId,
         round: u64,
         reason: String,
     },
     Directive {
-        client: SessionId,
+        session: SessionId,
         directive: Directive,
     },
 }

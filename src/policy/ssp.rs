@@ -74,9 +74,9 @@ impl SyncPolicy for Ssp {
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
-        *self.clocks.entry(push.client).or_insert(0) += 1;
+        *self.clocks.entry(push.session).or_insert(0) += 1;
         self.pending.push(push.id);
-        self.held.push((push.client, push.id));
+        self.held.push((push.session, push.id));
         self.release()
     }
 
@@ -109,7 +109,16 @@ mod tests {
     use super::*;
 
     fn push(id: PushId, client: SessionId) -> PushMeta {
-        PushMeta { id, client, seq: id, base_version: 0, staleness: 0, samples: 1, local_steps: 1, loss: 1.0 }
+        PushMeta {
+            id,
+            session: client,
+            seq: id,
+            base_version: 0,
+            staleness: 0,
+            samples: 1,
+            local_steps: 1,
+            loss: 1.0,
+        }
     }
 
     #[test]

@@ -147,8 +147,9 @@ impl Outbox {
         if g.closed {
             return;
         }
-        // Deltas still queued are older than the snapshot: drop them.
-        g.queue.retain(|m| !matches!(m, Outbound::Delta { .. }));
+        // Deltas and snapshots still queued are older than this snapshot: drop them. At most
+        // one snapshot is ever queued, however often a client asks for one without reading.
+        g.queue.retain(|m| !matches!(m, Outbound::Delta { .. } | Outbound::Snapshot { .. }));
         g.bytes = g.queue.iter().map(Outbound::len).sum();
         g.lagging = false;
         g.resync_pending = false;
@@ -354,5 +355,18 @@ mod tests {
         o.push_snapshot(5, frame(1));
         assert!(!o.push_delta(4, 6, frame(1)));
         assert!(o.is_lagging());
+    }
+
+    #[test]
+    fn a_new_snapshot_replaces_queued_deltas_and_snapshots() {
+        let o = Outbox::new(1 << 20);
+        o.push_snapshot(1, Bytes::from(vec![0; 1000]));
+        assert!(o.push_delta(1, 2, Bytes::from(vec![0; 100])));
+        o.push(Outbound::Text("ack".into()));
+        for v in 2..100 {
+            o.push_snapshot(v, Bytes::from(vec![0; 1000]));
+        }
+        assert_eq!(o.queued_bytes(), 1000 + 3, "one snapshot and the text stay queued");
+        assert!(o.push_delta(99, 100, Bytes::from(vec![0; 100])), "Deltas follow the newest snapshot");
     }
 }

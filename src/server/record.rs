@@ -1,5 +1,6 @@
 //! The server's record of what happened: joins, accepted and refused pushes, acks, batches and
-//! their weights. Policy tests check their invariants on it; `/api/record` serves it.
+//! their weights. `session` is the session number (Welcome's `session`); a Join names the
+//! session's client id. Policy tests check their invariants on it; `/api/record` serves it.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +11,7 @@ use crate::protocol::message::{ClientKind, Directive, Role};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AggregatedPush {
     pub push: PushId,
-    pub client: SessionId,
+    pub session: SessionId,
     pub seq: u64,
     /// t − τ when aggregated.
     pub staleness: u64,
@@ -25,19 +26,19 @@ pub struct AggregatedPush {
 pub enum Event {
     Join {
         t: f64,
-        client: SessionId,
-        name: String,
+        session: SessionId,
+        client_id: String,
         role: Role,
         kind: ClientKind,
     },
     Leave {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         reason: String,
     },
     Accept {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         push: PushId,
         seq: u64,
         base_version: u64,
@@ -50,23 +51,16 @@ pub enum Event {
     },
     Reject {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         seq: u64,
         field: String,
         reason: String,
     },
     Ack {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         push: PushId,
         seq: u64,
-    },
-    Drop {
-        t: f64,
-        client: SessionId,
-        push: PushId,
-        seq: u64,
-        reason: String,
     },
     Aggregate {
         t: f64,
@@ -80,19 +74,19 @@ pub enum Event {
     },
     RoundDropped {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         round: u64,
         reason: String,
     },
     Directive {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         directive: Directive,
     },
     /// An evaluator's score, with the server's frame byte counters at that moment.
     Eval {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         version: u64,
         accuracy: f64,
         loss: f64,
@@ -101,7 +95,7 @@ pub enum Event {
     },
     Skip {
         t: f64,
-        client: SessionId,
+        session: SessionId,
         round: u64,
         loss: f64,
     },

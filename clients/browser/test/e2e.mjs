@@ -56,8 +56,8 @@ try {
   }
   if (!me || me.kind !== 'browser' || me.accepted < 3) fail(`server status lacks the browser's pushes: ${JSON.stringify(me)}`);
   const { events } = await json('/api/record?limit=100000');
-  const joined = events.find((e) => e.event === 'join' && e.name === 'browser-e2e');
-  const commits = events.filter((e) => e.event === 'aggregate').flatMap((e) => e.items).filter((i) => i.client === joined.client);
+  const joined = events.find((e) => e.event === 'join' && e.client_id === 'browser-e2e');
+  const commits = events.filter((e) => e.event === 'aggregate').flatMap((e) => e.items).filter((i) => i.session === joined.session);
   if (commits.length < 1) fail('no aggregated push of the browser client in the record');
   step(`server record: ${commits.length} aggregated pushes of the browser client`);
 

@@ -147,6 +147,8 @@ struct Unacked {
     session: SessionId,
     seq: u64,
     base_version: u64,
+    /// Its staleness when it was aggregated (the one its weight used), once it was.
+    applied_staleness: Option<u64>,
 }
 
 /// The weights of a step: from the weighting rule, or as a log recorded them.
@@ -431,18 +433,12 @@ impl Machine {
         hello: Hello,
         proven: bool,
     ) -> Result<(SessionId, Vec<Effect>), JoinRefusal> {
-        let secret = self
-            .clients
-            .entry(hello.client_id.clone())
-            .or_default()
-            .secret
-            .get_or_insert_with(|| format!("{:032x}", rand::random::<u128>()))
-            .clone();
         if let Some(&old) = self.by_client_id.get(&hello.client_id) {
+            let secret = self.clients.get(&hello.client_id).and_then(|c| c.secret.as_deref()).unwrap_or("");
             let same = proven
                 || hello.resume_secret.as_deref().is_some_and(|s| {
                     use subtle::ConstantTimeEq;
-                    bool::from(s.as_bytes().ct_eq(secret.as_bytes()))
+                    !secret.is_empty() && bool::from(s.as_bytes().ct_eq(secret.as_bytes()))
                 });
             if !same {
                 return Err((
@@ -459,6 +455,14 @@ impl Machine {
             self.emit(Effect::Close { session: old, code: 1000, reason: "replaced by a new session".into() });
             self.end_session(now, old, "replaced by a new session");
         }
+        // Only a session that is admitted creates the client id's entry (and its secret).
+        let secret = self
+            .clients
+            .entry(hello.client_id.clone())
+            .or_default()
+            .secret
+            .get_or_insert_with(|| format!("{:032x}", rand::random::<u128>()))
+            .clone();
         let id = self.next_session;
         self.next_session += 1;
         let welcome = Welcome {
@@ -483,8 +487,8 @@ impl Machine {
         self.send(id, ServerMessage::Directive(directive.clone()));
         self.emit(Effect::Record(Event::Join {
             t: now.as_secs_f64(),
-            client: id,
-            name: hello.client_id.clone(),
+            session: id,
+            client_id: hello.client_id.clone(),
             role: hello.role,
             kind: hello.kind,
         }));
@@ -522,11 +526,7 @@ impl Machine {
             self.by_client_id.remove(&s.client_id);
         }
         self.unacked.retain(|_, u| u.session != session);
-        self.emit(Effect::Record(Event::Leave {
-            t: now.as_secs_f64(),
-            client: session,
-            reason: reason.into(),
-        }));
+        self.emit(Effect::Record(Event::Leave { t: now.as_secs_f64(), session, reason: reason.into() }));
         tracing::info!(session, client_id = %s.client_id, reason, "client left");
         if s.role == Role::Trainer {
             let actions = self.policy.on_leave(now, session);
@@ -548,7 +548,7 @@ impl Machine {
         self.metrics.rejected(field);
         self.emit(Effect::Record(Event::Reject {
             t: now.as_secs_f64(),
-            client: session,
+            session,
             seq,
             field: field.into(),
             reason,
@@ -587,10 +587,11 @@ impl Machine {
             let why = format!("seq {seq} is not above the last accepted seq {last} (duplicate or replay)");
             return self.reject(now, session, seq, "seq", why);
         }
-        if header.base_version > self.version {
+        // A client can only hold a replica version: anything above it was never sent.
+        if header.base_version > self.replica_version {
             let why = format!(
-                "base version {} is in the future: the server is at version {}",
-                header.base_version, self.version
+                "base version {} is in the future: the replica is at version {}",
+                header.base_version, self.replica_version
             );
             return self.reject(now, session, seq, "base_version", why);
         }
@@ -633,7 +634,7 @@ impl Machine {
         self.metrics.accepted(bytes);
         self.emit(Effect::Record(Event::Accept {
             t: now.as_secs_f64(),
-            client: session,
+            session,
             push: id,
             seq,
             base_version: header.base_version,
@@ -645,11 +646,12 @@ impl Machine {
             bytes,
         }));
         self.pending.insert(id, Pending { session, client_id, header, push, accepted_at: now });
-        self.unacked.insert(id, Unacked { session, seq, base_version: header.base_version });
+        self.unacked
+            .insert(id, Unacked { session, seq, base_version: header.base_version, applied_staleness: None });
         self.policy.on_loss(now, LossSource::Push(session), header.loss as f64);
         let meta = PushMeta {
             id,
-            client: session,
+            session,
             seq,
             base_version: header.base_version,
             staleness,
@@ -684,7 +686,7 @@ impl Machine {
         let (bytes_in, bytes_out) = (self.counters.bytes_in, self.counters.bytes_out);
         self.emit(Effect::Record(Event::Eval {
             t: now.as_secs_f64(),
-            client: session,
+            session,
             version: report.version,
             accuracy: report.accuracy,
             loss: report.loss,
@@ -708,7 +710,7 @@ impl Machine {
         if self.sessions.contains_key(&session) {
             self.emit(Effect::Record(Event::Skip {
                 t: now.as_secs_f64(),
-                client: session,
+                session,
                 round: report.round,
                 loss: report.loss,
             }));
@@ -736,21 +738,21 @@ impl Machine {
     }
 
     /// A session's replica fell behind (its outbox dropped Deltas) and it holds x̂ at `have`:
-    /// it gets the Deltas it missed when they are at most `max_delta_chain` and still kept,
-    /// else a Snapshot.
+    /// it gets the Deltas it missed when the server still keeps them (the newest
+    /// `max_delta_chain`), else a Snapshot.
     pub fn resync(&mut self, session: SessionId, have: Option<u64>) -> Vec<Effect> {
         if !self.sessions.contains_key(&session) {
             return Vec::new();
         }
-        let chain = have
-            .filter(|&h| self.replica_version.saturating_sub(h) <= self.cfg.max_delta_chain)
-            .and_then(|h| {
-                if h == self.replica_version {
-                    return Some((h, Vec::new()));
-                }
-                let start = self.deltas.iter().position(|(b, _, _)| *b == h)?;
-                Some((h, self.deltas.iter().skip(start).cloned().collect()))
-            });
+        // The newest `max_delta_chain` Deltas are kept (counted in Deltas, not in versions:
+        // with `broadcast_every` > 1 a Delta spans several versions).
+        let chain = have.and_then(|h| {
+            if h == self.replica_version {
+                return Some((h, Vec::new()));
+            }
+            let start = self.deltas.iter().position(|(b, _, _)| *b == h)?;
+            Some((h, self.deltas.iter().skip(start).cloned().collect()))
+        });
         match chain {
             Some((from, chain)) => self.emit(Effect::Deltas { session, from, chain }),
             None => self.emit(Effect::Snapshot { session }),
@@ -812,29 +814,10 @@ impl Machine {
     fn action(&mut self, now: Duration, a: Action) {
         match a {
             Action::Ack(id) => self.ack(now, id),
-            Action::Drop { push, reason } => {
-                // Only a push that was neither acknowledged nor aggregated can be dropped.
-                if self.pending.contains_key(&push)
-                    && let Some(u) = self.unacked.remove(&push)
-                {
-                    self.pending.remove(&push);
-                    self.emit(Effect::Record(Event::Drop {
-                        t: now.as_secs_f64(),
-                        client: u.session,
-                        push,
-                        seq: u.seq,
-                        reason: reason.clone(),
-                    }));
-                    if self.sessions.contains_key(&u.session) {
-                        let msg = ServerMessage::Reject(Reject { seq: u.seq, field: "round".into(), reason });
-                        self.send(u.session, msg);
-                    }
-                }
-            }
-            Action::RoundDropped { client, round, reason } => {
+            Action::RoundDropped { session: client, round, reason } => {
                 self.emit(Effect::Record(Event::RoundDropped {
                     t: now.as_secs_f64(),
-                    client,
+                    session: client,
                     round,
                     reason: reason.clone(),
                 }));
@@ -842,11 +825,15 @@ impl Machine {
                     self.send(client, ServerMessage::RoundDropped { round, reason });
                 }
             }
-            Action::Directive { client, directive } => {
+            Action::Directive { session: client, directive } => {
                 if let Some(s) = self.sessions.get_mut(&client) {
                     s.directive.merge(&directive);
                     self.send(client, ServerMessage::Directive(directive.clone()));
-                    self.emit(Effect::Record(Event::Directive { t: now.as_secs_f64(), client, directive }));
+                    self.emit(Effect::Record(Event::Directive {
+                        t: now.as_secs_f64(),
+                        session: client,
+                        directive,
+                    }));
                 }
             }
             Action::Aggregate { pushes, normalization } => {
@@ -855,16 +842,19 @@ impl Machine {
         }
     }
 
-    /// Releases a push's Ack: the version it went into and its staleness then.
+    /// Releases a push's Ack with the model version now and the push's staleness: the one
+    /// its aggregation used when it was already aggregated (BSP acknowledges after the round's
+    /// step: a push built on the version the step started from has staleness 0, as in its
+    /// weight and in `/api/status`), else the staleness now.
     fn ack(&mut self, now: Duration, id: PushId) {
         let Some(u) = self.unacked.remove(&id) else { return };
-        let staleness = self.version.saturating_sub(u.base_version);
+        let staleness = u.applied_staleness.unwrap_or_else(|| self.version.saturating_sub(u.base_version));
         if self.sessions.contains_key(&u.session) {
             self.send(u.session, ServerMessage::Ack(Ack { seq: u.seq, version: self.version, staleness }));
         }
         self.emit(Effect::Record(Event::Ack {
             t: now.as_secs_f64(),
-            client: u.session,
+            session: u.session,
             push: id,
             seq: u.seq,
         }));
@@ -966,9 +956,12 @@ impl Machine {
                 c.commits += 1;
                 c.staleness_sum += input.staleness;
             }
+            if let Some(u) = self.unacked.get_mut(id) {
+                u.applied_staleness = Some(input.staleness);
+            }
             record_items.push(AggregatedPush {
                 push: *id,
-                client: p.session,
+                session: p.session,
                 seq: p.header.seq,
                 staleness: input.staleness,
                 weight: *w,

@@ -251,7 +251,8 @@ fn bsp_acks_every_push_of_a_round_after_it_is_aggregated() {
     let fx = done(&mut m, job, &mut NoLog);
     let mut got = acks(&fx);
     got.sort();
-    assert_eq!(got, [(a, 1, 1, 1), (b, 1, 1, 1)]);
+    // Built on version 0, aggregated in the step from 0: staleness 0, as its weight used.
+    assert_eq!(got, [(a, 1, 1, 0), (b, 1, 1, 0)]);
     // The Delta goes out before the Acks.
     let bc = fx.iter().position(|e| matches!(e, Effect::Broadcast { .. })).unwrap();
     let ack = fx.iter().position(|e| matches!(e, Effect::Send { msg: ServerMessage::Ack(_), .. })).unwrap();
@@ -358,7 +359,7 @@ fn a_lagging_session_gets_the_chain_it_missed_or_a_snapshot() {
     assert_eq!(chain(m.resync(s, Some(3))), Some((3, vec![(3, 4), (4, 5)])));
     assert_eq!(chain(m.resync(s, Some(2))), Some((2, vec![(2, 3), (3, 4), (4, 5)])));
     assert_eq!(chain(m.resync(s, Some(5))), Some((5, vec![])));
-    // Further behind than max_delta_chain, unknown, or not a version the server had.
+    // Further behind than the max_delta_chain Deltas kept, unknown, or a version never sent.
     assert_eq!(chain(m.resync(s, Some(1))), None);
     assert_eq!(chain(m.resync(s, None)), None);
     assert_eq!(chain(m.resync(s, Some(9))), None);
@@ -464,4 +465,54 @@ fn recovery_replays_logged_steps_exactly_then_the_rest_in_order() {
     // The recovered seqs hold: a replay of seq 8 by a new session of "a" is refused.
     let s = join(&mut m, "a");
     assert_eq!(rejects(&m.push(t(1), s, push(8, 3), &mut NoLog)), [(8, "seq".to_string())]);
+}
+
+#[test]
+fn with_broadcast_every_2_a_base_version_is_a_replica_version() {
+    let cfg = config(PolicyKind::Asp, |c| {
+        c.broadcast_every = 2;
+        c.max_delta_chain = 2;
+    });
+    let mut m = machine(&cfg);
+    let s = join(&mut m, "a");
+    for seq in 1..=6 {
+        let base = m.replica_version();
+        cycle(&mut m, s, push(seq, base), &mut NoLog);
+    }
+    assert_eq!((m.version(), m.replica_version()), (6, 6));
+    cycle(&mut m, s, push(7, 6), &mut NoLog);
+    assert_eq!((m.version(), m.replica_version()), (7, 6));
+    // Version 7 exists only on the server: no client can have built on it.
+    assert_eq!(rejects(&m.push(t(9), s, push(8, 7), &mut NoLog)), [(8, "base_version".to_string())]);
+    // Two Deltas are kept (2→4, 4→6), each spanning two versions: a client at 2 gets both.
+    match m.resync(s, Some(2)).as_slice() {
+        [Effect::Deltas { from: 2, chain, .. }] => assert_eq!(chain.len(), 2),
+        other => panic!("expected the chain from 2, got {other:?}"),
+    }
+    assert!(matches!(m.resync(s, Some(0)).as_slice(), [Effect::Snapshot { .. }]));
+}
+
+#[test]
+fn a_refused_hello_leaves_nothing_behind() {
+    let cfg = config(PolicyKind::Asp, |_| {});
+    let mut m = machine(&cfg);
+    let first = join(&mut m, "a");
+    for _ in 0..3 {
+        assert!(m.join(t(1), hello("a", Role::Trainer), false).is_err());
+    }
+    let status = m.status(
+        t(2),
+        StatusInputs {
+            engine: crate::engine::Aggregator::info(&crate::engine::cpu::CpuAggregator::new(
+                vec![0.0; 4],
+                Default::default(),
+            )),
+            stages: vec![],
+            staleness_histogram: vec![],
+        },
+        |_| (false, 0),
+    );
+    assert_eq!(status.clients.len(), 1);
+    assert_eq!(status.clients[0].session, first);
+    assert_eq!(m.clients.len(), 1, "one entry per admitted client id");
 }

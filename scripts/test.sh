@@ -3,19 +3,23 @@
 #
 # Installs what the tests need when it is missing (Mesa's lavapipe Vulkan driver so the GPU
 # tests have an adapter on a machine without a GPU, Chromium and Node for the browser tests,
-# the browser client's npm packages, cargo-fuzz), then runs:
+# the browser client's npm packages, cargo-fuzz, a Python virtual environment with numpy,
+# pytest, maturin and PyTorch), then runs:
 #   formatting and lints; the embedded browser bundle rebuilt from its sources and compared;
 #   the browser client's unit tests; every Rust test of the workspace, with GPU and browser
-#   tests failing (never skipping) when their adapter or browser is missing; and a bounded
-#   coverage-guided fuzzing run of each fuzz target.
+#   tests failing (never skipping) when their adapter or browser is missing; the Python
+#   client's tests (pytest against real servers, with the native client and PyTorch); and a
+#   bounded coverage-guided fuzzing run of each fuzz target.
 #
 # Environment: SPARSYNC_FUZZ_SECONDS (default 60 per target; 0 skips fuzzing, for quick local
-# runs), CARGO_TARGET_DIR (where builds go; .ci/run keeps it outside the clone).
+# runs), CARGO_TARGET_DIR (where builds go; .ci/run keeps it outside the clone), SPARSYNC_VENV
+# (the Python environment; default $CARGO_TARGET_DIR/venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 FUZZ_SECONDS=${SPARSYNC_FUZZ_SECONDS:-60}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+export CARGO_TARGET_DIR="$TARGET_DIR"  # the Python extension (its own workspace) builds there too
 started=$(date +%s)
 
 step() { printf '\n==> %s (%ds)\n' "$*" $(($(date +%s) - started)); }
@@ -27,7 +31,8 @@ compgen -G '/usr/share/vulkan/icd.d/lvp_icd.*.json' >/dev/null || need+=(mesa-vu
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v c++ >/dev/null || need+=(g++)
-command -v python3 >/dev/null || need+=(python3)  # scripts/device/ (tests/device_check.rs)
+command -v python3 >/dev/null || need+=(python3)  # scripts/device/, the Python client
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ((${#need[@]})); then
     step "installing ${need[*]}"
     SUDO=
@@ -65,6 +70,30 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "cargo test --workspace (GPU and browser tests required)"
 SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
+
+# --- Python client ---------------------------------------------------------------------------
+# A virtual environment next to the build directory (kept between runs by .ci/run), with
+# numpy, pytest, maturin and PyTorch from PyPI. PyPI's torch wheel is the CUDA build: with its
+# nvidia-* dependencies a ~2.8 GB download, once per environment; it runs on the CPU here.
+VENV=${SPARSYNC_VENV:-$TARGET_DIR/venv}
+PY=$VENV/bin/python
+export PATH="$VENV/bin:$PATH"  # maturin, for pip's build of the extension
+if ! "$PY" -c 'import numpy, pytest, maturin, torch' >/dev/null 2>&1; then
+    step "python client: virtual environment $VENV (numpy, pytest, maturin, torch)"
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --disable-pip-version-check numpy pytest maturin torch
+fi
+
+step "python client: cargo fmt and clippy of the extension"
+cargo fmt --manifest-path clients/python/Cargo.toml --check
+cargo clippy --manifest-path clients/python/Cargo.toml --all-targets --quiet -- -D warnings
+
+step "python client: pip install ./clients/python (maturin, release build of the extension)"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./clients/python
+
+step "python client: pytest against real servers (with the native client and PyTorch)"
+SPARSYNC_BIN="$TARGET_DIR/debug/sparsync" SPARSYNC_CLIENT_BIN="$TARGET_DIR/debug/sparsync-client" \
+    "$PY" -m pytest -q clients/python/tests
 
 # --- fuzzing ---------------------------------------------------------------------------------
 if [ "$FUZZ_SECONDS" != 0 ]; then

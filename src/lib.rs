@@ -19,7 +19,7 @@ pub mod protocol;
 
 #[cfg(feature = "server")]
 pub mod bench;
-#[cfg(feature = "server")]
+#[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;

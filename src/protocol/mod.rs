@@ -13,6 +13,7 @@ pub mod model;
 pub mod numerics;
 pub mod replica;
 pub mod select;
+pub mod sparsify;
 
 /// The protocol version this build speaks. A Hello with another version is refused with a
 /// message that names both.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsync::protocol::frame::{PushHeader, encode_push};
 use sparsync::protocol::model::{ModelLayout, SplitMix64};
-use sparsync_client::sparsify::Sparsifier;
+use sparsync::protocol::sparsify::Sparsifier;
 use sparsync_client::train::Trainer;
 
 fn bench(c: &mut Criterion) {

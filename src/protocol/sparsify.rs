@@ -9,10 +9,10 @@
 //! exact (Sterbenz), and nothing is lost to the f16 rounding. (Saturation at ±65504 is the one
 //! exception: such an entry keeps its excess in the residual, rounded.)
 
+use crate::protocol::model::SplitMix64;
+use crate::protocol::numerics::magnitude_key;
+use crate::protocol::select::{self, INF_KEY};
 use half::f16;
-use sparsync::protocol::model::SplitMix64;
-use sparsync::protocol::numerics::magnitude_key;
-use sparsync::protocol::select::{self, INF_KEY};
 
 /// Error-feedback state of one client.
 #[derive(Clone, Debug)]
@@ -351,7 +351,7 @@ mod tests {
                 let got = s.sparsify(&delta, k).indices;
                 let keys: Vec<u32> = delta.iter().map(|&v| magnitude_key(v)).collect();
                 let (mut scratch, mut want) = (Vec::new(), Vec::new());
-                sparsync::protocol::select::exact_topk(&keys, k, &mut scratch, &mut want);
+                crate::protocol::select::exact_topk(&keys, k, &mut scratch, &mut want);
                 assert_eq!(got, want, "n {n} k {k}");
             }
         }

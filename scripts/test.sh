@@ -73,15 +73,15 @@ SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
 
 # --- Python client ---------------------------------------------------------------------------
 # A virtual environment next to the build directory (kept between runs by .ci/run), with
-# numpy, pytest, maturin and PyTorch from PyPI. PyPI's torch wheel is the CUDA build: with its
+# numpy, pytest, maturin, PyTorch and websockets (the document-driven protocol test) from PyPI. PyPI's torch wheel is the CUDA build: with its
 # nvidia-* dependencies a ~2.8 GB download, once per environment; it runs on the CPU here.
 VENV=${SPARSYNC_VENV:-$TARGET_DIR/venv}
 PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH"  # maturin, for pip's build of the extension
-if ! "$PY" -c 'import numpy, pytest, maturin, torch' >/dev/null 2>&1; then
-    step "python client: virtual environment $VENV (numpy, pytest, maturin, torch)"
+if ! "$PY" -c 'import numpy, pytest, maturin, torch, websockets' >/dev/null 2>&1; then
+    step "python client: virtual environment $VENV (numpy, pytest, maturin, torch, websockets)"
     [ -x "$PY" ] || python3 -m venv "$VENV"
-    "$PY" -m pip install --quiet --disable-pip-version-check numpy pytest maturin torch
+    "$PY" -m pip install --quiet --disable-pip-version-check numpy pytest maturin torch 'websockets>=12'
 fi
 
 step "python client: cargo fmt and clippy of the extension"

@@ -13,7 +13,7 @@ use sparsync::engine::gpu::aggregate::Replay;
 use sparsync::engine::gpu::device::{self, DeviceOptions};
 use sparsync::engine::gpu::topk::{GpuTopk, TopkChunk};
 use sparsync::engine::gpu::{GpuAggregator, GpuOptions, util};
-use sparsync::engine::{Aggregator, OptimizerSettings, Selection, UpdateRef};
+use sparsync::engine::{Aggregator, KernelProbe, OptimizerSettings, Selection, UpdateRef};
 use sparsync::protocol::frame::{PushLimits, PushView};
 
 const N: usize = 1 << 20;
@@ -42,7 +42,7 @@ fn bench(c: &mut Criterion) {
                 b.iter_custom(|iters| {
                     let t = Instant::now();
                     for _ in 0..iters {
-                        e.bench_replay(Replay::All).unwrap();
+                        e.replay(Replay::All).unwrap();
                     }
                     t.elapsed()
                 })

@@ -31,7 +31,7 @@ pub mod engine;
 pub mod orchestrate;
 /// PNG charts shared by the benchmarks and the experiments.
 #[cfg(feature = "server")]
-pub mod plot;
+pub(crate) mod plot;
 #[cfg(feature = "server")]
 pub mod policy;
 #[cfg(feature = "server")]

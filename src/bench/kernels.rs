@@ -14,7 +14,9 @@ use crate::engine::gpu::device::GpuContext;
 use crate::engine::gpu::topk::{GpuTopk, TopkChunk};
 use crate::engine::gpu::util::{self, Readback, Timer, UniformSlots};
 use crate::engine::gpu::{GpuAggregator, GpuOptions, shaders};
-use crate::engine::{Aggregator, EngineError, OptimizerSettings, Selection, UpdateRef};
+use crate::engine::{
+    Aggregator, EngineError, KernelProbe, OptimizerSettings, SelectProbe, Selection, UpdateRef,
+};
 use crate::protocol::frame::{PushHeader, PushLimits, PushView, encode_push};
 use crate::protocol::model::SplitMix64;
 
@@ -357,7 +359,7 @@ pub fn aggregate(
                     let opts = GpuOptions { mode, ..Default::default() };
                     let mut e =
                         GpuAggregator::with_context(ctx.clone(), &x0, OptimizerSettings::default(), &opts)?;
-                    e.bench_time_kernels();
+                    e.time_kernels();
                     // Warm-up: pipelines, buffers, the staging pool.
                     e.aggregate(&batch)?;
                     e.wait()?;
@@ -372,11 +374,11 @@ pub fn aggregate(
                         let mut t = Vec::with_capacity(spec.reps);
                         for _ in 0..spec.reps.max(1) {
                             let s = Instant::now();
-                            if !e.bench_replay(which)? {
+                            if !e.replay(which)? {
                                 break;
                             }
                             let wall = s.elapsed().as_secs_f64();
-                            t.push(e.bench_device_time()?.unwrap_or(wall));
+                            t.push(e.device_time()?.unwrap_or(wall));
                         }
                         t.sort_by(f64::total_cmp);
                         Ok(t.get(t.len() / 2).copied().unwrap_or(f64::NAN))
@@ -573,7 +575,7 @@ pub fn topk(
                 progress(&format!("topk n={n} k={k} cpu"));
                 let c0 = engine.counters();
                 let time_s = median_time(spec.reps, || {
-                    std::hint::black_box(engine.bench_select(k));
+                    std::hint::black_box(engine.select_only(k));
                     Ok(())
                 })?;
                 let c1 = engine.counters();

@@ -282,13 +282,6 @@ impl CpuAggregator {
         self.threads
     }
 
-    /// Benchmarks: the exact Top-k of |d| (as a broadcast would select it, nothing applied);
-    /// returns how many entries were selected.
-    pub fn bench_select(&mut self, k: usize) -> usize {
-        self.exact_selection(k.min(self.x.len()));
-        self.selected.len()
-    }
-
     fn d(&self, i: usize) -> f32 {
         canon(self.x[i] - self.replica[i])
     }
@@ -498,4 +491,11 @@ pub fn mean_std(values: impl Iterator<Item = f64>) -> (f64, f64) {
     }
     let mean = sum / n as f64;
     (mean, (sq / n as f64 - mean * mean).max(0.0).sqrt())
+}
+
+impl super::SelectProbe for CpuAggregator {
+    fn select_only(&mut self, k: usize) -> usize {
+        self.exact_selection(k.min(self.x.len()));
+        self.selected.len()
+    }
 }

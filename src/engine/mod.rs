@@ -220,3 +220,25 @@ pub struct StageTimes {
     /// Writing the Delta frame.
     pub encode: std::time::Duration,
 }
+
+/// What the kernel benchmarks (`sparsync bench`, `benches/kernels.rs`) may ask of the GPU
+/// engine beyond [`Aggregator`]: device times of a step's kernels and replays of the last
+/// step. The server never uses it; it keeps benchmark hooks out of the engine's own API.
+pub trait KernelProbe {
+    /// Runs the kernels of the last step again on the device (its data is still there; the
+    /// batch is applied once more) and waits. False when the last step had to be cut into
+    /// sub-batches.
+    fn replay(&mut self, which: gpu::aggregate::Replay) -> Result<bool, EngineError>;
+    /// Times every step's (and replay's) kernels from now on.
+    fn time_kernels(&mut self);
+    /// Device seconds of the last step's (or replay's) kernels; waits. None without timestamp
+    /// queries or before [`KernelProbe::time_kernels`].
+    fn device_time(&mut self) -> Result<Option<f64>, EngineError>;
+}
+
+/// The CPU engine's selection alone, for the Top-k benchmark.
+pub trait SelectProbe {
+    /// The exact Top-k of |d| (as a broadcast would select it, nothing applied); returns how
+    /// many entries were selected.
+    fn select_only(&mut self, k: usize) -> usize;
+}

@@ -197,13 +197,9 @@ impl Adsp {
     }
 
     /// The commit count per period in force.
+    #[cfg(test)]
     pub fn commits_per_period(&self) -> u64 {
         self.c
-    }
-
-    /// Finished periods: (C, commits per client).
-    pub fn history(&self) -> &[(u64, BTreeMap<SessionId, u64>)] {
-        &self.history
     }
 
     /// T_i = max(T_min, Γ/C − o_i).

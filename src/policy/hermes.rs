@@ -119,10 +119,12 @@ impl Hermes {
     }
 
     /// The allocation of a client: (D, b).
+    #[cfg(test)]
     pub fn allocation(&self, client: SessionId) -> Option<(u64, u64)> {
         self.clients.get(&client).map(|a| (a.d, a.b))
     }
 
+    #[cfg(test)]
     pub fn median_round_time(&self) -> Option<f64> {
         self.t_med
     }

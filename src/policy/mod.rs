@@ -5,12 +5,12 @@
 //! started and executes the [`Action`]s it returns. No sockets, no GPU, no runtime; tests drive
 //! time by passing it.
 
-pub mod adsp;
-pub mod asp;
-pub mod bsp;
-pub mod fedbuff;
-pub mod hermes;
-pub mod ssp;
+pub(crate) mod adsp;
+pub(crate) mod asp;
+pub(crate) mod bsp;
+pub(crate) mod fedbuff;
+pub(crate) mod hermes;
+pub(crate) mod ssp;
 pub mod staleness;
 
 use std::time::Duration;

@@ -3,18 +3,18 @@
 //! [`start`] takes a bound listener and returns a [`ServerHandle`], so tests run the real server
 //! in-process on `127.0.0.1:0`; the binary calls [`run`] with a shutdown signal.
 
-pub mod auth;
-pub mod coordinator;
+pub(crate) mod auth;
+pub(crate) mod coordinator;
 pub mod durability;
 pub mod history;
-pub mod http;
-pub mod listener;
-pub mod metrics;
-pub mod outbox;
+pub(crate) mod http;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod outbox;
 pub mod record;
-pub mod session;
+pub(crate) mod session;
 pub mod status;
-pub mod web;
+pub(crate) mod web;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -10,6 +10,7 @@
 
 pub mod aggregate;
 pub mod device;
+mod probe;
 pub mod shaders;
 pub mod topk;
 pub mod util;
@@ -322,30 +323,6 @@ impl GpuAggregator {
 
     fn momentum(&self) -> Option<f32> {
         (self.opt.momentum != 0.0).then_some(self.opt.momentum)
-    }
-
-    /// Benchmarks: runs the kernels of the last step again on the device (its data is still
-    /// there; the batch is applied once more) and waits. False when the last step had to be
-    /// cut into sub-batches.
-    pub fn bench_replay(&mut self, which: aggregate::Replay) -> Result<bool, EngineError> {
-        let ctx = self.ctx.clone();
-        ctx.scoped("benchmark replay", || {
-            let Some(enc) = self.step.replay(which) else { return Ok(false) };
-            ctx.queue.submit([enc.finish()]);
-            ctx.wait()?;
-            Ok(true)
-        })
-    }
-
-    /// Benchmarks: time every step's (and replay's) kernels from now on.
-    pub fn bench_time_kernels(&mut self) {
-        self.step.time_kernels();
-    }
-
-    /// Benchmarks: device seconds of the last step's (or replay's) kernels; waits. None
-    /// without timestamp queries or before [`GpuAggregator::bench_time_kernels`].
-    pub fn bench_device_time(&mut self) -> Result<Option<f64>, EngineError> {
-        self.step.device_time(&mut self.readback)
     }
 
     /// Waits for all submitted work.

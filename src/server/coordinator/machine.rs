@@ -88,9 +88,11 @@ pub trait Log {
     fn step(&mut self, items: &[(&str, u64, f32)], broadcast: bool) -> Result<(), String>;
 }
 
-/// No write-ahead log.
+/// No write-ahead log (tests).
+#[cfg(test)]
 pub struct NoLog;
 
+#[cfg(test)]
 impl Log for NoLog {
     fn push(&mut self, _: &str, _: &[u8]) -> Result<(), String> {
         Ok(())

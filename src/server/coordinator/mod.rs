@@ -8,7 +8,7 @@
 //! an event for the record. It also owns durability (checkpoints, the write-ahead log) and
 //! publishes the status.
 
-pub mod machine;
+pub(crate) mod machine;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,6 @@ use crate::policy::{SessionId, SyncPolicy};
 use crate::protocol::frame::{ValidatedPush, encode_snapshot};
 use crate::protocol::message::{EvalReport, Hello, RoundTime, SkipReport};
 use crate::protocol::model::ModelLayout;
-pub use machine::MAX_SEQ_GAP;
 use machine::{Effect, Log, Machine, StatusInputs, StepJob, StepOutcome};
 
 /// Shortest time between two status publications.

@@ -103,7 +103,8 @@ pub enum Event {
 
 /// A bounded event log: the newest `cap` events, numbered from the first ever recorded.
 pub struct Record {
-    events: std::collections::VecDeque<Event>,
+    /// Shared with the pages being served: a reader copies pointers, not events.
+    events: std::collections::VecDeque<std::sync::Arc<Event>>,
     /// Number of the oldest event held.
     first: usize,
     cap: usize,
@@ -129,13 +130,13 @@ impl Record {
             self.events.pop_front();
             self.first += 1;
         }
-        self.events.push_back(e);
+        self.events.push_back(std::sync::Arc::new(e));
     }
 
     /// Events numbered `since` and later, and the number to ask from next time.
     pub fn since(&self, since: usize) -> (usize, Vec<Event>) {
         let skip = since.saturating_sub(self.first);
-        (self.first + self.events.len(), self.events.iter().skip(skip).cloned().collect())
+        (self.first + self.events.len(), self.events.iter().skip(skip).map(|e| Event::clone(e)).collect())
     }
 
     /// Aggregated updates per staleness (index = staleness; the last bucket is 65 and more).
@@ -146,7 +147,8 @@ impl Record {
 
 /// The record, shared by the coordinator (which appends) and the HTTP handler (which reads a
 /// page at a time under a short lock): readers never wait for the coordinator, and the
-/// coordinator waits at most for one page to be copied.
+/// coordinator waits at most for one page of pointers to be copied (serializing happens after
+/// the lock is released, on a blocking thread).
 #[derive(Clone)]
 pub struct SharedRecord(std::sync::Arc<std::sync::Mutex<Record>>);
 
@@ -158,7 +160,7 @@ pub struct Page {
     /// The number of the next event the server will record (the page is the last one when
     /// `next == end`).
     pub end: usize,
-    pub events: Vec<Event>,
+    pub events: Vec<std::sync::Arc<Event>>,
 }
 
 /// Events per page of `/api/record` unless the request asks for fewer (or more, up to
@@ -185,7 +187,8 @@ impl SharedRecord {
         let g = self.lock();
         let end = g.first + g.events.len();
         let from = since.max(g.first).min(end);
-        let events: Vec<Event> = g.events.iter().skip(from - g.first).take(limit).cloned().collect();
+        let events: Vec<std::sync::Arc<Event>> =
+            g.events.iter().skip(from - g.first).take(limit).cloned().collect();
         Page { next: from + events.len(), end, events }
     }
 

@@ -28,13 +28,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr().with_context(|| format!("binding {}", cfg.listen))?;
     let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
     let ready_file = args.ready_file;
+    let signal = super::shutdown_signal();
     // `server::run` polls this once the server serves: the ready file is written then.
     let until = async move {
         if let Some(path) = &ready_file {
             std::fs::write(path, format!("{scheme}://{addr}"))
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        super::shutdown_signal().await;
+        signal.await;
         anyhow::Ok(())
     };
     sparsync::server::run(cfg, listener, until).await?;

@@ -4,6 +4,9 @@
 //! computes x̂) and Top-k with error feedback are `sparsync::protocol` and `sparsync::client`:
 //! there is one definition of the protocol. Every network wait releases the GIL
 //! (`Python::detach`), so other Python threads (a data loader, a second client) run meanwhile.
+//! One client is used by one thread at a time: a call that waits (`wait_ack`, `next_event`,
+//! `sync`) holds the client for its wait, and another thread's call on the same client waits
+//! for it.
 //! Arrays cross the boundary as bytes and are viewed with numpy on the Python side of the call.
 
 use std::collections::HashMap;
@@ -63,6 +66,17 @@ fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
     }
 }
 
+/// Seconds from Python as a wait: negative is 0, infinite (or beyond a day) is a day.
+fn seconds(py: Python<'_>, field: &str, s: f64) -> PyResult<Duration> {
+    if s.is_nan() {
+        return Err(error(py, field, "is not a number"));
+    }
+    Ok(Duration::try_from_secs_f64(s.clamp(0.0, 86_400.0)).unwrap_or(Duration::from_secs(86_400)))
+}
+
+/// Answers (Acks and Rejects) kept for a later `wait_ack` after another call consumed them.
+const ANSWERS_KEPT: usize = 4096;
+
 /// A Python value from JSON (made with the `json` module).
 fn json<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
     py.import("json")?.call_method1("loads", (v.to_string(),))
@@ -99,6 +113,9 @@ struct Inner {
     next_seq: u64,
     /// Pushes not yet answered, to restore into the residual if they are rejected.
     inflight: HashMap<u64, Sparse>,
+    /// The latest answers by seq (at most [`ANSWERS_KEPT`]): `wait_ack` finds an Ack that
+    /// `sync` or `next_event` already handled.
+    answers: std::collections::VecDeque<(u64, Event)>,
     timeout: Duration,
 }
 
@@ -171,17 +188,28 @@ impl Inner {
 
     /// Keeps the residual whole: a rejected push's entries go back into it.
     fn settle(&mut self, e: &Event) {
-        match e {
+        let seq = match e {
             Event::Ack(a) => {
                 self.inflight.remove(&a.seq);
+                a.seq
             }
             Event::Reject(r) => {
                 if let Some(sent) = self.inflight.remove(&r.seq) {
                     self.sparsifier.restore(&sent);
                 }
+                r.seq
             }
-            _ => {}
+            _ => return,
+        };
+        if self.answers.len() == ANSWERS_KEPT {
+            self.answers.pop_front();
         }
+        self.answers.push_back((seq, e.clone()));
+    }
+
+    /// The answer to `seq` if one arrived already.
+    fn answered(&self, seq: u64) -> Option<&Event> {
+        self.answers.iter().rev().find(|(s, _)| *s == seq).map(|(_, e)| e)
     }
 
     async fn next(&mut self, wait: Duration) -> Result<Option<Event>, ClientError> {
@@ -233,7 +261,7 @@ impl Client {
         opts.device = device.or_else(|| Some("python".into()));
         opts.ca = ca.map(Into::into);
         opts.resume_secret = resume_secret;
-        opts.timeout = Duration::from_secs_f64(timeout);
+        opts.timeout = seconds(py, "timeout", timeout)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -253,6 +281,7 @@ impl Client {
                 sparsifier: Sparsifier::new(num_params),
                 next_seq: first_seq,
                 inflight: HashMap::new(),
+                answers: std::collections::VecDeque::new(),
                 timeout: opts.timeout,
             }),
             rt,
@@ -454,7 +483,9 @@ impl Client {
                 nnz: indices.len() as u32,
             };
             rt.block_on(conn.push(&header, &indices, &values)).map_err(|e| ("connection", e.to_string()))?;
-            g.next_seq = g.next_seq.max(seq + 1);
+            // A seq sent again (a test of duplicates) waits for its new answer.
+            g.answers.retain(|(s, _)| *s != seq);
+            g.next_seq = g.next_seq.max(seq.saturating_add(1));
             Ok(seq)
         });
         r.map_err(|(f, w)| error(py, f, w))
@@ -464,9 +495,10 @@ impl Client {
     /// within `timeout` seconds (default: the client's timeout).
     #[pyo3(signature = (timeout = None))]
     fn next_event<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let wait = timeout.map(|t| seconds(py, "timeout", t)).transpose()?;
         let e = self
             .with_inner(py, |g, rt| {
-                let wait = timeout.map_or(g.timeout, |t| Duration::from_secs_f64(t.max(0.0)));
+                let wait = wait.unwrap_or(g.timeout);
                 rt.block_on(g.next(wait))
             })
             .map_err(|e| client_error(py, e))?;
@@ -476,8 +508,16 @@ impl Client {
     /// Handles events (applying Deltas) until the Ack of `seq`, and returns it.
     #[pyo3(signature = (seq, timeout = 30.0))]
     fn wait_ack<'py>(&self, py: Python<'py>, seq: u64, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let deadline = Instant::now() + seconds(py, "timeout", timeout)?;
         let outcome = self.with_inner(py, |g, rt| {
+            match g.answered(seq) {
+                Some(Event::Reject(r)) => return AckWait::Rejected(seq, r.field.clone(), r.reason.clone()),
+                Some(e) => return AckWait::Acked(e.clone()),
+                None if seq >= g.next_seq => {
+                    return AckWait::Failed("seq", format!("no push with seq {seq} was sent"));
+                }
+                None => {}
+            }
             rt.block_on(async {
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -520,7 +560,7 @@ impl Client {
     /// Handles events until none arrives within `timeout` seconds; returns the replica version.
     #[pyo3(signature = (timeout = 0.05))]
     fn sync(&self, py: Python<'_>, timeout: f64) -> PyResult<u64> {
-        let wait = Duration::from_secs_f64(timeout.max(0.0));
+        let wait = seconds(py, "timeout", timeout)?;
         let r = self.with_inner(py, |g, rt| {
             rt.block_on(async {
                 while g.next(wait).await?.is_some() {}
@@ -593,8 +633,9 @@ fn check_counts(py: Python<'_>, samples: i64, loss: f64, local_steps: i64) -> Py
         .ok()
         .filter(|&s| s >= 1)
         .ok_or_else(|| error(py, "samples", format!("{samples} is not a sample count in [1, 2^32)")))?;
-    if !(loss.is_finite() && loss >= 0.0) {
-        return Err(error(py, "loss", format!("{loss} is not a finite number ≥ 0")));
+    // Checked as the f32 the header carries (1e39 is finite in f64, infinite in f32).
+    if !((loss as f32).is_finite() && loss >= 0.0) {
+        return Err(error(py, "loss", format!("{loss} is not a finite 32-bit number ≥ 0")));
     }
     let local_steps = u32::try_from(local_steps)
         .map_err(|_| error(py, "local_steps", format!("{local_steps} is not in [0, 2^32)")))?;

@@ -359,3 +359,20 @@ def test_python_and_native_clients_train_together(server, clients, native_client
         assert time.monotonic() < deadline, server.status()["accepted"]
         time.sleep(0.05)
     server.assert_same_replica(c)
+
+
+def test_wait_ack_finds_answers_other_calls_consumed(server, clients):
+    c = clients(server.ws, "py-answers")
+    rng = np.random.default_rng(7)
+    a = c.push(random_delta(rng, c.num_params, 1e-2), samples=1, loss=0.1)
+    b = c.push(random_delta(rng, c.num_params, 1e-2), samples=1, loss=0.1)
+    assert c.wait_ack(b)["seq"] == b
+    c.sync(0.2)
+    # a's Ack was handled by the calls above: it is still found, at once.
+    assert c.wait_ack(a, timeout=float("inf"))["seq"] == a
+    with pytest.raises(SparsyncError) as e:
+        c.wait_ack(b + 100)
+    assert e.value.field == "seq"
+    with pytest.raises(SparsyncError) as e:
+        c.push(np.zeros(c.num_params, dtype=np.float32), samples=1, loss=1e39)
+    assert e.value.field == "loss"

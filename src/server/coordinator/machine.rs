@@ -174,6 +174,8 @@ enum Work {
     Flush,
     /// Release every Ack still held (at shutdown, everything accepted has been applied).
     AckAll,
+    /// A trainer session joined: tell the policy (its actions come next).
+    Joined(SessionId),
 }
 
 /// The step the engine is running.
@@ -509,8 +511,8 @@ impl Machine {
             },
         );
         if role == Role::Trainer {
-            let actions = self.policy.on_join(now, id);
-            self.queue_actions(actions);
+            // After what the replaced session's leave queued (a policy sees the leave first).
+            self.work.push_back(Work::Joined(id));
         }
         Ok((id, self.finish(now)))
     }
@@ -578,6 +580,15 @@ impl Machine {
         let Some(s) = self.sessions.get(&session) else { return };
         let mut header = *push.header();
         let seq = header.seq;
+        if self.failed {
+            return self.reject(
+                now,
+                session,
+                seq,
+                "server",
+                "the aggregation engine failed; the server is stopping".into(),
+            );
+        }
         if s.role != Role::Trainer {
             return self.reject(now, session, seq, "role", "evaluators do not push".into());
         }
@@ -802,6 +813,12 @@ impl Machine {
                         self.start_step(now, ids, Weights::Computed(Normalization::Batch), None, false);
                     }
                 }
+                Work::Joined(session) => {
+                    let actions = self.policy.on_join(now, session);
+                    for (i, a) in actions.into_iter().enumerate() {
+                        self.work.insert(i, Work::Action(a));
+                    }
+                }
                 Work::AckAll => {
                     let mut ids: Vec<PushId> = self.unacked.keys().copied().collect();
                     ids.sort_unstable();
@@ -934,6 +951,10 @@ impl Machine {
             Err(e) => {
                 tracing::error!(error = %e, "aggregation engine failed; stopping");
                 self.failed = true;
+                // Not applied: they stay pending, so a final checkpoint still holds them.
+                for (id, p) in step.ids.into_iter().zip(step.items) {
+                    self.pending.insert(id, p);
+                }
                 let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
                 ids.sort_unstable();
                 for s in ids {

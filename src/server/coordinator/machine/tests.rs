@@ -427,7 +427,10 @@ fn an_engine_failure_closes_every_session_and_stops() {
     assert!(matches!(fx.last(), Some(Effect::Stop)));
     assert!(acks(&fx).is_empty(), "nothing unapplied is acknowledged");
     assert_eq!(m.version(), 0);
-    assert!(step_of(&m.push(t(3), a, push(2, 0), &mut NoLog)).is_none(), "no step after a failure");
+    assert_eq!(m.checkpoint_parts().pending.len(), 1, "the unapplied push stays for the final checkpoint");
+    let fx = m.push(t(3), a, push(2, 0), &mut NoLog);
+    assert!(step_of(&fx).is_none(), "no step after a failure");
+    assert_eq!(rejects(&fx), [(2, "server".to_string())]);
 }
 
 #[test]

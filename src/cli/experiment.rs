@@ -59,6 +59,10 @@ pub struct ExperimentArgs {
     /// Extra arguments passed to every trainer (e.g. --trainer-args=--local-steps,20).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     trainer_args: Vec<String>,
+    /// Extra `sparsync serve` flags for every variant's server, applied after the variant's own
+    /// settings and recorded in results.json (e.g. --server-args=--max-batch,32,--rho-down,0.02).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 pub async fn run(a: ExperimentArgs) -> anyhow::Result<()> {
@@ -80,6 +84,7 @@ pub async fn run(a: ExperimentArgs) -> anyhow::Result<()> {
         eval_samples: Some(a.eval_samples),
         server: ServerConfig { model: a.model, engine: a.engine, ..ServerConfig::default() },
         trainer_args: a.trainer_args,
+        server_args: a.server_args,
     };
     let results = experiment::run(&cfg, &command).await?;
     println!("{}", experiment::summary_table(&results.runs));

@@ -41,6 +41,9 @@ pub struct ExperimentConfig {
     pub server: ServerConfig,
     /// Extra arguments for every trainer (e.g. --local-steps).
     pub trainer_args: Vec<String>,
+    /// Extra `sparsync serve` flags for every variant's server (e.g. `--max-batch 32`),
+    /// applied after the variant's own settings; `--policy` is refused (use `policies`).
+    pub server_args: Vec<String>,
 }
 
 /// One point of a run's curve.
@@ -79,6 +82,13 @@ pub struct RunResult {
     /// Aggregated pushes per client id.
     pub commits: BTreeMap<String, u64>,
     pub curve: Vec<Point>,
+    /// Every setting of this run's server (what `sparsync serve` would take), so a run can be
+    /// read and repeated without the command line.
+    #[serde(default)]
+    pub server: serde_json::Value,
+    /// The extra arguments every trainer of this run got.
+    #[serde(default)]
+    pub trainer_args: Vec<String>,
 }
 
 /// What `results.json` holds.
@@ -103,7 +113,38 @@ struct Variant {
     mode: Option<&'static str>,
 }
 
+/// `--server-args`, parsed as `sparsync serve` flags.
+#[derive(clap::Parser)]
+#[command(no_binary_name = true)]
+struct ServerArgs {
+    #[command(flatten)]
+    flags: crate::config::ServeFlags,
+}
+
+fn server_flags(args: &[String]) -> Result<crate::config::ServeFlags, OrchestrateError> {
+    use clap::Parser;
+    let parsed = ServerArgs::try_parse_from(args)
+        .map_err(|e| OrchestrateError::Invalid(format!("--server-args: {}", e.render())))?;
+    if parsed.flags.policy.is_some() {
+        return Err(OrchestrateError::Invalid(
+            "--server-args: --policy is set per variant; choose the variants with --policies".into(),
+        ));
+    }
+    Ok(parsed.flags)
+}
+
 fn variants(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
+    let flags = server_flags(&cfg.server_args)?;
+    let mut out = variants_with_defaults(cfg)?;
+    for v in &mut out {
+        v.server.apply(flags.clone());
+        v.server.validate().map_err(|e| OrchestrateError::Invalid(format!("--server-args: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// Each variant with the settings that scale its policy to a short run.
+fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
     let mut out = Vec::new();
     let base = || ServerConfig { weighting: cfg.weighting, ..cfg.server.clone() };
     for p in &cfg.policies {
@@ -287,6 +328,8 @@ async fn run_one(
         mean_staleness,
         commits,
         curve,
+        server: serde_json::to_value(&server_cfg).unwrap_or_default(),
+        trainer_args: cfg.trainer_args.clone(),
     })
 }
 
@@ -466,4 +509,22 @@ fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), Orchestr
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn server_args_are_serve_flags_and_policy_is_refused() {
+        assert_eq!(server_flags(&args(&["--max-batch", "3"])).unwrap().max_batch, Some(3));
+        let e = server_flags(&args(&["--policy", "asp"])).unwrap_err().to_string();
+        assert!(e.contains("--policies"), "{e}");
+        let e = server_flags(&args(&["--max-batch", "many"])).unwrap_err().to_string();
+        assert!(e.contains("--server-args") && e.contains("max-batch"), "{e}");
+    }
 }

@@ -28,14 +28,22 @@ async fn experiment_writes_consistent_results() {
         data: Some(tempfile_data(dir.path())),
         eval_samples: Some(500),
         server: ServerConfig { model: "logreg".into(), engine: EngineChoice::Cpu, ..Default::default() },
-        trainer_args: vec![],
+        trainer_args: vec!["--local-steps".into(), "8".into()],
+        server_args: vec!["--max-batch".into(), "7".into(), "--rho-down".into(), "0.02".into()],
     };
     let results = experiment::run(&cfg, "test").await.expect("experiment runs");
     assert_eq!(results.runs.len(), 2);
     for r in &results.runs {
         assert!(r.reached, "{} did not reach 40%: best {:?}", r.variant, r.best_accuracy);
         assert_eq!(r.commits.len(), 3, "three trainers committed: {:?}", r.commits);
+        // The run's settings are recorded: the variant's policy, the overrides, the trainers'.
+        assert_eq!(r.server["policy"], r.policy, "{}", r.server);
+        assert_eq!(r.server["max_batch"], 7, "{}", r.server);
+        assert_eq!(r.server["rho_down"], 0.02, "{}", r.server);
+        assert_eq!(r.trainer_args, ["--local-steps", "8"]);
     }
+    // BSP's own setting stays unless overridden.
+    assert_eq!(results.runs[1].server["bsp_deadline_s"], 10.0);
 
     // results.json parses and equals what run returned.
     let json: Results =

@@ -445,16 +445,7 @@ mod tests {
             for i in 0..overheads.len() {
                 if t >= next_commit[i] {
                     id += 1;
-                    let m = PushMeta {
-                        id,
-                        session: i as SessionId,
-                        seq: id,
-                        base_version: 0,
-                        staleness: 0,
-                        samples: 1,
-                        local_steps: 1,
-                        loss: 1.0,
-                    };
+                    let m = PushMeta::for_test(id, i as SessionId);
                     p.on_push(now, &m);
                     // Train for T_i, then commit (which takes o_i): every T_i + o_i seconds.
                     next_commit[i] = t + interval[i] + overheads[i];

@@ -60,16 +60,7 @@ mod tests {
     use super::*;
 
     fn push(id: PushId) -> PushMeta {
-        PushMeta {
-            id,
-            session: 1,
-            seq: id,
-            base_version: 0,
-            staleness: 0,
-            samples: 1,
-            local_steps: 1,
-            loss: 1.0,
-        }
+        PushMeta::for_test(id, 1)
     }
 
     #[test]

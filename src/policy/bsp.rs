@@ -183,16 +183,7 @@ mod tests {
     use super::*;
 
     fn push(id: PushId, client: SessionId) -> PushMeta {
-        PushMeta {
-            id,
-            session: client,
-            seq: id,
-            base_version: 0,
-            staleness: 0,
-            samples: 10,
-            local_steps: 1,
-            loss: 1.0,
-        }
+        PushMeta { samples: 10, ..PushMeta::for_test(id, client) }
     }
     fn s(x: f64) -> Duration {
         Duration::from_secs_f64(x)

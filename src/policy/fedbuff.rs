@@ -72,16 +72,7 @@ mod tests {
         let t = Duration::ZERO;
         let mut batches = Vec::new();
         for id in 0..10 {
-            let m = PushMeta {
-                id,
-                session: id % 2,
-                seq: id,
-                base_version: 0,
-                staleness: 0,
-                samples: 1,
-                local_steps: 1,
-                loss: 1.0,
-            };
+            let m = PushMeta::for_test(id, id % 2);
             for a in p.on_push(t, &m) {
                 match a {
                     Action::Aggregate { pushes, .. } => batches.push(pushes),

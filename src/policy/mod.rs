@@ -46,6 +46,23 @@ pub struct PushMeta {
     pub loss: f32,
 }
 
+#[cfg(test)]
+impl PushMeta {
+    /// A push for policy tests: seq = id, built on version 0, fresh, one sample, loss 1.
+    pub(crate) fn for_test(id: PushId, session: SessionId) -> Self {
+        PushMeta {
+            id,
+            session,
+            seq: id,
+            base_version: 0,
+            staleness: 0,
+            samples: 1,
+            local_steps: 1,
+            loss: 1.0,
+        }
+    }
+}
+
 /// What the coordinator must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {

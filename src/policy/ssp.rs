@@ -109,16 +109,7 @@ mod tests {
     use super::*;
 
     fn push(id: PushId, client: SessionId) -> PushMeta {
-        PushMeta {
-            id,
-            session: client,
-            seq: id,
-            base_version: 0,
-            staleness: 0,
-            samples: 1,
-            local_steps: 1,
-            loss: 1.0,
-        }
+        PushMeta::for_test(id, client)
     }
 
     #[test]

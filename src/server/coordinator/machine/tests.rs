@@ -57,6 +57,17 @@ fn join(m: &mut Machine, client_id: &str) -> SessionId {
 /// (client id, seq, weight) of each push of a logged step, and its broadcast flag.
 type LoggedItems = (Vec<(String, u64, f32)>, bool);
 
+/// The machine's `/api/status`, with an idle CPU engine and empty outboxes.
+fn status(m: &Machine) -> Status {
+    let engine = crate::engine::cpu::CpuAggregator::new(vec![0.0; 4], Default::default());
+    let inputs = StatusInputs {
+        engine: crate::engine::Aggregator::info(&engine),
+        stages: vec![],
+        staleness_histogram: vec![],
+    };
+    m.status(t(2), inputs, |_| (false, 0))
+}
+
 /// A log that records what it was given, and can be made to fail.
 #[derive(Default)]
 struct MemLog {
@@ -323,18 +334,7 @@ fn only_an_evaluator_reports_evaluations_and_only_sane_ones() {
     let fx = m.eval(t(1), evaluator, report(0.5, 1.0));
     assert!(!refused(&fx));
     assert!(fx.iter().any(|e| matches!(e, Effect::Record(Event::Eval { .. }))));
-    let status = m.status(
-        t(2),
-        StatusInputs {
-            engine: crate::engine::Aggregator::info(&crate::engine::cpu::CpuAggregator::new(
-                vec![0.0; 4],
-                Default::default(),
-            )),
-            stages: vec![],
-            staleness_histogram: vec![],
-        },
-        |_| (false, 0),
-    );
+    let status = status(&m);
     assert_eq!(status.evals.len(), 1);
     // Evaluators do not push.
     assert_eq!(rejects(&m.push(t(3), evaluator, push(1, 0), &mut NoLog)), [(1, "role".to_string())]);
@@ -503,18 +503,7 @@ fn a_refused_hello_leaves_nothing_behind() {
     for _ in 0..3 {
         assert!(m.join(t(1), hello("a", Role::Trainer), false).is_err());
     }
-    let status = m.status(
-        t(2),
-        StatusInputs {
-            engine: crate::engine::Aggregator::info(&crate::engine::cpu::CpuAggregator::new(
-                vec![0.0; 4],
-                Default::default(),
-            )),
-            stages: vec![],
-            staleness_histogram: vec![],
-        },
-        |_| (false, 0),
-    );
+    let status = status(&m);
     assert_eq!(status.clients.len(), 1);
     assert_eq!(status.clients[0].session, first);
     assert_eq!(m.clients.len(), 1, "one entry per admitted client id");

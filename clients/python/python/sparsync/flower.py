@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._native import Client, RejectedError, SparsyncError
+from ._native import Client
+from ._rounds import Update, await_directive, push_loss, run_rounds
 
 __all__ = ["NumPyClient", "start_numpy_client"]
 
@@ -179,81 +180,42 @@ def start_numpy_client(
         "evaluations": [],
     }
     try:
-        # The first directive follows the first Snapshot: give it a moment to arrive.
-        deadline = time.monotonic() + 2.0
-        while not c.directive and time.monotonic() < deadline:
-            c.sync(0.05)
+        await_directive(c)
         layout = [(str(n), tuple(int(s) for s in shape)) for n, shape in c.layout]
         transpose = _orientation(client, layout, _config(c, 0))
-        while True:
-            if rounds is not None and summary["rounds"] >= rounds:
-                summary["stop"] = f"reached {rounds} rounds"
-                break
-            if seconds is not None and time.monotonic() - start >= seconds:
-                summary["stop"] = f"ran for {seconds} s"
-                break
-            round_ = summary["rounds"] + 1
-            config = _config(c, round_)
-            base = np.asarray(c.replica(), dtype=np.float32)
-            result = client.fit(_unflatten(base, layout, transpose), config)
-            if not isinstance(result, (tuple, list)) or len(result) != 3:
-                raise TypeError("fit did not return a tuple (parameters, num_examples, metrics)")
-            new_arrays, num_examples, metrics = result
-            delta = _flatten(new_arrays, layout, transpose) - base
-            loss = float((metrics or {}).get("loss", 0.0) or 0.0)
-            if not (math.isfinite(loss) and loss >= 0.0):
-                loss = 0.0
-            info: Dict[str, Any] = {"round": round_, "samples": int(num_examples), "loss": loss}
-            try:
-                seq = c.push(delta, max(1, int(num_examples)), loss, local_steps=int(config.get("local_steps", 1) or 1))
-                summary["pushes"] += 1
-                info["seq"] = seq
-                ack = c.wait_ack(seq, ack_timeout)
-                summary["acked"] += 1
-                info["staleness"] = ack.get("staleness")
-                info["rejected"] = None
-            except RejectedError as e:
-                # Its entries went back into the residual: the next push carries them.
-                summary["rejected"] += 1
-                info["rejected"] = f"{e.field}: {e.reason}"
-            except SparsyncError as e:
-                if e.field == "connection":
-                    summary["stop"] = f"connection closed ({e.reason})"
-                    break
-                raise
-            summary["rounds"] = round_
-            bye = None
-            try:
-                while True:
-                    ev = c.next_event(0.05)
-                    if ev is None:
-                        break
-                    if ev.get("type") == "bye" or (ev.get("type") == "error" and ev.get("fatal")):
-                        bye = ev.get("reason") or ev.get("message") or ev.get("type")
-                        break
-            except SparsyncError as e:
-                if e.field != "connection":
-                    raise
-                summary["stop"] = f"connection closed ({e.reason})"
-                break
-            info["version"] = c.version
-            if evaluate_every > 0 and round_ % evaluate_every == 0:
-                ev_cfg = _config(c, round_)
-                params = _unflatten(np.asarray(c.replica(), dtype=np.float32), layout, transpose)
-                e_loss, e_n, e_metrics = client.evaluate(params, ev_cfg)
-                summary["evaluations"].append((round_, c.version, float(e_loss), int(e_n), dict(e_metrics or {})))
-                info["evaluation"] = summary["evaluations"][-1]
-            info["elapsed"] = time.monotonic() - start
-            if on_round is not None:
-                on_round(info)
-            if bye is not None:
-                summary["stop"] = f"server said bye ({bye})"
-                break
-        summary["version"] = c.version
-    finally:
-        summary["seconds"] = time.monotonic() - start
-        try:
-            c.close(summary["stop"] or "error")
-        except SparsyncError:
-            pass
-    return summary
+    except BaseException:
+        c.close("error")
+        raise
+
+    def make_update(round_: int) -> Update:
+        config = _config(c, round_)
+        base = np.asarray(c.replica(), dtype=np.float32)
+        result = client.fit(_unflatten(base, layout, transpose), config)
+        if not isinstance(result, (tuple, list)) or len(result) != 3:
+            raise TypeError("fit did not return a tuple (parameters, num_examples, metrics)")
+        new_arrays, num_examples, metrics = result
+        delta = _flatten(new_arrays, layout, transpose) - base
+        loss = push_loss((metrics or {}).get("loss", 0.0) or 0.0)
+        info: Dict[str, Any] = {"round": round_, "samples": int(num_examples), "loss": loss}
+        return delta, num_examples, loss, int(config.get("local_steps", 1) or 1), info
+
+    def after_round(info: Dict[str, Any]) -> None:
+        info["version"] = c.version
+        round_ = info["round"]
+        if evaluate_every > 0 and round_ % evaluate_every == 0:
+            params = _unflatten(np.asarray(c.replica(), dtype=np.float32), layout, transpose)
+            e_loss, e_n, e_metrics = client.evaluate(params, _config(c, round_))
+            summary["evaluations"].append((round_, c.version, float(e_loss), int(e_n), dict(e_metrics or {})))
+            info["evaluation"] = summary["evaluations"][-1]
+
+    return run_rounds(
+        c,
+        make_update,
+        summary,
+        rounds=rounds,
+        seconds=seconds,
+        ack_timeout=ack_timeout,
+        start=start,
+        after_round=after_round,
+        on_round=on_round,
+    )

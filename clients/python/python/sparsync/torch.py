@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from ._native import Client, RejectedError, SparsyncError
+from ._native import Client, RejectedError
+from ._rounds import Update, await_directive, drain, push_loss, run_rounds
 
 __all__ = ["BUILTIN_LAYOUTS", "TorchClient", "join_training", "map_parameters", "Slot"]
 
@@ -167,13 +168,6 @@ def flatten(slots: Sequence[Slot]) -> np.ndarray:
     return out
 
 
-def _await_directive(client: Client, timeout: float = 2.0) -> None:
-    """The first directive follows the first Snapshot: give it a moment to arrive."""
-    deadline = time.monotonic() + timeout
-    while not client.directive and time.monotonic() < deadline:
-        client.sync(0.05)
-
-
 class TorchClient:
     """A module joined to a sparsync server.
 
@@ -208,7 +202,7 @@ class TorchClient:
         self._base_version: Optional[int] = None
         try:
             self.slots = map_parameters(module, self.client.layout, rename, transpose)
-            _await_directive(self.client)
+            await_directive(self.client)
             self.load_replica()
         except BaseException:
             self.client.close("client setup failed")
@@ -247,28 +241,18 @@ class TorchClient:
     def push_update(self, samples: int, loss: float, local_steps: int = 1, rho: Optional[float] = None) -> int:
         """Pushes the module's change since the last load (Top-k with error feedback); returns
         the seq. A loss that is not a finite number ≥ 0 is sent as 0."""
-        loss = float(loss)
-        if not (math.isfinite(loss) and loss >= 0.0):
-            loss = 0.0
         return self.client.push(
-            self.delta(), max(1, int(samples)), loss, local_steps=max(0, int(local_steps)), rho=rho
+            self.delta(), max(1, int(samples)), push_loss(loss), local_steps=max(0, int(local_steps)), rho=rho
         )
 
     def sync(self, timeout: float = 0.05) -> int:
         """Applies what arrived (Deltas, Snapshots) until nothing comes within ``timeout``;
         remembers a Bye in :attr:`bye`. Returns the replica version. Does not load it into the
         module (see :meth:`load_replica`)."""
-        while True:
-            ev = self.client.next_event(timeout)
-            if ev is None:
-                return self.client.version
-            kind = ev.get("type")
-            if kind == "bye":
-                self.bye = str(ev.get("reason", ""))
-                return self.client.version
-            if kind == "error" and ev.get("fatal"):
-                self.bye = f"error {ev.get('field')}: {ev.get('message')}"
-                return self.client.version
+        bye = drain(self.client, timeout)
+        if bye is not None:
+            self.bye = bye
+        return self.client.version
 
     def step(
         self,
@@ -364,60 +348,32 @@ def join_training(
         "seconds": 0.0,
         "last_loss": None,
     }
-    try:
-        while True:
-            if rounds is not None and summary["rounds"] >= rounds:
-                summary["stop"] = f"reached {rounds} rounds"
-                break
-            if seconds is not None and time.monotonic() - start >= seconds:
-                summary["stop"] = f"ran for {seconds} s"
-                break
-            directive = tc.directive
-            out = train_round(module, directive) if with_directive else train_round(module)
-            samples, loss = out[0], out[1]
-            steps = out[2] if len(out) > 2 else directive.get("local_steps", 1)
-            info: Dict[str, Any] = {"round": summary["rounds"] + 1, "samples": int(samples), "loss": float(loss)}
-            try:
-                seq = tc.push_update(samples, loss, local_steps=int(steps or 1))
-                summary["pushes"] += 1
-                info["seq"] = seq
-                ack = tc.client.wait_ack(seq, ack_timeout)
-                summary["acked"] += 1
-                info["staleness"] = ack.get("staleness")
-                info["rejected"] = None
-            except RejectedError as e:
-                # The refused entries went back into the residual: the next push carries them.
-                summary["rejected"] += 1
-                info["rejected"] = f"{e.field}: {e.reason}"
-                if e.field == "rate":
-                    time.sleep(0.2)
-            except SparsyncError as e:
-                if e.field == "connection":
-                    summary["stop"] = f"connection closed ({e.reason})"
-                    break
-                raise
-            summary["rounds"] += 1
-            summary["last_loss"] = float(loss)
-            try:
-                tc.sync()
-            except SparsyncError as e:
-                if e.field != "connection":
-                    raise
-                summary["stop"] = f"connection closed ({e.reason})"
-                break
-            tc.load_replica()
-            info["version"] = tc.version
-            info["elapsed"] = time.monotonic() - start
-            if on_round is not None:
-                on_round(info)
-            if tc.bye is not None:
-                summary["stop"] = f"server said bye ({tc.bye})"
-                break
-        summary["version"] = tc.version
-    finally:
-        summary["seconds"] = time.monotonic() - start
-        try:
-            tc.close(summary["stop"] or "error")
-        except SparsyncError:
-            pass
-    return summary
+
+    def make_update(round_: int) -> Update:
+        directive = tc.directive
+        out = train_round(module, directive) if with_directive else train_round(module)
+        samples, loss = out[0], out[1]
+        steps = out[2] if len(out) > 2 else directive.get("local_steps", 1)
+        info: Dict[str, Any] = {"round": round_, "samples": int(samples), "loss": float(loss)}
+        return tc.delta(), samples, loss, int(steps or 1), info
+
+    def after_round(info: Dict[str, Any]) -> None:
+        tc.load_replica()
+        info["version"] = tc.version
+
+    def on_bye(reason: str) -> None:
+        tc.bye = reason
+
+    return run_rounds(
+        tc.client,
+        make_update,
+        summary,
+        rounds=rounds,
+        seconds=seconds,
+        ack_timeout=ack_timeout,
+        start=start,
+        after_round=after_round,
+        on_round=on_round,
+        on_bye=on_bye,
+        rate_pause=0.2,
+    )

@@ -3,8 +3,8 @@
 #
 # Installs what the tests need when it is missing (Mesa's lavapipe Vulkan driver so the GPU
 # tests have an adapter on a machine without a GPU, Chromium and Node for the browser tests,
-# the browser client's npm packages, cargo-fuzz, a Python virtual environment with numpy,
-# pytest, maturin and PyTorch), then runs:
+# the browser client's npm packages, cargo-fuzz, Debian's PyTorch and numpy, a Python virtual
+# environment with pytest, maturin and websockets), then runs:
 #   formatting and lints; the embedded browser bundle rebuilt from its sources and compared;
 #   the browser client's unit tests; every Rust test of the workspace, with GPU and browser
 #   tests failing (never skipping) when their adapter or browser is missing; the Python
@@ -32,7 +32,9 @@ command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 command -v c++ >/dev/null || need+=(g++)
 command -v python3 >/dev/null || need+=(python3)  # scripts/device/, the Python client
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The Python client's tests run on Debian's python3 with Debian's PyTorch (see below).
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+/usr/bin/python3 -c 'import torch, numpy' >/dev/null 2>&1 || need+=(python3-torch python3-numpy)
 if ((${#need[@]})); then
     step "installing ${need[*]}"
     SUDO=
@@ -72,16 +74,25 @@ step "cargo test --workspace (GPU and browser tests required)"
 SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
 
 # --- Python client ---------------------------------------------------------------------------
-# A virtual environment next to the build directory (kept between runs by .ci/run), with
-# numpy, pytest, maturin, PyTorch and websockets (the document-driven protocol test) from PyPI. PyPI's torch wheel is the CUDA build: with its
-# nvidia-* dependencies a ~2.8 GB download, once per environment; it runs on the CPU here.
+# A virtual environment next to the build directory (kept between runs by .ci/run) on Debian's
+# python3 with its system packages: PyTorch (CPU build, 1.13) and numpy come from Debian
+# (python3-torch: ~150 MB to fetch, ~650 MB installed), pytest, maturin and websockets (the
+# document-driven protocol test) from PyPI. PyPI's torch wheel is the CUDA build, ~5.5 GB
+# installed with its nvidia-* and triton dependencies: it filled a CI machine's disk. A venv of
+# your own (say with a newer torch) can be named with SPARSYNC_VENV; it is used as it is.
 VENV=${SPARSYNC_VENV:-$TARGET_DIR/venv}
 PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH"  # maturin, for pip's build of the extension
+if [ -z "${SPARSYNC_VENV:-}" ] && [ -d "$VENV" ] &&
+    ! grep -qx 'include-system-site-packages = true' "$VENV/pyvenv.cfg" 2>/dev/null; then
+    step "python client: removing $VENV (an environment made before PyTorch came from Debian)"
+    rm -rf "$VENV"
+fi
 if ! "$PY" -c 'import numpy, pytest, maturin, torch, websockets' >/dev/null 2>&1; then
-    step "python client: virtual environment $VENV (numpy, pytest, maturin, torch, websockets)"
-    [ -x "$PY" ] || python3 -m venv "$VENV"
-    "$PY" -m pip install --quiet --disable-pip-version-check numpy pytest maturin torch 'websockets>=12'
+    [ -n "${SPARSYNC_VENV:-}" ] && { echo "SPARSYNC_VENV=$VENV lacks numpy, pytest, maturin, torch or websockets" >&2; exit 1; }
+    step "python client: virtual environment $VENV (Debian's torch and numpy; pytest, maturin, websockets)"
+    [ -x "$PY" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    "$PY" -m pip install --quiet --no-cache-dir --disable-pip-version-check pytest maturin 'websockets>=12'
 fi
 
 step "python client: cargo fmt and clippy of the extension"

@@ -13,6 +13,9 @@ pub struct Emulation {
     /// Uplink bandwidth in kilobits per second (0 = unlimited): a push of B bytes waits
     /// B·8 / kbps milliseconds before it is sent.
     pub uplink_kbps: f64,
+    /// Downlink bandwidth in kilobits per second (0 = unlimited): a Delta or Snapshot of B
+    /// bytes reaches the client B·8 / kbps milliseconds after the previous one was taken in.
+    pub downlink_kbps: f64,
     /// One-way latency added before every message the client sends.
     pub latency: Duration,
     /// Every emulated delay is multiplied by a factor uniform in [1 − jitter, 1 + jitter].
@@ -25,9 +28,26 @@ impl Emulation {
         Self {
             slowdown: slowdown.max(1.0),
             uplink_kbps: uplink_kbps.max(0.0),
+            downlink_kbps: 0.0,
             latency: Duration::from_secs_f64(latency_ms.max(0.0) / 1e3),
             jitter: jitter.clamp(0.0, 0.99),
             rng: SplitMix64::new(seed ^ 0x00E4_1A7E),
+        }
+    }
+
+    /// The same emulation with a downlink of `kbps` kilobits per second (0: unlimited).
+    pub fn with_downlink(mut self, kbps: f64) -> Self {
+        self.downlink_kbps = kbps.max(0.0);
+        self
+    }
+
+    /// The time receiving `bytes` takes on the emulated downlink (no jitter: a link's rate).
+    pub fn recv_delay(&self, bytes: usize) -> Duration {
+        if self.downlink_kbps > 0.0 {
+            // At most an hour per frame, whatever rate was asked for.
+            Duration::from_secs_f64((bytes as f64 * 8.0 / (self.downlink_kbps * 1e3)).min(3600.0))
+        } else {
+            Duration::ZERO
         }
     }
 
@@ -59,9 +79,14 @@ impl Emulation {
     /// One line for the client's log, so that results are traceable.
     pub fn describe(&self) -> String {
         format!(
-            "slowdown {}x, uplink {}, latency {} ms, jitter ±{:.0}%",
+            "slowdown {}x, uplink {}, downlink {}, latency {} ms, jitter ±{:.0}%",
             self.slowdown,
             if self.uplink_kbps > 0.0 { format!("{} kbit/s", self.uplink_kbps) } else { "unlimited".into() },
+            if self.downlink_kbps > 0.0 {
+                format!("{} kbit/s", self.downlink_kbps)
+            } else {
+                "unlimited".into()
+            },
             self.latency.as_millis(),
             self.jitter * 100.0
         )
@@ -87,5 +112,10 @@ mod tests {
         let mut a = Emulation::new(2.0, 0.0, 0.0, 0.5, 7);
         assert_eq!(a.step_delay(1.0), Emulation::new(2.0, 0.0, 0.0, 0.5, 7).step_delay(1.0), "seeded");
         assert!(e.describe().contains("slowdown 4x"));
+        // 50 kB at 400 kbit/s downlink is 1 s; unlimited by default.
+        assert_eq!(e.recv_delay(50_000), Duration::ZERO);
+        let d = Emulation::none().with_downlink(400.0);
+        assert_eq!(d.recv_delay(50_000), Duration::from_secs(1));
+        assert!(d.describe().contains("downlink 400 kbit/s"), "{}", d.describe());
     }
 }

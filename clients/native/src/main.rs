@@ -67,6 +67,9 @@ struct Cli {
     /// Emulate an uplink of this many kilobits per second (0: unlimited).
     #[arg(long, default_value_t = Emulation::none().uplink_kbps)]
     uplink_kbps: f64,
+    /// Emulate a downlink of this many kilobits per second for Deltas and Snapshots (0: unlimited).
+    #[arg(long, default_value_t = Emulation::none().downlink_kbps)]
+    downlink_kbps: f64,
     /// Emulate this much one-way latency before each message sent, milliseconds.
     #[arg(long, default_value_t = Emulation::none().latency.as_secs_f64() * 1e3)]
     latency_ms: f64,
@@ -157,7 +160,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let data = sparsync::data::load(cli.data.as_deref()).context("loading Fashion-MNIST")?;
-    let emul = Emulation::new(cli.slowdown, cli.uplink_kbps, cli.latency_ms, cli.jitter, cli.seed);
+    let emul = Emulation::new(cli.slowdown, cli.uplink_kbps, cli.latency_ms, cli.jitter, cli.seed)
+        .with_downlink(cli.downlink_kbps);
     let cfg = Config {
         server: cli.server,
         client_id: cli.id,
@@ -217,7 +221,7 @@ mod tests {
         assert_eq!(Duration::from_secs_f64(cli.eval_interval_s), d.eval_interval);
         assert_eq!(cli.hermes_z, d.gate.z_start);
         assert_eq!(cli.slowdown, 1.0);
-        assert_eq!((cli.uplink_kbps, cli.latency_ms, cli.jitter), (0.0, 0.0, 0.0));
+        assert_eq!((cli.uplink_kbps, cli.downlink_kbps, cli.latency_ms, cli.jitter), (0.0, 0.0, 0.0, 0.0));
         assert_eq!(parse_shard("2/4").map(|s| s.to_string()), Ok("2/4".to_string()));
         assert!(parse_shard("4/4").is_err());
     }

@@ -734,9 +734,17 @@ impl Runner {
     async fn session(&mut self, conn: Connection) -> Result<End, RunError> {
         let (mut s, mut stream) = conn.into_parts();
         let (tx, mut rx) = mpsc::channel(4096);
+        let downlink = self.work.lock().await.emul.clone();
         let reader = tokio::spawn(async move {
             while let Some(m) = stream.next().await {
                 let end = m.is_err();
+                // An emulated slow downlink: each binary frame (Delta, Snapshot) takes its
+                // transfer time before the next one is read; the server's queue fills meanwhile.
+                if let Ok(frame) = &m
+                    && frame.is_binary()
+                {
+                    tokio::time::sleep(downlink.recv_delay(frame.len())).await;
+                }
                 if tx.send(m).await.is_err() || end {
                     break;
                 }

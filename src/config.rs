@@ -193,8 +193,8 @@ settings! {
     bsp_deadline_s: val f64 = "30", "BSP: round deadline in seconds; late clients are dropped from the round";
     ssp_bound: val u64 = "4", "SSP: staleness bound b in clocks (pushes)";
     fedbuff_k: val usize = "10", "FedBuff: aggregate every K buffered updates";
-    adsp_period_s: val f64 = "60", "ADSP: check period Γ in seconds";
-    adsp_min_interval_s: val f64 = "10", "ADSP: smallest commit interval T_min in seconds";
+    adsp_period_s: opt f64 = "10 rounds of the slowest client", "ADSP: check period Γ in seconds (unset: ten times the slowest client's measured round time; the paper used 60 s for hours of training)";
+    adsp_min_interval_s: opt f64 = "the fastest client's round", "ADSP: smallest commit interval T_min in seconds (unset: the fastest client's measured round time; the paper used 10 s)";
     adsp_research_s: val f64 = "1000", "ADSP: search C again after this many seconds";
     adsp_target_loss: val f64 = "0.35", "ADSP: target loss l_target of the score r(C)";
     hermes_samples: val u64 = "2500", "Hermes: initial samples per round D";
@@ -296,8 +296,11 @@ impl ServerConfig {
         if self.bsp_deadline_s.is_nan() || self.bsp_deadline_s <= 0.0 {
             return bad("bsp_deadline_s", "must be positive");
         }
-        if self.adsp_period_s.is_nan() || self.adsp_period_s <= 0.0 {
+        if self.adsp_period_s.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
             return bad("adsp_period_s", "must be positive");
+        }
+        if self.adsp_min_interval_s.is_some_and(|p| !(p.is_finite() && p >= 0.0)) {
+            return bad("adsp_min_interval_s", "must be zero or positive");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "--tls-cert and --tls-key go together");

@@ -212,8 +212,8 @@ async fn fedbuff_aggregates_exactly_every_k() {
 async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
     let period = 1.0;
     let c = ServerConfig {
-        adsp_period_s: period,
-        adsp_min_interval_s: 0.05,
+        adsp_period_s: Some(period),
+        adsp_min_interval_s: Some(0.05),
         sample_weighting: false,
         ..cfg(PolicyKind::Adsp)
     };

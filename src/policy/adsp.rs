@@ -13,6 +13,10 @@
 //! `research_every`, or at once when the global loss rises by 30% or more between two periods
 //! (then from the current C, as the authors' code does). Commits are applied as they arrive with
 //! `w = α(s) / M`, M the active clients.
+//!
+//! Γ and T_min left unset are derived from measured round times (`derive_timescale`): the
+//! paper's 60 s and 10 s suit hours of training, not a run of minutes. Until every client has
+//! reported two rounds, no interval is sent and clients commit every `local_steps` steps.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,10 +28,10 @@ use crate::protocol::message::{Directive, RoundTime};
 /// ADSP settings.
 #[derive(Clone, Debug)]
 pub struct AdspConfig {
-    /// Check period Γ.
-    pub period: Duration,
-    /// Smallest commit interval T_min.
-    pub min_interval: Duration,
+    /// Check period Γ (None: derived from measured round times).
+    pub period: Option<Duration>,
+    /// Smallest commit interval T_min (None: derived from measured round times).
+    pub min_interval: Option<Duration>,
     /// Search again after this long.
     pub research_every: Duration,
     /// l_target of the score.
@@ -45,6 +49,51 @@ struct ClientState {
     commits: u64,
     /// The interval last sent.
     interval: Option<f64>,
+    /// Round times reported (seconds, including the commit's overhead), at most two kept.
+    rounds: Vec<f64>,
+}
+
+/// Γ and T_min in force.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timescale {
+    pub period: Duration,
+    pub min_interval: Duration,
+    /// True when measured round times set either value.
+    pub derived: bool,
+}
+
+/// Periods Γ spans in rounds of the slowest client when derived.
+pub const ROUNDS_PER_PERIOD: f64 = 10.0;
+
+/// The paper's Γ and T_min: used when no client has reported round times this long after the
+/// first join (browser and Python trainers send no RoundTime).
+pub const PAPER_PERIOD: Duration = Duration::from_secs(60);
+pub const PAPER_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The longest Γ or T_min a derivation gives (a day), whatever a client reports.
+const MAX_DERIVED_S: f64 = 86_400.0;
+
+/// The documented rule (docs/algorithms.md §5, ADSP): from each client's second reported round
+/// time R_i (the first includes start-up), Γ = 10 · max R_i, ten rounds of the slowest client,
+/// so that C = 1 … 10 spans one commit per ten of its rounds to one per round; and T_min =
+/// min R_i, no client commits more often than the fastest one's own plain round. A value set
+/// in the configuration is kept.
+pub fn derive_timescale(cfg: &AdspConfig, rounds: &[f64]) -> Option<Timescale> {
+    if let (Some(period), Some(min_interval)) = (cfg.period, cfg.min_interval) {
+        return Some(Timescale { period, min_interval, derived: false });
+    }
+    let ok = |r: &&f64| r.is_finite() && **r > 0.0;
+    if rounds.is_empty() || !rounds.iter().all(|r| ok(&r)) {
+        return None;
+    }
+    let max = rounds.iter().copied().fold(f64::MIN, f64::max);
+    let min = rounds.iter().copied().fold(f64::MAX, f64::min);
+    let secs = |x: f64| Duration::from_secs_f64(x.min(MAX_DERIVED_S));
+    Some(Timescale {
+        period: cfg.period.unwrap_or_else(|| secs(ROUNDS_PER_PERIOD * max)),
+        min_interval: cfg.min_interval.unwrap_or_else(|| secs(min)),
+        derived: true,
+    })
 }
 
 /// The global loss: the evaluator's latest score when one reported within a period, else the
@@ -157,6 +206,8 @@ struct Search {
 /// The ADSP policy.
 pub struct Adsp {
     cfg: AdspConfig,
+    /// Γ and T_min, once known.
+    scale: Option<Timescale>,
     clients: BTreeMap<SessionId, ClientState>,
     c: u64,
     search: Option<Search>,
@@ -178,8 +229,10 @@ pub struct Adsp {
 
 impl Adsp {
     pub fn new(cfg: AdspConfig) -> Self {
+        let scale = derive_timescale(&cfg, &[]);
         Self {
             cfg,
+            scale,
             clients: BTreeMap::new(),
             c: 1,
             search: Some(Search { candidate: 1, best: None }),
@@ -202,16 +255,22 @@ impl Adsp {
         self.c
     }
 
+    /// Γ (the configured one until derived; only read once periods run).
+    fn period(&self) -> Duration {
+        self.scale.map_or(Duration::MAX, |s| s.period)
+    }
+
     /// T_i = max(T_min, Γ/C − o_i).
-    fn interval(&self, overhead: f64) -> f64 {
-        (self.cfg.period.as_secs_f64() / self.c as f64 - overhead).max(self.cfg.min_interval.as_secs_f64())
+    fn interval(&self, scale: Timescale, overhead: f64) -> f64 {
+        (scale.period.as_secs_f64() / self.c as f64 - overhead).max(scale.min_interval.as_secs_f64())
     }
 
     fn directives(&mut self, force: bool) -> Vec<Action> {
         let mut out = Vec::new();
+        let Some(scale) = self.scale else { return out };
         let ids: Vec<SessionId> = self.clients.keys().copied().collect();
         for id in ids {
-            let t = self.interval(self.clients[&id].overhead);
+            let t = self.interval(scale, self.clients[&id].overhead);
             let st = self.clients.get_mut(&id).expect("listed above");
             if force || st.interval.is_none_or(|old| (old - t).abs() > 1e-9) {
                 st.interval = Some(t);
@@ -220,9 +279,11 @@ impl Adsp {
                     directive: Directive {
                         commit_interval_s: Some(t),
                         reason: Some(format!(
-                            "adsp: C = {} commits per {:.1} s period",
+                            "adsp: C = {} commits per {:.2} s period (T_min {:.2} s{})",
                             self.c,
-                            self.cfg.period.as_secs_f64()
+                            scale.period.as_secs_f64(),
+                            scale.min_interval.as_secs_f64(),
+                            if scale.derived { ", derived from round times" } else { "" }
                         )),
                         ..Default::default()
                     },
@@ -233,7 +294,7 @@ impl Adsp {
     }
 
     fn loss_now(&self, now: Duration) -> Option<f64> {
-        self.loss.value(now, self.cfg.period)
+        self.loss.value(now, self.period())
     }
 
     fn end_period(&mut self, now: Duration) -> Vec<Action> {
@@ -272,7 +333,7 @@ impl Adsp {
             self.prev_period_loss = end_loss;
         }
         // The next period.
-        self.period_start = Some(start + self.cfg.period);
+        self.period_start = Some(start + self.period());
         self.points = end_loss.map(|l| vec![(clock, l)]).unwrap_or_default();
         self.mid_recorded = false;
         for s in self.clients.values_mut() {
@@ -282,19 +343,66 @@ impl Adsp {
     }
 }
 
+impl Adsp {
+    /// The timescale that would start now, and how long after the first join it may wait for
+    /// clients that have not reported two rounds: the derived Γ, or the paper's Γ when no
+    /// client has reported (then its values are used).
+    fn candidate(&self) -> Option<(Timescale, Duration, bool)> {
+        if self.clients.is_empty() {
+            return None;
+        }
+        let second: Vec<f64> =
+            self.clients.values().filter(|c| c.rounds.len() >= 2).map(|c| c.rounds[1]).collect();
+        let all = second.len() == self.clients.len();
+        if second.is_empty() {
+            let paper = Timescale {
+                period: self.cfg.period.unwrap_or(PAPER_PERIOD),
+                min_interval: self.cfg.min_interval.unwrap_or(PAPER_MIN_INTERVAL),
+                derived: false,
+            };
+            return Some((paper, PAPER_PERIOD, false));
+        }
+        derive_timescale(&self.cfg, &second).map(|t| (t, t.period, all))
+    }
+
+    /// Γ and T_min are fixed once every client has reported its second round, or, when some
+    /// never report, once the candidate Γ has passed since the first join; periods start.
+    fn try_derive(&mut self, now: Duration) -> Vec<Action> {
+        if self.scale.is_some() {
+            return Vec::new();
+        }
+        match self.candidate() {
+            Some((scale, wait, all)) if all || now.saturating_sub(self.origin) >= wait => {
+                self.scale = Some(scale);
+                self.start_periods(now);
+                self.directives(true)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The first check period starts now.
+    fn start_periods(&mut self, now: Duration) {
+        self.period_start = Some(now);
+        self.last_search = now;
+        let clock = now.saturating_sub(self.origin).as_secs_f64();
+        self.points = self.loss_now(now).map(|l| vec![(clock, l)]).unwrap_or_default();
+    }
+}
+
 impl SyncPolicy for Adsp {
     fn name(&self) -> &'static str {
         "adsp"
     }
 
     fn on_join(&mut self, now: Duration, client: SessionId) -> Vec<Action> {
-        if self.period_start.is_none() {
-            self.period_start = Some(now);
+        if self.clients.is_empty() && self.history.is_empty() && self.period_start.is_none() {
             self.origin = now;
-            self.last_search = now;
-            self.points = self.loss_now(now).map(|l| vec![(0.0, l)]).unwrap_or_default();
         }
         self.clients.insert(client, ClientState::default());
+        if self.scale.is_some() && self.period_start.is_none() {
+            self.start_periods(now);
+        }
         self.directives(false)
     }
 
@@ -312,11 +420,19 @@ impl SyncPolicy for Adsp {
         vec![Action::Ack(push.id)]
     }
 
-    fn on_round_time(&mut self, _now: Duration, client: SessionId, report: &RoundTime) -> Vec<Action> {
-        if let (Some(s), Some(o)) = (self.clients.get_mut(&client), report.commit_overhead_s) {
+    fn on_round_time(&mut self, now: Duration, client: SessionId, report: &RoundTime) -> Vec<Action> {
+        let Some(s) = self.clients.get_mut(&client) else { return Vec::new() };
+        if let Some(o) = report.commit_overhead_s {
             s.overhead = o;
         }
-        Vec::new()
+        if self.scale.is_some() || report.steps == 0 {
+            return Vec::new();
+        }
+        // A round of no time says nothing about the client's speed: not kept.
+        if s.rounds.len() < 2 && report.seconds.is_finite() && report.seconds > 0.0 {
+            s.rounds.push(report.seconds);
+        }
+        self.try_derive(now)
     }
 
     fn on_loss(&mut self, now: Duration, source: LossSource, loss: f64) {
@@ -331,9 +447,9 @@ impl SyncPolicy for Adsp {
     }
 
     fn poll(&mut self, now: Duration) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = self.try_derive(now);
         if let Some(start) = self.period_start {
-            let half = start + self.cfg.period / 2;
+            let half = start + self.period() / 2;
             if !self.mid_recorded && now >= half {
                 self.mid_recorded = true;
                 if let Some(l) = self.loss_now(now)
@@ -342,7 +458,7 @@ impl SyncPolicy for Adsp {
                     self.points.push((now.saturating_sub(self.origin).as_secs_f64(), l));
                 }
             }
-            if now >= start + self.cfg.period {
+            if now >= start + self.period() {
                 out.extend(self.end_period(now));
             }
         }
@@ -356,8 +472,11 @@ impl SyncPolicy for Adsp {
     }
 
     fn next_wakeup(&self) -> Option<Duration> {
+        if self.scale.is_none() {
+            return self.candidate().map(|(_, wait, _)| self.origin + wait);
+        }
         let start = self.period_start?;
-        Some(if self.mid_recorded { start + self.cfg.period } else { start + self.cfg.period / 2 })
+        Some(if self.mid_recorded { start + self.period() } else { start + self.period() / 2 })
     }
 
     fn drain(&mut self) -> Vec<Action> {
@@ -372,6 +491,9 @@ impl SyncPolicy for Adsp {
             "scores": self.scores,
             "intervals": self.clients.iter().map(|(c, s)| (c.to_string(), s.interval)).collect::<BTreeMap<_, _>>(),
             "periods": self.history.len(),
+            "period_s": self.scale.map(|s| s.period.as_secs_f64()),
+            "min_interval_s": self.scale.map(|s| s.min_interval.as_secs_f64()),
+            "timescale_derived": self.scale.map(|s| s.derived),
         })
     }
 }
@@ -382,8 +504,8 @@ mod tests {
 
     fn cfg() -> AdspConfig {
         AdspConfig {
-            period: Duration::from_secs(60),
-            min_interval: Duration::from_secs(1),
+            period: Some(Duration::from_secs(60)),
+            min_interval: Some(Duration::from_secs(1)),
             research_every: Duration::from_secs(1000),
             target_loss: 0.3,
             rise: 0.3,
@@ -489,6 +611,90 @@ mod tests {
         assert_eq!(p.commits_per_period(), 3, "scores: {:?}", p.scores);
         let tried: Vec<u64> = p.scores.iter().map(|s| s.0).collect();
         assert_eq!(&tried[..4], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_timescale_rule_uses_the_slowest_and_fastest_rounds() {
+        let unset = AdspConfig { period: None, min_interval: None, ..cfg() };
+        let t = derive_timescale(&unset, &[0.4, 1.6, 0.2]).unwrap();
+        assert_eq!(
+            (t.period, t.min_interval, t.derived),
+            (Duration::from_secs(16), Duration::from_secs_f64(0.2), true)
+        );
+        assert_eq!(derive_timescale(&unset, &[]), None);
+        assert_eq!(derive_timescale(&unset, &[0.4, f64::NAN]), None);
+        let half = AdspConfig { min_interval: None, ..cfg() };
+        let t = derive_timescale(&half, &[0.4, 1.6]).unwrap();
+        assert_eq!((t.period, t.min_interval), (Duration::from_secs(60), Duration::from_secs_f64(0.4)));
+        let set = derive_timescale(&cfg(), &[]).unwrap();
+        assert_eq!((set.period, set.derived), (Duration::from_secs(60), false));
+    }
+
+    #[test]
+    fn unset_timescales_wait_for_every_clients_second_round() {
+        let mut p = Adsp::new(AdspConfig { period: None, min_interval: None, ..cfg() });
+        let round = |s: f64| RoundTime { seconds: s, steps: 10, commit_overhead_s: Some(0.05) };
+        assert!(p.on_join(Duration::ZERO, 0).is_empty(), "no interval before round times");
+        assert!(p.on_join(Duration::ZERO, 1).is_empty());
+        // First rounds include start-up and are not used.
+        assert!(p.on_round_time(Duration::from_secs(1), 0, &round(9.0)).is_empty());
+        assert!(
+            p.on_round_time(Duration::from_secs(1), 0, &round(0.3)).is_empty(),
+            "client 1 has not reported"
+        );
+        assert!(p.on_round_time(Duration::from_secs(2), 1, &round(9.0)).is_empty());
+        // Client 0's rounds give Γ = 3 s: client 1 is waited for until then, at the latest.
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(3)));
+        let acts = p.on_round_time(Duration::from_secs(3), 1, &round(1.2));
+        // Γ = 10 · 1.2 s, T_min = 0.3 s; C = 1: T_i = 12 − 0.05.
+        let intervals: Vec<f64> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Directive { directive, .. } => directive.commit_interval_s,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(intervals.len(), 2, "{acts:?}");
+        assert!(intervals.iter().all(|t| (t - 11.95).abs() < 1e-9), "{intervals:?}");
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(3 + 6)), "the first period started at once");
+        let st = p.state();
+        assert_eq!((st["period_s"].as_f64(), st["timescale_derived"].as_bool()), (Some(12.0), Some(true)));
+        // A later client is told the interval at once.
+        assert_eq!(p.on_join(Duration::from_secs(4), 2).len(), 1);
+    }
+
+    #[test]
+    fn clients_that_never_report_round_times_do_not_stall_the_timescale() {
+        let unset = || AdspConfig { period: None, min_interval: None, ..cfg() };
+        let round = |s: f64| RoundTime { seconds: s, steps: 10, commit_overhead_s: None };
+        // A native trainer reports; a browser trainer never does: Γ = 10 · 0.5 s passes after
+        // the first join, and the native client's rounds set the timescale.
+        let mut p = Adsp::new(unset());
+        p.on_join(Duration::from_secs(1), 0);
+        p.on_join(Duration::from_secs(1), 1);
+        p.on_round_time(Duration::from_secs(2), 0, &round(3.0));
+        assert!(p.on_round_time(Duration::from_secs(2), 0, &round(0.5)).is_empty());
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(6)));
+        assert!(p.poll(Duration::from_secs(5)).is_empty());
+        let acts = p.poll(Duration::from_secs(6));
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::Directive { .. })).count(), 2, "{acts:?}");
+        assert_eq!(p.state()["period_s"].as_f64(), Some(5.0));
+        // No client reports at all: the paper's values, 60 s after the first join.
+        let mut q = Adsp::new(unset());
+        q.on_join(Duration::ZERO, 0);
+        assert!(q.poll(Duration::from_secs(59)).is_empty());
+        assert_eq!(q.poll(Duration::from_secs(60)).len(), 1);
+        assert_eq!(
+            (q.state()["period_s"].as_f64(), q.state()["timescale_derived"].as_bool()),
+            (Some(60.0), Some(false))
+        );
+        // A zero or absurd round: not kept, and no panic; Γ is capped at a day.
+        let mut r = Adsp::new(unset());
+        r.on_join(Duration::ZERO, 0);
+        r.on_round_time(Duration::ZERO, 0, &round(0.0));
+        r.on_round_time(Duration::ZERO, 0, &round(1e300));
+        assert!(r.on_round_time(Duration::ZERO, 0, &round(2e18)).len() == 1);
+        assert_eq!(r.state()["period_s"].as_f64(), Some(86_400.0));
     }
 
     #[test]

@@ -253,8 +253,8 @@ pub fn build_policy(cfg: &ServerConfig) -> Box<dyn SyncPolicy> {
         PolicyKind::Ssp => Box::new(ssp::Ssp::new(cfg.ssp_bound, cfg.max_batch)),
         PolicyKind::Fedbuff => Box::new(fedbuff::FedBuff::new(cfg.fedbuff_k)),
         PolicyKind::Adsp => Box::new(adsp::Adsp::new(adsp::AdspConfig {
-            period: secs(cfg.adsp_period_s),
-            min_interval: secs(cfg.adsp_min_interval_s),
+            period: cfg.adsp_period_s.map(secs),
+            min_interval: cfg.adsp_min_interval_s.map(secs),
             research_every: secs(cfg.adsp_research_s),
             target_loss: cfg.adsp_target_loss,
             rise: 0.3,

@@ -81,8 +81,8 @@ async fn nbsync_pipelines_over_bsp() {
 async fn adsp_mode_commits_on_the_server_interval() {
     let cfg = ServerConfig {
         policy: PolicyKind::Adsp,
-        adsp_period_s: 1.0,
-        adsp_min_interval_s: 0.05,
+        adsp_period_s: Some(1.0),
+        adsp_min_interval_s: Some(0.05),
         ..Default::default()
     };
     let (s, events) = run_two(cfg, Mode::Auto, 10).await;
@@ -94,6 +94,31 @@ async fn adsp_mode_commits_on_the_server_interval() {
             |e| matches!(e, Event::Directive { directive, .. } if directive.commit_interval_s.is_some())
         )
     );
+}
+
+/// With Γ and T_min unset, the server derives them from the clients' round times and then
+/// tells each client its commit interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adsp_derives_its_timescale_from_round_times() {
+    let cfg = ServerConfig { policy: PolicyKind::Adsp, ..Default::default() };
+    assert_eq!((cfg.adsp_period_s, cfg.adsp_min_interval_s), (None, None), "unset by default");
+    let (s, events) = run_two(cfg, Mode::Auto, 8).await;
+    for c in &s {
+        assert_eq!((c.pushes, c.rejected), (8, 0), "{c:?}");
+    }
+    let derived: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Directive { directive, .. }
+                if directive.reason.as_deref().is_some_and(|r| r.contains("derived from round times")) =>
+            {
+                directive.commit_interval_s
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(derived.len() >= 2, "both clients were told a derived interval: {events:?}");
+    assert!(derived.iter().all(|t| *t > 0.0 && t.is_finite()), "{derived:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

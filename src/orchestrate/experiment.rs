@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::scenario::Regime;
 use super::{ClientSpec, Launcher, OrchestrateError, io};
 use crate::config::{PolicyKind, ServerConfig};
 use crate::policy::staleness::WeightingKind;
@@ -44,7 +45,33 @@ pub struct ExperimentConfig {
     /// Extra `sparsync serve` flags for every variant's server (e.g. `--max-batch 32`),
     /// applied after the variant's own settings; `--policy` is refused (use `policies`).
     pub server_args: Vec<String>,
+    /// The regimes every variant runs in (empty: one, with the settings above).
+    pub regimes: Vec<Regime>,
+    /// The scenario these settings come from, recorded in the results.
+    pub scenario: Option<String>,
+    /// Label of the regimes' swept quantity, for time_to_target.png.
+    pub x_label: String,
 }
+
+/// A policy's decision over time: a Directive the server sent a trainer (ADSP's interval and
+/// C, Hermes's data allocation).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Decision {
+    /// Seconds since the first trainer joined.
+    pub t: f64,
+    pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_interval_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_epochs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Decisions kept per run (the first ones: they show the policy settling).
+pub const MAX_DECISIONS: usize = 400;
 
 /// One point of a run's curve.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,6 +80,9 @@ pub struct Point {
     pub t: f64,
     pub version: u64,
     pub accuracy: f64,
+    /// The evaluator's test loss.
+    #[serde(default)]
+    pub loss: f64,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -89,11 +119,40 @@ pub struct RunResult {
     /// The extra arguments every trainer of this run got.
     #[serde(default)]
     pub trainer_args: Vec<String>,
+    /// The regime's name (empty: the experiment had one) and swept value.
+    #[serde(default)]
+    pub regime: String,
+    #[serde(default)]
+    pub regime_x: f64,
+    /// The trainers' slowdowns, in client order.
+    #[serde(default)]
+    pub slowdowns: Vec<f64>,
+    /// Updates aggregated up to the evaluation that reached the target (Dai et al.'s measure).
+    #[serde(default)]
+    pub updates_to_target: Option<u64>,
+    /// Pushes accepted per client id (Hermes: the ones its gate let through).
+    #[serde(default)]
+    pub pushes: BTreeMap<String, u64>,
+    /// Rounds a client's gate held back (Hermes's Skip reports) per client id.
+    #[serde(default)]
+    pub skips: BTreeMap<String, u64>,
+    /// The policy's directives over time (at most MAX_DECISIONS, the first ones).
+    #[serde(default)]
+    pub decisions: Vec<Decision>,
+    /// The policy's own state at the end of the run (ADSP: C, scores r(C), Γ and T_min).
+    #[serde(default)]
+    pub policy_state: serde_json::Value,
 }
 
 /// What `results.json` holds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Results {
+    /// The scenario run (none: settings from the command line only).
+    #[serde(default)]
+    pub scenario: Option<String>,
+    /// Training images the trainers shared (60,000: the full Fashion-MNIST).
+    #[serde(default)]
+    pub train_images: usize,
     pub target_accuracy: f64,
     pub clients: usize,
     pub slowdowns: Vec<f64>,
@@ -111,11 +170,12 @@ struct Variant {
     name: String,
     server: ServerConfig,
     mode: Option<&'static str>,
+    regime: Regime,
 }
 
 /// `--server-args`, parsed as `sparsync serve` flags.
 #[derive(clap::Parser)]
-#[command(no_binary_name = true)]
+#[command(no_binary_name = true, args_override_self = true)]
 struct ServerArgs {
     #[command(flatten)]
     flags: crate::config::ServeFlags,
@@ -135,10 +195,21 @@ fn server_flags(args: &[String]) -> Result<crate::config::ServeFlags, Orchestrat
 
 fn variants(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
     let flags = server_flags(&cfg.server_args)?;
-    let mut out = variants_with_defaults(cfg)?;
-    for v in &mut out {
-        v.server.apply(flags.clone());
-        v.server.validate().map_err(|e| OrchestrateError::Invalid(format!("--server-args: {e}")))?;
+    let regimes = if cfg.regimes.is_empty() { vec![Regime::default()] } else { cfg.regimes.clone() };
+    let mut out = Vec::new();
+    for regime in regimes {
+        for mut v in variants_with_defaults(cfg)? {
+            if let Some(m) = &regime.model {
+                v.server.model = m.clone();
+            }
+            if !regime.name.is_empty() {
+                v.name = format!("{}@{}", v.name, regime.name);
+            }
+            v.server.apply(flags.clone());
+            v.server.validate().map_err(|e| OrchestrateError::Invalid(format!("--server-args: {e}")))?;
+            v.regime = regime.clone();
+            out.push(v);
+        }
     }
     Ok(out)
 }
@@ -159,16 +230,9 @@ fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, Orches
                 ServerConfig { policy: PolicyKind::Fedbuff, fedbuff_k: cfg.clients.clamp(2, 10), ..base() },
                 None,
             ),
-            // Scaled to a short run: a 4 s check period, commits at least 50 ms apart.
-            "adsp" => (
-                ServerConfig {
-                    policy: PolicyKind::Adsp,
-                    adsp_period_s: 4.0,
-                    adsp_min_interval_s: 0.05,
-                    ..base()
-                },
-                None,
-            ),
+            // Γ and T_min derived from the measured round times (docs/algorithms.md §5) unless
+            // --server-args sets them.
+            "adsp" => (ServerConfig { policy: PolicyKind::Adsp, ..base() }, None),
             // Scaled: rounds of 512 samples, one epoch; updates weighted by inverse loss.
             "hermes" => (
                 ServerConfig {
@@ -187,7 +251,7 @@ fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, Orches
                 )));
             }
         };
-        out.push(Variant { name: p.clone(), server, mode });
+        out.push(Variant { name: p.clone(), server, mode, regime: Regime::default() });
     }
     for w in &cfg.sweep {
         let name = format!(
@@ -198,6 +262,7 @@ fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, Orches
             name,
             server: ServerConfig { policy: PolicyKind::Asp, weighting: *w, ..cfg.server.clone() },
             mode: None,
+            regime: Regime::default(),
         });
     }
     Ok(out)
@@ -235,12 +300,16 @@ async fn run_one(
         ev.extra = vec!["--eval-samples".into(), s.to_string()];
     }
     children.push(launcher.spawn(&ev)?);
-    for i in 0..cfg.clients {
-        let slow = cfg.slowdowns.get(i % cfg.slowdowns.len().max(1)).copied().unwrap_or(1.0);
+    let slowdowns_of = v.regime.slowdowns.as_ref().unwrap_or(&cfg.slowdowns);
+    let slowdowns: Vec<f64> = (0..cfg.clients)
+        .map(|i| slowdowns_of.get(i % slowdowns_of.len().max(1)).copied().unwrap_or(1.0))
+        .collect();
+    let trainer_args: Vec<String> = cfg.trainer_args.iter().chain(&v.regime.trainer_args).cloned().collect();
+    for (i, &slow) in slowdowns.iter().enumerate() {
         let mut spec = ClientSpec::trainer(format!("c{i}-x{slow}"), (i, cfg.clients), slow, seed + i as u64);
         spec.partition = cfg.partition.clone();
         spec.mode = v.mode.map(String::from);
-        spec.extra = cfg.trainer_args.clone();
+        spec.extra = trainer_args.clone();
         children.push(launcher.spawn(&spec)?);
     }
     let start = Instant::now();
@@ -270,15 +339,37 @@ async fn run_one(
     let mut t0 = None;
     let mut hist = vec![0u64; STALENESS_BINS];
     let mut commits: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pushes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut skips: BTreeMap<String, u64> = BTreeMap::new();
+    let mut decisions = Vec::new();
+    // (version, updates aggregated so far) after each step.
+    let mut aggregated: Vec<(u64, u64)> = Vec::new();
+    let name_of = |names: &BTreeMap<_, String>, s: &crate::policy::SessionId| {
+        names.get(s).cloned().unwrap_or_else(|| s.to_string())
+    };
     for e in &events {
         match e {
+            Event::Accept { session, .. } => *pushes.entry(name_of(&names, session)).or_default() += 1,
+            Event::Skip { session, .. } => *skips.entry(name_of(&names, session)).or_default() += 1,
+            Event::Directive { t, session, directive } if decisions.len() < MAX_DECISIONS => {
+                decisions.push(Decision {
+                    t: *t,
+                    client: name_of(&names, session),
+                    commit_interval_s: directive.commit_interval_s,
+                    chunk_size: directive.chunk_size,
+                    local_epochs: directive.local_epochs,
+                    reason: directive.reason.clone(),
+                })
+            }
             Event::Join { t, session, client_id, role, .. } => {
                 names.insert(*session, client_id.clone());
                 if *role == crate::protocol::message::Role::Trainer {
                     t0.get_or_insert(*t);
                 }
             }
-            Event::Aggregate { items, .. } => {
+            Event::Aggregate { version, items, .. } => {
+                let before = aggregated.last().map_or(0, |a| a.1);
+                aggregated.push((*version, before + items.len() as u64));
                 for i in items {
                     hist[(i.staleness as usize).min(STALENESS_BINS - 1)] += 1;
                     *commits
@@ -290,6 +381,9 @@ async fn run_one(
         }
     }
     let t0 = t0.unwrap_or(0.0);
+    for d in &mut decisions {
+        d.t = (d.t - t0).max(0.0);
+    }
     let curve: Vec<Point> = status
         .evals
         .iter()
@@ -297,11 +391,15 @@ async fn run_one(
             t: (e.t - t0).max(0.0),
             version: e.version,
             accuracy: e.accuracy,
+            loss: e.loss,
             bytes_up: e.bytes_in,
             bytes_down: e.bytes_out,
         })
         .collect();
     let hit = curve.iter().find(|p| p.accuracy >= cfg.target_accuracy);
+    // The updates aggregated into the version that reached the target.
+    let updates_to_target =
+        hit.map(|p| aggregated.iter().take_while(|a| a.0 <= p.version).last().map_or(0, |a| a.1));
     let total: u64 = hist.iter().sum();
     let mean_staleness = if total == 0 {
         0.0
@@ -329,7 +427,15 @@ async fn run_one(
         commits,
         curve,
         server: serde_json::to_value(&server_cfg).unwrap_or_default(),
-        trainer_args: cfg.trainer_args.clone(),
+        trainer_args,
+        regime: v.regime.name.clone(),
+        regime_x: v.regime.x,
+        slowdowns,
+        updates_to_target,
+        pushes,
+        skips,
+        decisions,
+        policy_state: status.policy_state.clone(),
     })
 }
 
@@ -349,14 +455,16 @@ pub fn to_csv(runs: &[RunResult]) -> String {
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.4}")).unwrap_or_default();
     let opt_u = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
     let mut s = String::from(
-        "variant,policy,weighting,mode,repeat,seed,reached,time_to_target_s,bytes_up_to_target,bytes_down_to_target,\
-         final_accuracy,best_accuracy,duration_s,versions,accepted,mean_staleness,commits\n",
+        "variant,regime,policy,weighting,mode,repeat,seed,reached,time_to_target_s,bytes_up_to_target,bytes_down_to_target,\
+         updates_to_target,final_accuracy,best_accuracy,duration_s,versions,accepted,mean_staleness,commits,skips\n",
     );
     for r in runs {
         let commits: Vec<String> = r.commits.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let skips: Vec<String> = r.skips.iter().map(|(k, v)| format!("{k}={v}")).collect();
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{},{}\n",
             r.variant,
+            r.regime,
             r.policy,
             r.weighting,
             r.mode,
@@ -366,13 +474,15 @@ pub fn to_csv(runs: &[RunResult]) -> String {
             opt(r.time_to_target_s),
             opt_u(r.bytes_up_to_target),
             opt_u(r.bytes_down_to_target),
+            opt_u(r.updates_to_target),
             opt(r.final_accuracy),
             opt(r.best_accuracy),
             r.duration_s,
             r.versions,
             r.accepted,
             r.mean_staleness,
-            commits.join(";")
+            commits.join(";"),
+            skips.join(";")
         ));
     }
     s
@@ -400,6 +510,7 @@ pub fn summary_table(runs: &[RunResult]) -> String {
                 f(med(&|r| r.time_to_target_s), 1),
                 mb(med(&|r| r.bytes_up_to_target.map(|b| b as f64))),
                 mb(med(&|r| r.bytes_down_to_target.map(|b| b as f64))),
+                f(med(&|r| r.updates_to_target.map(|u| u as f64)), 0),
                 f(med(&|r| r.final_accuracy), 3),
                 f(med(&|r| Some(r.mean_staleness)), 2),
                 f(med(&|r| Some(r.versions as f64)), 0),
@@ -407,7 +518,17 @@ pub fn summary_table(runs: &[RunResult]) -> String {
         })
         .collect();
     crate::bench::table(
-        &["variant", "reached", "s to target", "MB up", "MB down", "final acc", "staleness", "versions"],
+        &[
+            "variant",
+            "reached",
+            "s to target",
+            "MB up",
+            "MB down",
+            "updates",
+            "final acc",
+            "staleness",
+            "versions",
+        ],
         &rows,
     )
 }
@@ -420,10 +541,37 @@ pub async fn run(cfg: &ExperimentConfig, command: &str) -> Result<Results, Orche
     let bin = super::find_client(cfg.client_bin.as_deref())?;
     std::fs::create_dir_all(&cfg.out).map_err(io(format!("creating {}", cfg.out.display())))?;
     let vs = variants(cfg)?;
+    let train_images = crate::data::load(cfg.data.as_deref()).map(|d| d.train.len()).unwrap_or(0);
+    if cfg.scenario.is_some() && cfg.data.is_none() && train_images < 60_000 {
+        eprintln!(
+            "experiment: warning: the full Fashion-MNIST is not installed ({}); the trainers use the \
+             embedded {train_images}-image subset, on which the scenario's target may not be reached \
+             (Debian: apt install dataset-fashion-mnist)",
+            crate::data::DEBIAN_DIR
+        );
+    }
     let mut runs = Vec::new();
+    let total = cfg.repeat * vs.len();
+    let began = std::time::Instant::now();
     for repeat in 0..cfg.repeat {
         for v in &vs {
-            eprintln!("experiment: {} (repeat {}/{})", v.name, repeat + 1, cfg.repeat);
+            let done = runs.len();
+            let eta = if done == 0 {
+                format!("at most {:.0} min", total as f64 * (cfg.max_seconds + 10.0) / 60.0)
+            } else {
+                format!(
+                    "~{:.0} min left",
+                    began.elapsed().as_secs_f64() / done as f64 * (total - done) as f64 / 60.0
+                )
+            };
+            eprintln!(
+                "experiment{}: run {}/{total}: {} (repeat {}/{}; {eta})",
+                cfg.scenario.as_deref().map(|s| format!(" {s}")).unwrap_or_default(),
+                done + 1,
+                v.name,
+                repeat + 1,
+                cfg.repeat
+            );
             let r = run_one(cfg, v, repeat, &bin, &cfg.out).await?;
             eprintln!(
                 "  {}: {} in {:.1} s, final accuracy {}",
@@ -436,6 +584,8 @@ pub async fn run(cfg: &ExperimentConfig, command: &str) -> Result<Results, Orche
         }
     }
     let results = Results {
+        scenario: cfg.scenario.clone(),
+        train_images,
         target_accuracy: cfg.target_accuracy,
         clients: cfg.clients,
         slowdowns: cfg.slowdowns.clone(),
@@ -457,31 +607,103 @@ fn write_files(cfg: &ExperimentConfig, results: &Results) -> Result<(), Orchestr
     write("results.csv", to_csv(&results.runs))?;
     write("results.json", serde_json::to_string_pretty(results).expect("results serialize"))?;
     write("summary.txt", summary_table(&results.runs))?;
-    // Plots of the first repeat: one line per variant.
+    // Plots of the first repeat: one line per variant, one plot per regime.
     let first: Vec<&RunResult> = results.runs.iter().filter(|r| r.repeat == 0).collect();
+    let mut regimes: Vec<&str> = Vec::new();
+    for r in &first {
+        if !regimes.contains(&r.regime.as_str()) {
+            regimes.push(&r.regime);
+        }
+    }
+    if regimes.len() > 1 {
+        for regime in &regimes {
+            let rs: Vec<&RunResult> = first.iter().copied().filter(|r| r.regime == *regime).collect();
+            plot_comparison(cfg, results, &rs, &format!("_{regime}"), &format!(", {regime}"))?;
+        }
+        time_to_target_plot(cfg, results)?;
+        return staleness_plots(cfg, results, &first);
+    }
+    // One regime: the weighting sweep (asp-…) has its own plot.
     let comparison: Vec<&RunResult> =
         first.iter().copied().filter(|r| !r.variant.starts_with("asp-")).collect();
-    let sweep: Vec<&RunResult> = first.iter().copied().filter(|r| r.variant.starts_with("asp-")).collect();
+    plot_comparison(cfg, results, &comparison, "", "")?;
+    staleness_plots(cfg, results, &first)
+}
+
+/// Median time to target per policy (the variant's name before `@`) over the regimes' x.
+fn time_to_target_plot(cfg: &ExperimentConfig, results: &Results) -> Result<(), OrchestrateError> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut keys: Vec<(String, String, f64)> = Vec::new();
+    for r in &results.runs {
+        let base = r.variant.split('@').next().unwrap_or(&r.variant).to_string();
+        if !keys.iter().any(|k| k.0 == base && k.1 == r.regime) {
+            keys.push((base, r.regime.clone(), r.regime_x));
+        }
+    }
+    for (base, regime, x) in keys {
+        let times: Vec<f64> = results
+            .runs
+            .iter()
+            .filter(|r| r.regime == regime && r.variant.split('@').next() == Some(base.as_str()))
+            .filter_map(|r| r.time_to_target_s)
+            .collect();
+        let Some(m) = median(times) else { continue };
+        match series.iter_mut().find(|s| s.0 == base) {
+            Some(s) => s.1.push((x, m)),
+            None => series.push((base, vec![(x, m)])),
+        }
+    }
+    crate::plot::lines(
+        &cfg.out.join("time_to_target.png"),
+        &format!("Median seconds to {:.0}% test accuracy", results.target_accuracy * 100.0),
+        if cfg.x_label.is_empty() { "regime" } else { &cfg.x_label },
+        "seconds",
+        &series,
+    )?;
+    Ok(())
+}
+
+fn plot_comparison(
+    cfg: &ExperimentConfig,
+    results: &Results,
+    first: &[&RunResult],
+    suffix: &str,
+    title: &str,
+) -> Result<(), OrchestrateError> {
+    let comparison: Vec<&RunResult> = first.to_vec();
     let target = format!("target {:.0}%", results.target_accuracy * 100.0);
     let series = |rs: &[&RunResult], x: &dyn Fn(&Point) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
         rs.iter().map(|r| (r.variant.clone(), r.curve.iter().map(|p| (x(p), p.accuracy)).collect())).collect()
     };
     if !comparison.is_empty() {
         crate::plot::lines(
-            &cfg.out.join("accuracy_vs_time.png"),
-            &format!("Test accuracy over time ({} clients, {target})", results.clients),
+            &cfg.out.join(format!("accuracy_vs_time{suffix}.png")),
+            &format!("Test accuracy over time ({} clients, {target}{title})", results.clients),
             "seconds",
             "accuracy",
             &series(&comparison, &|p| p.t),
         )?;
         crate::plot::lines(
-            &cfg.out.join("accuracy_vs_bytes.png"),
-            &format!("Test accuracy over uplink traffic ({} clients)", results.clients),
+            &cfg.out.join(format!("accuracy_vs_bytes{suffix}.png")),
+            &format!("Test accuracy over uplink traffic ({} clients{title})", results.clients),
             "uplink MB",
             "accuracy",
             &series(&comparison, &|p| p.bytes_up as f64 / 1e6),
         )?;
     }
+    Ok(())
+}
+
+fn staleness_plots(
+    cfg: &ExperimentConfig,
+    results: &Results,
+    first: &[&RunResult],
+) -> Result<(), OrchestrateError> {
+    let target = format!("target {:.0}%", results.target_accuracy * 100.0);
+    let series = |rs: &[&RunResult], x: &dyn Fn(&Point) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        rs.iter().map(|r| (r.variant.clone(), r.curve.iter().map(|p| (x(p), p.accuracy)).collect())).collect()
+    };
+    let sweep: Vec<&RunResult> = first.iter().copied().filter(|r| r.variant.starts_with("asp-")).collect();
     let hist = |rs: &[&RunResult]| -> Vec<(String, Vec<f64>)> {
         rs.iter()
             .map(|r| {
@@ -524,6 +746,11 @@ mod tests {
         assert_eq!(server_flags(&args(&["--max-batch", "3"])).unwrap().max_batch, Some(3));
         let e = server_flags(&args(&["--policy", "asp"])).unwrap_err().to_string();
         assert!(e.contains("--policies"), "{e}");
+        // A scenario's flag and the command line's: the later one wins.
+        assert_eq!(
+            server_flags(&args(&["--max-batch", "3", "--max-batch", "5"])).unwrap().max_batch,
+            Some(5)
+        );
         let e = server_flags(&args(&["--max-batch", "many"])).unwrap_err().to_string();
         assert!(e.contains("--server-args") && e.contains("max-batch"), "{e}");
     }

@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod experiment;
+pub mod scenario;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -65,8 +65,9 @@ pub struct Timescale {
 /// Periods Γ spans in rounds of the slowest client when derived.
 pub const ROUNDS_PER_PERIOD: f64 = 10.0;
 
-/// The paper's Γ and T_min: used when no client has reported round times this long after the
-/// first join (browser and Python trainers send no RoundTime).
+/// The paper's Γ and T_min. Γ is also how long after the first join clients that have not
+/// reported two rounds are waited for (browser and Python trainers send no RoundTime); then
+/// the reports so far set the timescale, or with none the paper's values apply.
 pub const PAPER_PERIOD: Duration = Duration::from_secs(60);
 pub const PAPER_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -344,9 +345,8 @@ impl Adsp {
 }
 
 impl Adsp {
-    /// The timescale that would start now, and how long after the first join it may wait for
-    /// clients that have not reported two rounds: the derived Γ, or the paper's Γ when no
-    /// client has reported (then its values are used).
+    /// The timescale that would start now, how long after the first join it waits for clients
+    /// that have not reported two rounds (the paper's Γ), and whether every client has.
     fn candidate(&self) -> Option<(Timescale, Duration, bool)> {
         if self.clients.is_empty() {
             return None;
@@ -362,11 +362,11 @@ impl Adsp {
             };
             return Some((paper, PAPER_PERIOD, false));
         }
-        derive_timescale(&self.cfg, &second).map(|t| (t, t.period, all))
+        derive_timescale(&self.cfg, &second).map(|t| (t, PAPER_PERIOD, all))
     }
 
     /// Γ and T_min are fixed once every client has reported its second round, or, when some
-    /// never report, once the candidate Γ has passed since the first join; periods start.
+    /// never report, 60 s after the first join; periods start.
     fn try_derive(&mut self, now: Duration) -> Vec<Action> {
         if self.scale.is_some() {
             return Vec::new();
@@ -643,8 +643,8 @@ mod tests {
             "client 1 has not reported"
         );
         assert!(p.on_round_time(Duration::from_secs(2), 1, &round(9.0)).is_empty());
-        // Client 0's rounds give Γ = 3 s: client 1 is waited for until then, at the latest.
-        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(3)));
+        // Client 1 is waited for (a slow client's rounds come late), 60 s at most.
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(60)));
         let acts = p.on_round_time(Duration::from_secs(3), 1, &round(1.2));
         // Γ = 10 · 1.2 s, T_min = 0.3 s; C = 1: T_i = 12 − 0.05.
         let intervals: Vec<f64> = acts
@@ -667,16 +667,16 @@ mod tests {
     fn clients_that_never_report_round_times_do_not_stall_the_timescale() {
         let unset = || AdspConfig { period: None, min_interval: None, ..cfg() };
         let round = |s: f64| RoundTime { seconds: s, steps: 10, commit_overhead_s: None };
-        // A native trainer reports; a browser trainer never does: Γ = 10 · 0.5 s passes after
-        // the first join, and the native client's rounds set the timescale.
+        // A native trainer reports; a browser trainer never does: 60 s after the first join,
+        // the native client's rounds set the timescale (Γ = 10 · 0.5 s).
         let mut p = Adsp::new(unset());
         p.on_join(Duration::from_secs(1), 0);
         p.on_join(Duration::from_secs(1), 1);
         p.on_round_time(Duration::from_secs(2), 0, &round(3.0));
         assert!(p.on_round_time(Duration::from_secs(2), 0, &round(0.5)).is_empty());
-        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(6)));
-        assert!(p.poll(Duration::from_secs(5)).is_empty());
-        let acts = p.poll(Duration::from_secs(6));
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(61)));
+        assert!(p.poll(Duration::from_secs(60)).is_empty());
+        let acts = p.poll(Duration::from_secs(61));
         assert_eq!(acts.iter().filter(|a| matches!(a, Action::Directive { .. })).count(), 2, "{acts:?}");
         assert_eq!(p.state()["period_s"].as_f64(), Some(5.0));
         // No client reports at all: the paper's values, 60 s after the first join.

@@ -62,6 +62,9 @@ pub struct Timescale {
     pub derived: bool,
 }
 
+/// Finished periods and scores kept for the status (the latest).
+const MAX_KEPT: usize = 64;
+
 /// Periods Γ spans in rounds of the slowest client when derived.
 pub const ROUNDS_PER_PERIOD: f64 = 10.0;
 
@@ -223,7 +226,10 @@ pub struct Adsp {
     loss: GlobalLoss,
     pending: Vec<PushId>,
     /// Per finished period: (C, commits per client).
-    history: Vec<(u64, BTreeMap<SessionId, u64>)>,
+    /// (the latest MAX_KEPT; memory stays bounded however long a run).
+    history: std::collections::VecDeque<(u64, BTreeMap<SessionId, u64>)>,
+    /// Periods finished since the start.
+    periods: u64,
     /// Every score computed: (C, r(C)).
     scores: Vec<(u64, f64)>,
 }
@@ -245,7 +251,8 @@ impl Adsp {
             prev_period_loss: None,
             loss: GlobalLoss::default(),
             pending: Vec::new(),
-            history: Vec::new(),
+            history: Default::default(),
+            periods: 0,
             scores: Vec::new(),
         }
     }
@@ -301,7 +308,11 @@ impl Adsp {
     fn end_period(&mut self, now: Duration) -> Vec<Action> {
         let start = self.period_start.expect("a period is running");
         let commits: BTreeMap<SessionId, u64> = self.clients.iter().map(|(&c, s)| (c, s.commits)).collect();
-        self.history.push((self.c, commits));
+        if self.history.len() == MAX_KEPT {
+            self.history.pop_front();
+        }
+        self.history.push_back((self.c, commits));
+        self.periods += 1;
         let end_loss = self.loss_now(now);
         let clock = now.saturating_sub(self.origin).as_secs_f64();
         if let Some(l) = end_loss {
@@ -313,6 +324,9 @@ impl Adsp {
         });
         if let Some(search) = self.search.as_mut() {
             let s = scored.unwrap_or(0.0);
+            if self.scores.len() == MAX_KEPT {
+                self.scores.remove(0);
+            }
             self.scores.push((search.candidate, s));
             let improved = search.best.is_none_or(|(_, b)| s > b);
             if improved {
@@ -396,7 +410,7 @@ impl SyncPolicy for Adsp {
     }
 
     fn on_join(&mut self, now: Duration, client: SessionId) -> Vec<Action> {
-        if self.clients.is_empty() && self.history.is_empty() && self.period_start.is_none() {
+        if self.clients.is_empty() && self.periods == 0 && self.period_start.is_none() {
             self.origin = now;
         }
         self.clients.insert(client, ClientState::default());
@@ -490,7 +504,7 @@ impl SyncPolicy for Adsp {
             "searching": self.search.as_ref().map(|s| s.candidate),
             "scores": self.scores,
             "intervals": self.clients.iter().map(|(c, s)| (c.to_string(), s.interval)).collect::<BTreeMap<_, _>>(),
-            "periods": self.history.len(),
+            "periods": self.periods,
             "period_s": self.scale.map(|s| s.period.as_secs_f64()),
             "min_interval_s": self.scale.map(|s| s.min_interval.as_secs_f64()),
             "timescale_derived": self.scale.map(|s| s.derived),
@@ -576,7 +590,7 @@ mod tests {
             let acts = p.poll(now);
             apply(acts, &mut interval);
         }
-        p.history.clone()
+        p.history.iter().cloned().collect()
     }
 
     #[test]

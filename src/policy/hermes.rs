@@ -8,6 +8,9 @@
 //!   k_i = t_i / (E·D_i / b_i) (seconds per step) and the pair (D, b), b ∈ {2, 4, …, 64},
 //!   with the smallest D whose predicted round time E·D·k_i/b is within ±tolerance of T_med
 //!   (among the b that reach that D, the one closest to its current b), sent as a directive.
+//!   The tolerance is capped at T_med/2: a tolerance as long as T_med would admit a round of
+//!   no time, and "the smallest D" then became D = b = 2 for every outlier (seen with rounds
+//!   of 0.09 s and a 0.25 s tolerance).
 //!
 //! Updates are aggregated as they arrive, as shares of the active population: with the `loss`
 //! weighting, w_i = (1/L_i) / Σ_j 1/L_j over every active client's latest loss (from its pushes
@@ -55,7 +58,9 @@ pub struct Hermes {
     t_med: Option<f64>,
     pending: Vec<PushId>,
     /// Reallocations made: (client, D, b).
-    changes: Vec<(SessionId, u64, u64)>,
+    changes: std::collections::VecDeque<(SessionId, u64, u64)>,
+    /// Reallocations since the start (`changes` keeps the latest MAX_CHANGES).
+    reallocations: u64,
 }
 
 /// numpy's default percentile: linear interpolation between closest ranks.
@@ -67,6 +72,9 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
+
+/// Reallocations kept for the status (the latest; memory stays bounded however long a run).
+const MAX_CHANGES: usize = 64;
 
 /// The median of values (any order).
 pub fn median(values: &[f64]) -> f64 {
@@ -115,7 +123,14 @@ pub fn allocate(k: f64, epochs: u64, target: f64, tol: f64, current_b: u64) -> O
 
 impl Hermes {
     pub fn new(cfg: HermesConfig) -> Self {
-        Self { cfg, clients: BTreeMap::new(), t_med: None, pending: Vec::new(), changes: Vec::new() }
+        Self {
+            cfg,
+            clients: BTreeMap::new(),
+            t_med: None,
+            pending: Vec::new(),
+            changes: Default::default(),
+            reallocations: 0,
+        }
     }
 
     /// The allocation of a client: (D, b).
@@ -164,7 +179,8 @@ impl Hermes {
         }
         let a = &self.clients[&client];
         let k = seconds / (self.cfg.epochs as f64 * a.d as f64 / a.b as f64);
-        let Some((d, b)) = allocate(k, self.cfg.epochs, t_med, self.cfg.tolerance, a.b) else {
+        let tol = self.cfg.tolerance.min(t_med / 2.0);
+        let Some((d, b)) = allocate(k, self.cfg.epochs, t_med, tol, a.b) else {
             return Vec::new();
         };
         if (d, b) == (a.d, a.b) {
@@ -175,7 +191,11 @@ impl Hermes {
         a.b = b;
         // Its next report reflects the new allocation.
         a.last_round_s = None;
-        self.changes.push((client, d, b));
+        if self.changes.len() == MAX_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((client, d, b));
+        self.reallocations += 1;
         vec![Action::Directive {
             session: client,
             directive: Directive {
@@ -259,7 +279,8 @@ impl SyncPolicy for Hermes {
         serde_json::json!({
             "median_round_s": self.t_med,
             "allocations": self.clients.iter().map(|(c, a)| (c.to_string(), (a.d, a.b))).collect::<BTreeMap<_, _>>(),
-            "reallocations": self.changes,
+            "reallocations": self.reallocations,
+            "latest_reallocations": self.changes,
         })
     }
 }
@@ -314,6 +335,26 @@ mod tests {
                 assert!((dd as f64 * per - 40.5).abs() > 1.0, "D {dd} with b {bb} would do");
             }
         }
+    }
+
+    #[test]
+    fn a_tolerance_longer_than_the_median_round_is_capped_at_half_of_it() {
+        let t = Duration::ZERO;
+        let mut p = Hermes::new(HermesConfig { samples: 512, epochs: 1, tolerance: 0.25, ..cfg() });
+        for c in 0..5 {
+            p.on_join(t, c);
+        }
+        // Rounds of ~0.09 s, one of 0.4 s: the outlier must still get a round near 0.09 s, not
+        // the smallest allocation there is.
+        let times = [0.09, 0.085, 0.095, 0.09, 0.4];
+        for (c, &s) in times.iter().enumerate() {
+            p.on_round_time(t, c as SessionId, &report(s));
+        }
+        let (d, b) = p.allocation(4).unwrap();
+        let k = 0.4 / (512.0 / 16.0);
+        let predicted = d as f64 * k / b as f64;
+        assert!((predicted - 0.09).abs() <= 0.045, "predicted {predicted} s for D {d}, b {b}");
+        assert!(d > 2, "not the smallest allocation: D {d}, b {b}");
     }
 
     #[test]

@@ -83,16 +83,19 @@ SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
 VENV=${SPARSYNC_VENV:-$TARGET_DIR/venv}
 PY=$VENV/bin/python
 export PATH="$VENV/bin:$PATH"  # maturin, for pip's build of the extension
+cfg="$VENV/pyvenv.cfg"
 if [ -z "${SPARSYNC_VENV:-}" ] && [ -d "$VENV" ] &&
-    ! grep -qx 'include-system-site-packages = true' "$VENV/pyvenv.cfg" 2>/dev/null; then
-    step "python client: removing $VENV (an environment made before PyTorch came from Debian)"
+    ! { grep -qx 'include-system-site-packages = true' "$cfg" && grep -qx 'home = /usr/bin' "$cfg"; } 2>/dev/null; then
+    step "python client: removing $VENV (not on Debian's python3 and its PyTorch)"
     rm -rf "$VENV"
 fi
 if ! "$PY" -c 'import numpy, pytest, maturin, torch, websockets' >/dev/null 2>&1; then
     [ -n "${SPARSYNC_VENV:-}" ] && { echo "SPARSYNC_VENV=$VENV lacks numpy, pytest, maturin, torch or websockets" >&2; exit 1; }
     step "python client: virtual environment $VENV (Debian's torch and numpy; pytest, maturin, websockets)"
-    [ -x "$PY" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    # Made afresh (an old one may be PyPI-torch based or half made); only small downloads.
+    /usr/bin/python3 -m venv --clear --system-site-packages "$VENV"
     "$PY" -m pip install --quiet --no-cache-dir --disable-pip-version-check pytest maturin 'websockets>=12'
+    "$PY" -c 'import numpy, pytest, maturin, torch, websockets'
 fi
 
 step "python client: cargo fmt and clippy of the extension"

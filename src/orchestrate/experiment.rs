@@ -54,20 +54,14 @@ pub struct ExperimentConfig {
 }
 
 /// A policy's decision over time: a Directive the server sent a trainer (ADSP's interval and
-/// C, Hermes's data allocation).
+/// C, Hermes's data allocation), its fields inline.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Decision {
     /// Seconds since the first trainer joined.
     pub t: f64,
     pub client: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit_interval_s: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chunk_size: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local_epochs: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    #[serde(flatten)]
+    pub directive: crate::protocol::message::Directive,
 }
 
 /// Decisions kept per run (the first ones: they show the policy settling).
@@ -166,6 +160,7 @@ pub struct Results {
 /// Bins of the staleness histogram in results (0..=20, last bin 20+).
 pub const STALENESS_BINS: usize = 21;
 
+#[derive(Clone)]
 struct Variant {
     name: String,
     server: ServerConfig,
@@ -196,9 +191,10 @@ fn server_flags(args: &[String]) -> Result<crate::config::ServeFlags, Orchestrat
 fn variants(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
     let flags = server_flags(&cfg.server_args)?;
     let regimes = if cfg.regimes.is_empty() { vec![Regime::default()] } else { cfg.regimes.clone() };
+    let base = variants_with_defaults(cfg)?;
     let mut out = Vec::new();
     for regime in regimes {
-        for mut v in variants_with_defaults(cfg)? {
+        for mut v in base.iter().cloned() {
             if let Some(m) = &regime.model {
                 v.server.model = m.clone();
             }
@@ -351,16 +347,8 @@ async fn run_one(
         match e {
             Event::Accept { session, .. } => *pushes.entry(name_of(&names, session)).or_default() += 1,
             Event::Skip { session, .. } => *skips.entry(name_of(&names, session)).or_default() += 1,
-            Event::Directive { t, session, directive } if decisions.len() < MAX_DECISIONS => {
-                decisions.push(Decision {
-                    t: *t,
-                    client: name_of(&names, session),
-                    commit_interval_s: directive.commit_interval_s,
-                    chunk_size: directive.chunk_size,
-                    local_epochs: directive.local_epochs,
-                    reason: directive.reason.clone(),
-                })
-            }
+            Event::Directive { t, session, directive } if decisions.len() < MAX_DECISIONS => decisions
+                .push(Decision { t: *t, client: name_of(&names, session), directive: directive.clone() }),
             Event::Join { t, session, client_id, role, .. } => {
                 names.insert(*session, client_id.clone());
                 if *role == crate::protocol::message::Role::Trainer {

@@ -196,7 +196,7 @@ async fn every_scenario_runs_in_a_reduced_form_and_records_its_regime() {
         if name == "hermes" {
             let h = results.runs.iter().find(|r| r.policy == "hermes").unwrap();
             assert!(
-                h.decisions.iter().any(|d| d.chunk_size.is_some()),
+                h.decisions.iter().any(|d| d.directive.chunk_size.is_some()),
                 "Hermes's data allocation is recorded: {:?}",
                 h.decisions
             );

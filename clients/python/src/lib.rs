@@ -229,15 +229,18 @@ impl Inner {
 
 #[pymethods]
 impl Client {
-    /// Connects, says Hello and waits for the Welcome and the first Snapshot.
+    /// Connects, says Hello and waits for the Welcome and the first Snapshot. With `model`
+    /// None the client asks the server's `/api/status` which model it serves (one HTTP
+    /// request, in `sparsync._served`); a given `model` is an assertion: the server refuses
+    /// the Hello (field `model`) when it serves another.
     #[new]
-    #[pyo3(signature = (url, client_id, model = "mlp", token = None, role = "trainer", device = None, ca = None, resume_secret = None, timeout = 30.0, first_seq = 1))]
+    #[pyo3(signature = (url, client_id, model = None, token = None, role = "trainer", device = None, ca = None, resume_secret = None, timeout = 30.0, first_seq = 1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         url: &str,
         client_id: &str,
-        model: &str,
+        model: Option<String>,
         token: Option<String>,
         role: &str,
         device: Option<String>,
@@ -254,6 +257,13 @@ impl Client {
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(error(py, "timeout", "must be a positive number of seconds"));
         }
+        let model = match model {
+            Some(m) => m,
+            None => py
+                .import("sparsync._served")?
+                .call_method1("served_model", (url, ca.as_deref(), timeout))?
+                .extract::<String>()?,
+        };
         let mut opts = ClientOptions::new(url, client_id, model);
         opts.token = token;
         opts.kind = ClientKind::Synthetic;

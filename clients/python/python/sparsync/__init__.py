@@ -7,7 +7,7 @@ the server; network waits release the GIL. A training loop::
     import numpy as np
     from sparsync import Client
 
-    c = Client("ws://127.0.0.1:7070/ws", "py-1", model="mlp")
+    c = Client("ws://127.0.0.1:7070/ws", "py-1")   # the model the server serves (model="mlp" asserts it)
     for _ in range(100):
         x = c.replica()                       # float32, flat, in c.layout's order
         x_local = my_local_training(x)        # your training (e.g. directive's local_steps of SGD)

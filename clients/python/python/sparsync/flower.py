@@ -143,7 +143,7 @@ def start_numpy_client(
     url: str,
     client: Any,
     client_id: str,
-    model: str = "mlp",
+    model: Optional[str] = None,
     rounds: Optional[int] = None,
     seconds: Optional[float] = None,
     *,
@@ -160,8 +160,9 @@ def start_numpy_client(
     ``server_round`` and ``version``) → the change (new − given, flattened) is pushed with
     ``samples = num_examples`` and ``loss = metrics["loss"]`` (0 when absent) → its Ack is
     awaited → the Deltas that arrived are applied. With ``evaluate_every = N > 0``,
-    ``client.evaluate`` scores x̂ every N rounds. Other keyword arguments go to
-    :class:`sparsync.Client` (``token``, ``timeout``, …).
+    ``client.evaluate`` scores x̂ every N rounds. ``model=None`` takes the model the server
+    serves (a name asserts it). Other keyword arguments go to :class:`sparsync.Client`
+    (``token``, ``timeout``, …).
 
     Returns a summary: ``rounds``, ``pushes``, ``acked``, ``rejected``, ``version``, ``stop``,
     ``seconds``, ``evaluations`` (a list of ``(round, version, loss, num_examples,

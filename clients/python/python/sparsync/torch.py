@@ -13,6 +13,16 @@ The built-in ``mlp`` is, in PyTorch::
     model.relu = torch.nn.ReLU()
     model.fc2 = torch.nn.Linear(128, 10)
 
+A model of your own: :func:`export_init` writes its initial parameters to the file that
+``sparsync serve --init own.safetensors`` serves (as model ``"own"``); trainers then join with
+no ``model=`` (the client takes the model the server serves)::
+
+    export_init(MyNet(), "own.safetensors")        # then: sparsync serve --init own.safetensors
+    join_training(MyNet(), "ws://127.0.0.1:7070/ws", "torch-1", train_round, rounds=100)
+
+Modules on a GPU or in float16/bfloat16 work as they are: x̂ (float32) is copied in converted,
+and their change is read back widened to float32.
+
 ``torch`` is imported when these functions run, so ``import sparsync`` works without it.
 """
 
@@ -28,7 +38,16 @@ import numpy as np
 from ._native import Client, RejectedError
 from ._rounds import Update, await_directive, drain, push_loss, run_rounds
 
-__all__ = ["BUILTIN_LAYOUTS", "TorchClient", "join_training", "map_parameters", "Slot"]
+__all__ = [
+    "BUILTIN_LAYOUTS",
+    "Slot",
+    "TorchClient",
+    "export_init",
+    "join_training",
+    "load_safetensors",
+    "map_parameters",
+    "trainable_layout",
+]
 
 #: The layouts of the server's built-in models (``src/protocol/model.rs``), for checking a
 #: module before connecting. Linear weights are ``[inputs, outputs]``; convolution weights
@@ -78,24 +97,28 @@ def map_parameters(
     rename: Optional[Mapping[str, str]] = None,
     transpose: Iterable[str] = (),
 ) -> List[Slot]:
-    """Matches ``module``'s parameters to ``layout`` (a ``Client.layout``, or an entry of
-    :data:`BUILTIN_LAYOUTS`), tensor by tensor, in layout order.
+    """Matches ``module``'s parameters to ``layout`` (a ``Client.layout``, an entry of
+    :data:`BUILTIN_LAYOUTS`, or what :func:`export_init` returned), tensor by tensor, in layout
+    order.
 
     ``rename`` maps a layout name to the module's parameter name where they differ (e.g.
     ``{"fc1.weight": "0.weight"}`` for an ``nn.Sequential``). ``transpose`` names layout
     tensors to transpose although their shape is square (an ``nn.Linear(n, n)`` weight against
-    an ``[in, out]`` layout: the shapes cannot tell). Raises ``ValueError`` naming the tensor
-    when a layout tensor has no parameter, a shape is neither equal nor the reversed 2-D shape,
-    or a trainable parameter of the module is not in the layout.
+    an ``[in, out]`` layout: the shapes cannot tell). When the module does not match, raises one
+    ``ValueError`` listing every problem: layout tensors the module lacks, tensors whose shape
+    is neither equal nor the reversed 2-D shape, and trainable parameters the layout lacks.
     """
     params = dict(module.named_parameters())
     rename = dict(rename or {})
     forced = set(transpose)
+    problems: List[str] = []
     unknown = forced - {name for name, _ in layout}
     if unknown:
-        raise ValueError(f"transpose names {sorted(unknown)}, which the server's layout lacks")
+        problems.append(f"transpose names {sorted(unknown)}, which the layout lacks")
     slots: List[Slot] = []
-    used = set()
+    missing: List[str] = []
+    used: Dict[str, str] = {}
+    claimed = set()  # parameters the layout names, matched or not
     offset = 0
     for name, shape in layout:
         shape = tuple(int(s) for s in shape)
@@ -103,33 +126,45 @@ def map_parameters(
         pname = rename.get(name, name)
         p = params.get(pname)
         if p is None:
-            known = ", ".join(f"{n} {list(q.shape)}" for n, q in params.items()) or "none"
-            raise ValueError(
-                f"tensor {name!r} {list(shape)} of the server's layout has no parameter "
-                f"{pname!r} in the module (its parameters: {known}); pass rename={{{name!r}: ...}}"
-            )
-        pshape = tuple(int(s) for s in p.shape)
-        if len(shape) == 2 and pshape == shape[::-1] and (shape[0] != shape[1] or name in forced):
-            flip = True
-        elif pshape == shape and name not in forced:
-            flip = False
+            via = f" (renamed to {pname!r})" if pname != name else ""
+            missing.append(f"{name!r} {list(shape)}{via}")
         else:
-            raise ValueError(
-                f"tensor {name!r}: the server's layout has shape {list(shape)}, the module's "
-                f"parameter {pname!r} has {list(pshape)} (neither equal nor transposed"
-                + (", and transpose names it)" if name in forced else ")")
-            )
-        if pname in used:
-            raise ValueError(f"tensor {name!r}: parameter {pname!r} is already mapped to another tensor")
-        used.add(pname)
-        slots.append(Slot(name, pname, p, shape, offset, numel, flip))
+            claimed.add(pname)
+            pshape = tuple(int(s) for s in p.shape)
+            flip = None
+            if len(shape) == 2 and pshape == shape[::-1] and (shape[0] != shape[1] or name in forced):
+                flip = True
+            elif pshape == shape and name not in forced:
+                flip = False
+            if flip is None:
+                how = "neither equal nor transposed" + (", and transpose names it" if name in forced else "")
+                problems.append(
+                    f"mis-shaped: {name!r} is {list(shape)} in the layout, the module's {pname!r} is "
+                    f"{list(pshape)} ({how})"
+                )
+            elif pname in used:
+                problems.append(f"{name!r} and {used[pname]!r} both map to the module's {pname!r}")
+            else:
+                used[pname] = name
+                slots.append(Slot(name, pname, p, shape, offset, numel, flip))
         offset += numel
-    extra = [n for n, p in params.items() if n not in used and p.requires_grad]
+    if missing:
+        problems.append(f"missing from the module: {', '.join(missing)} (pass rename={{layout name: parameter name}})")
+    extra = [n for n, p in params.items() if p.requires_grad and n not in claimed]
     if extra:
+        problems.append(
+            "not in the layout: "
+            + ", ".join(f"{n!r} {list(params[n].shape)}" for n in extra)
+            + " (trainable; freeze with requires_grad_(False), or map with rename)"
+        )
+    if problems:
+        ours = ", ".join(f"{n} {list(p.shape)}" for n, p in params.items()) or "none"
+        theirs = ", ".join(f"{n} {list(s)}" for n, s in layout) or "none"
         raise ValueError(
-            f"parameter {extra[0]!r} {list(params[extra[0]].shape)} of the module is not in the "
-            f"server's layout ({', '.join(n for n, _ in layout)}); freeze it (requires_grad=False) "
-            f"or map it with rename"
+            f"the module does not match the server's layout ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}):\n  - "
+            + "\n  - ".join(problems)
+            + f"\nlayout: {theirs}\nmodule: {ours}"
         )
     return slots
 
@@ -139,7 +174,9 @@ def _num_params(slots: Sequence[Slot]) -> int:
 
 
 def load_flat(slots: Sequence[Slot], flat: np.ndarray) -> None:
-    """Copies a flat float32 vector (layout order) into the mapped parameters."""
+    """Copies a flat float32 vector (layout order) into the mapped parameters, whatever their
+    device and dtype: each tensor is converted from float32 (float16 and bfloat16 round to
+    nearest) and copied to the parameter's device."""
     import torch
 
     flat = np.ascontiguousarray(flat, dtype=np.float32)
@@ -154,7 +191,8 @@ def load_flat(slots: Sequence[Slot], flat: np.ndarray) -> None:
 
 
 def flatten(slots: Sequence[Slot]) -> np.ndarray:
-    """The mapped parameters as one float32 vector in layout order."""
+    """The mapped parameters as one float32 vector in layout order (copied to the CPU and
+    widened to float32, which holds every float16 and bfloat16 value exactly)."""
     import torch
 
     out = np.empty(_num_params(slots), dtype=np.float32)
@@ -168,13 +206,73 @@ def flatten(slots: Sequence[Slot]) -> np.ndarray:
     return out
 
 
+def trainable_layout(module: Any) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(name, shape) of each trainable parameter of ``module``, in ``named_parameters()``
+    order: the layout :func:`export_init` writes."""
+    return [(n, tuple(int(d) for d in p.shape)) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def export_init(module: Any, path: Any) -> List[Tuple[str, Tuple[int, ...]]]:
+    """Writes ``module``'s trainable parameters to ``path`` as the safetensors file that
+    ``sparsync serve --init PATH`` serves, and returns its layout.
+
+    Each parameter is one float32 tensor under its own name and shape (an ``nn.Linear``
+    weight stays ``[out, in]``), in ``named_parameters()`` order, which becomes the order of
+    the server's flat vector (recorded under the metadata key ``sparsync.order``). Buffers
+    (BatchNorm's running statistics) and frozen parameters are not written: the server does
+    not train them. The model's name is the file's stem (``own.safetensors`` serves ``"own"``).
+    Parameters on any device and in any floating dtype are copied to the CPU as float32.
+    """
+    import torch
+
+    from . import _safetensors
+
+    tensors = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {name!r} is {p.dtype}; the server trains floating-point tensors")
+            tensors.append((name, p.detach().to(device="cpu", dtype=torch.float32).numpy()))
+    if not tensors:
+        raise ValueError("the module has no trainable parameters to export")
+    _safetensors.write(path, tensors)
+    return [(n, tuple(a.shape)) for n, a in tensors]
+
+
+def load_safetensors(
+    module: Any,
+    source: Any,
+    rename: Optional[Mapping[str, str]] = None,
+    transpose: Iterable[str] = (),
+) -> List[Slot]:
+    """Loads a sparsync model file into ``module``: ``source`` is a path or the file's bytes
+    (e.g. ``GET /api/model.safetensors``, the server's current x̂, or an ``export_init`` file).
+    Parameters are matched as :func:`map_parameters` does (``ValueError`` listing every
+    mismatch); returns the slots."""
+    from . import _safetensors
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        tensors = _safetensors.decode(bytes(source))
+    else:
+        tensors = _safetensors.read(source)
+    slots = map_parameters(module, [(n, a.shape) for n, a in tensors], rename, transpose)
+    flat = np.concatenate([a.reshape(-1) for _, a in tensors]) if tensors else np.empty(0, np.float32)
+    load_flat(slots, flat)
+    return slots
+
+
 class TorchClient:
     """A module joined to a sparsync server.
 
-    ``TorchClient(module, url, client_id, model="mlp", token=None, ...)``: the keyword
-    arguments go to :class:`sparsync.Client` (``model`` defaults to ``"mlp"``); ``rename`` and
-    ``transpose`` are :func:`map_parameters`'. On success the module holds the server's
-    replica x̂; a module that does not match raises ``ValueError`` (and the session is closed).
+    ``TorchClient(module, url, client_id, model=None, token=None, ...)``: the keyword
+    arguments go to :class:`sparsync.Client` (``model=None`` takes the model the server
+    serves; a name asserts it); ``rename`` and ``transpose`` are :func:`map_parameters`'. On
+    success the module holds the server's replica x̂; a module that does not match the
+    server's layout raises one ``ValueError`` listing every mismatch (and the session is
+    closed). The module may live on any device and in any floating dtype: x̂ is copied into it
+    converted, and what is pushed is its change in its own precision (see :meth:`delta`).
 
     One round by hand::
 
@@ -194,14 +292,16 @@ class TorchClient:
         transpose: Iterable[str] = (),
         **client_kwargs: Any,
     ):
-        client_kwargs.setdefault("model", "mlp")
         self.module = module
         self.client = Client(url, client_id, **client_kwargs)
         self.bye: Optional[str] = None
         self._base: Optional[np.ndarray] = None
         self._base_version: Optional[int] = None
         try:
-            self.slots = map_parameters(module, self.client.layout, rename, transpose)
+            try:
+                self.slots = map_parameters(module, self.client.layout, rename, transpose)
+            except ValueError as e:
+                raise ValueError(f"model {self.client.model!r} served at {url}: {e}") from None
             await_directive(self.client)
             self.load_replica()
         except BaseException:
@@ -227,14 +327,16 @@ class TorchClient:
     def load_replica(self) -> int:
         """Copies x̂ into the module's parameters; later pushes are relative to it. Returns its
         version."""
-        flat = self.client.replica()
-        load_flat(self.slots, flat)
-        self._base = np.asarray(flat, dtype=np.float32)
+        load_flat(self.slots, self.client.replica())
+        # What the module holds now: x̂ itself, or x̂ rounded to the module's dtype (float16,
+        # bfloat16). The change is measured from it, so rounding is never pushed as an update.
+        self._base = flatten(self.slots)
         self._base_version = self.client.version
         return self._base_version
 
     def delta(self) -> np.ndarray:
-        """The module's change since the last :meth:`load_replica` (float32, layout order)."""
+        """The module's change since the last :meth:`load_replica` (float32, layout order),
+        measured from the loaded x̂ as the module holds it (rounded to its dtype)."""
         assert self._base is not None
         return flatten(self.slots) - self._base
 
@@ -330,7 +432,8 @@ def join_training(
     ``staleness``, ``samples``, ``loss``, ``rejected``, ``elapsed``) while the module holds x̂.
 
     ``rename`` and ``transpose`` are :func:`map_parameters`'; ``ack_timeout`` bounds the wait
-    for each Ack. Other keyword arguments go to :class:`sparsync.Client` (``model``, ``token``, ``role``,
+    for each Ack. Other keyword arguments go to :class:`sparsync.Client` (``model``: None, the
+    default, takes the model the server serves; ``token``, ``role``,
     ``device``, ``ca``, ``timeout``, …). Returns a summary: ``rounds``, ``pushes``, ``acked``,
     ``rejected``, ``version`` (final replica version), ``stop`` (why it stopped),
     ``seconds``, ``last_loss``. The module ends holding the final x̂.

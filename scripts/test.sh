@@ -8,8 +8,9 @@
 #   formatting and lints; the embedded browser bundle rebuilt from its sources and compared;
 #   the browser client's unit tests; every Rust test of the workspace, with GPU and browser
 #   tests failing (never skipping) when their adapter or browser is missing; the Python
-#   client's tests (pytest against real servers, with the native client and PyTorch); and a
-#   bounded coverage-guided fuzzing run of each fuzz target.
+#   client's tests (pytest against real servers, with the native client and PyTorch) on its
+#   abi3 wheel, and that wheel installed into a fresh venv without Rust on PATH running the
+#   own-model example; and a bounded coverage-guided fuzzing run of each fuzz target.
 #
 # Environment: SPARSYNC_FUZZ_SECONDS (default 60 per target; 0 skips fuzzing, for quick local
 # runs), CARGO_TARGET_DIR (where builds go; .ci/run keeps it outside the clone), SPARSYNC_VENV
@@ -82,7 +83,7 @@ SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
 # your own (say with a newer torch) can be named with SPARSYNC_VENV; it is used as it is.
 VENV=${SPARSYNC_VENV:-$TARGET_DIR/venv}
 PY=$VENV/bin/python
-export PATH="$VENV/bin:$PATH"  # maturin, for pip's build of the extension
+export PATH="$VENV/bin:$PATH"  # maturin
 cfg="$VENV/pyvenv.cfg"
 if [ -z "${SPARSYNC_VENV:-}" ] && [ -d "$VENV" ] &&
     ! { grep -qx 'include-system-site-packages = true' "$cfg" && grep -qx 'home = /usr/bin' "$cfg"; } 2>/dev/null; then
@@ -102,12 +103,43 @@ step "python client: cargo fmt and clippy of the extension"
 cargo fmt --manifest-path clients/python/Cargo.toml --check
 cargo clippy --manifest-path clients/python/Cargo.toml --all-targets --quiet -- -D warnings
 
-step "python client: pip install ./clients/python (maturin, release build of the extension)"
-"$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./clients/python
+# One release build of the extension: the abi3 wheel (every CPython >= 3.9 on this platform),
+# installed into the test venv here and, below, into a fresh venv with no Rust toolchain.
+WHEELS="$TARGET_DIR/wheels"
+step "python client: maturin build of the abi3 wheel (release build of the extension)"
+rm -f "$WHEELS"/sparsync-*.whl
+"$PY" -m maturin build --quiet --release --manifest-path clients/python/Cargo.toml --out "$WHEELS"
+WHEEL=$(echo "$WHEELS"/sparsync-*-abi3-*.whl)
+[ -f "$WHEEL" ] || { echo "maturin made no single abi3 wheel in $WHEELS: $(ls "$WHEELS")" >&2; exit 1; }
+"$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
 
 step "python client: pytest against real servers (with the native client and PyTorch)"
 SPARSYNC_BIN="$TARGET_DIR/debug/sparsync" SPARSYNC_CLIENT_BIN="$TARGET_DIR/debug/sparsync-client" \
     "$PY" -m pytest -q clients/python/tests
+
+# What a Python user without Rust does: pip install the wheel, run the own-model example (export
+# → serve --init → two trainers with no model= → score the served model). The venv is made and
+# used with every PATH entry holding cargo or rustc removed, and that is checked; Debian's torch
+# and numpy come through the system site packages, so pip downloads nothing.
+step "python client: the wheel in a fresh venv without a Rust toolchain, running examples/pytorch_own_model.py"
+NORUST_PATH=$(tr ':' '\n' <<<"$PATH" | while read -r d; do
+    [ -n "$d" ] && [ ! -e "$d/cargo" ] && [ ! -e "$d/rustc" ] && printf '%s:' "$d"; done)
+WHEEL_VENV="$TARGET_DIR/venv-wheel"
+rm -rf "$WHEEL_VENV" "$TARGET_DIR/own-model"
+(
+    export PATH="${NORUST_PATH%:}"
+    if command -v cargo || command -v rustc; then
+        echo "cargo or rustc is still on PATH ($PATH)" >&2
+        exit 1
+    fi
+    /usr/bin/python3 -m venv --system-site-packages "$WHEEL_VENV"
+    "$WHEEL_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$WHEEL"
+    "$WHEEL_VENV/bin/python" -c 'import sparsync, sys; assert sparsync.__file__.startswith(sys.prefix), sparsync.__file__'
+    "$WHEEL_VENV/bin/python" "$ROOT/examples/pytorch_own_model.py" --sparsync "$TARGET_DIR/debug/sparsync" \
+        --engine cpu --rounds 12 --workdir "$TARGET_DIR/own-model"
+) | tee "$TARGET_DIR/own-model.log"
+grep -q '^served model: version [1-9]' "$TARGET_DIR/own-model.log" ||
+    { echo "the own-model example did not score a trained model" >&2; exit 1; }
 
 # --- fuzzing ---------------------------------------------------------------------------------
 if [ "$FUZZ_SECONDS" != 0 ]; then

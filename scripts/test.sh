@@ -36,6 +36,7 @@ command -v python3 >/dev/null || need+=(python3)  # scripts/device/, the Python 
 # The Python client's tests run on Debian's python3 with Debian's PyTorch (see below).
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 /usr/bin/python3 -c 'import torch, numpy' >/dev/null 2>&1 || need+=(python3-torch python3-numpy)
+command -v openssl >/dev/null || need+=(openssl)  # the Python client's TLS test makes a CA with it
 if ((${#need[@]})); then
     step "installing ${need[*]}"
     SUDO=

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -102,6 +104,60 @@ def test_a_client_takes_the_model_the_server_serves(own, clients):
     with pytest.raises(SparsyncError) as ei:
         Client("ws://127.0.0.1:9/ws", "own-nowhere", timeout=5)
     assert ei.value.field == "connection" and "127.0.0.1:9/api/status" in ei.value.reason
+
+
+def make_ca_and_cert(d) -> "tuple[str, str, str]":
+    """(ca.pem, cert.pem, key.pem): a private CA and a certificate it signed for 127.0.0.1, made
+    with the openssl command (as a user's private CA would be)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make a test CA (apt-get install openssl)")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=sparsync test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "cert.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem",
+        "-days", "2", "-extfile", "ext.cnf")
+    return str(d / "ca.pem"), str(d / "cert.pem"), str(d / "key.pem")
+
+
+def test_over_tls_the_model_is_asked_with_the_callers_ca(sparsync_bin, tmp_path):
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [str(sparsync_bin), "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--engine", "cpu",
+         "--tls-cert", cert, "--tls-key", key],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        ws = None
+        while ws is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the TLS server did not start"
+            text = ready.read_text().strip() if ready.exists() else ""
+            if re.fullmatch(r"https://127\.0\.0\.1:\d+", text):
+                try:
+                    Client(text.replace("https", "wss") + "/ws", "tls-probe", ca=ca, timeout=5).close()
+                    ws = text.replace("https", "wss") + "/ws"
+                except SparsyncError:
+                    time.sleep(0.1)
+            else:
+                time.sleep(0.05)
+        c = Client(ws, "tls-1", ca=ca, timeout=10)
+        assert c.model == "mlp"
+        c.close()
+        # Without the CA the status request is refused as the WebSocket would be.
+        with pytest.raises(SparsyncError) as ei:
+            Client(ws, "tls-2", timeout=10)
+        assert ei.value.field == "certificate", (ei.value.field, ei.value.reason)
+        assert "/api/status" in ei.value.reason
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def test_export_init_is_what_the_server_serves_and_loads_back(own, clients, tmp_path):

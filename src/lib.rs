@@ -4,13 +4,15 @@
 //!
 //! 1. [`protocol`]: the wire format (JSON control messages, binary Push/Delta/Snapshot frames),
 //!    model layouts, and the rounding rules replicas share.
-//! 2. [`server`]: listener and WebSocket sessions (validation), then the coordinator that owns
-//!    the engine and the policy, and the outboxes that carry Deltas back.
-//! 3. [`policy`]: when updates form a batch and who waits (BSP, ASP, SSP, FedBuff, ADSP, Hermes)
+//! 2. [`server`]: the shell that does the I/O: listener and WebSocket sessions (validation),
+//!    the coordinator task that feeds the core and carries out its effects (the log, the
+//!    engine, the outboxes that carry Deltas back, metrics).
+//! 3. [`core`]: the coordinator's rules, with no I/O: inputs in, effects out.
+//! 4. [`policy`]: when updates form a batch and who waits (BSP, ASP, SSP, FedBuff, ADSP, Hermes)
 //!    and how stale updates are weighted.
-//! 4. [`engine`]: the aggregation step and the Top-k broadcast, on the GPU (WGSL in `shaders/`)
+//! 5. [`engine`]: the aggregation step and the Top-k broadcast, on the GPU (WGSL in `shaders/`)
 //!    or the CPU reference.
-//! 5. [`client`]: the protocol-level client that tests, the load generator and the native
+//! 6. [`client`]: the protocol-level client that tests, the load generator and the native
 //!    training client build on.
 //!
 //! [`config`] holds every server setting; [`bench`] measures the kernels and the server.
@@ -23,6 +25,8 @@ pub mod bench;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod core;
 #[cfg(feature = "server")]
 pub mod data;
 #[cfg(feature = "server")]

@@ -8,6 +8,7 @@
 //! * [`gpu::GpuAggregator`]: wgpu + WGSL, bit-identical in deterministic mode.
 
 pub mod cpu;
+pub mod fallback;
 pub mod gpu;
 
 use crate::protocol::frame::DeltaHeader;

@@ -54,28 +54,7 @@ pub fn fnv64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// An accepted push that was not aggregated yet.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PendingPush {
-    pub client_id: String,
-    pub frame: Bytes,
-}
-
-/// One record of the write-ahead log: an accepted push, or an aggregation step that was applied
-/// (which pushes, with which weights, and whether a Delta was broadcast after it).
-#[derive(Clone, Debug, PartialEq)]
-pub enum WalOp {
-    Push(PendingPush),
-    Step(LoggedStep),
-}
-
-/// An applied aggregation step, as the log holds it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoggedStep {
-    /// (client id, seq, weight) of each push, in the order they were aggregated.
-    pub items: Vec<(String, u64, f32)>,
-    pub broadcast: bool,
-}
+pub use crate::core::log::{LoggedStep, PendingPush, WalOp};
 
 /// Everything a checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
@@ -337,6 +316,18 @@ impl Wal {
             payload.extend_from_slice(&w.to_bits().to_le_bytes());
         }
         self.write_record(WAL_STEP_MAGIC, &payload)
+    }
+
+    /// Appends one record the core asked the log to keep.
+    pub fn append_op(&mut self, op: &WalOp) -> Result<(), DurabilityError> {
+        match op {
+            WalOp::Push(p) => self.append(&p.client_id, &p.frame),
+            WalOp::Step(s) => {
+                let items: Vec<(&str, u64, f32)> =
+                    s.items.iter().map(|(c, q, w)| (c.as_str(), *q, *w)).collect();
+                self.append_step(&items, s.broadcast)
+            }
+        }
     }
 
     fn write_record(&mut self, magic: &[u8; 4], payload: &[u8]) -> Result<(), DurabilityError> {

@@ -47,6 +47,8 @@ pub struct Metrics {
     engine: Family<EngineLabel, Counter>,
     /// The engine's totals at the last report (counters grow by the difference).
     engine_seen: Mutex<crate::engine::EngineCounters>,
+    /// The core's counters at the last report.
+    core_seen: Mutex<crate::core::Counters>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,6 +128,7 @@ impl Metrics {
             stages,
             engine,
             engine_seen: Mutex::new(Default::default()),
+            core_seen: Mutex::new(Default::default()),
         }
     }
 
@@ -167,10 +170,6 @@ impl Metrics {
             .collect()
     }
 
-    pub fn accepted(&self, bytes: u64) {
-        self.accepted.inc();
-        self.bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(bytes);
-    }
     pub fn rejected(&self, reason: &str) {
         self.rejected.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
     }
@@ -183,15 +182,32 @@ impl Metrics {
     pub fn session_closed(&self) {
         self.sessions.dec();
     }
-    pub fn sent(&self, bytes: u64) {
-        self.bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(bytes);
+    /// Follows the core's counters: each Prometheus counter grows by what the core counted
+    /// since the last call.
+    pub fn core(&self, now: &crate::core::Counters) {
+        let mut seen = self.core_seen.lock().unwrap_or_else(|p| p.into_inner());
+        self.accepted.inc_by(now.accepted.saturating_sub(seen.accepted));
+        let bytes = |direction| self.bytes.get_or_create(&DirectionLabel { direction });
+        bytes("in").inc_by(now.bytes_in.saturating_sub(seen.bytes_in));
+        bytes("out").inc_by(now.bytes_out.saturating_sub(seen.bytes_out));
+        for (reason, &n) in &now.refusals {
+            let old = seen.refusals.get(reason).copied().unwrap_or(0);
+            if n > old {
+                self.rejected.get_or_create(&ReasonLabel { reason: reason.clone() }).inc_by(n - old);
+            }
+        }
+        *seen = now.clone();
     }
-    pub fn step(&self, version: u64, agg_s: f64, topk_s: f64, staleness: impl Iterator<Item = u64>) {
-        self.version.set(version as i64);
-        self.aggregate_seconds.observe(agg_s);
-        self.topk_seconds.observe(topk_s);
-        for s in staleness {
-            self.staleness.observe(s as f64);
+
+    /// What an event of the core's record adds: a step's version, times and staleness.
+    pub fn event(&self, e: &crate::core::event::Event) {
+        if let crate::core::event::Event::Aggregate { version, items, agg_seconds, topk_seconds, .. } = e {
+            self.version.set(*version as i64);
+            self.aggregate_seconds.observe(*agg_seconds);
+            self.topk_seconds.observe(*topk_seconds);
+            for i in items {
+                self.staleness.observe(i.staleness as f64);
+            }
         }
     }
     pub fn queues(&self, queue_depth: usize, pending: usize) {

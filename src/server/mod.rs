@@ -6,15 +6,16 @@
 pub(crate) mod auth;
 pub(crate) mod coordinator;
 pub mod durability;
-pub mod history;
 pub(crate) mod http;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod outbox;
 pub mod record;
 pub(crate) mod session;
-pub mod status;
 pub(crate) mod web;
+
+/// What `/api/status` shows (defined by the core, which computes most of it).
+pub use crate::core::status;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,11 +27,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{EngineChoice, ServerConfig};
 use crate::engine::cpu::CpuAggregator;
-use crate::engine::{Aggregator, EngineError, ModelState, OptimizerSettings};
+use crate::engine::fallback::FallbackEngine;
+use crate::engine::{Aggregator, ModelState, OptimizerSettings};
 use crate::policy::SyncPolicy;
 use crate::protocol::model::ModelLayout;
 use auth::Auth;
 use coordinator::{Coordinator, CoordinatorParts, Inbound};
+pub use coordinator::{Tape, TapeEntry};
 use metrics::Metrics;
 use record::Event;
 use status::Status;
@@ -117,7 +120,7 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
             let require = cfg.engine == EngineChoice::Gpu || cfg.require_gpu;
             match crate::engine::gpu::GpuAggregator::new(&values, opt, &gpu_options(cfg)) {
                 Ok(g) if require => Ok(Box::new(g)),
-                Ok(g) => Ok(Box::new(FallbackEngine { inner: Box::new(g), on_gpu: true, opt, threads })),
+                Ok(g) => Ok(Box::new(FallbackEngine::new(Box::new(g), opt, threads))),
                 Err(e) if !require => {
                     tracing::warn!(error = %e, "no usable GPU: falling back to the CPU engine");
                     Ok(Box::new(cpu(values)))
@@ -125,106 +128,6 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
                 Err(e) => Err(e.into()),
             }
         }
-    }
-}
-
-/// The engine under `--engine auto`: the GPU engine until a call to it fails, then the CPU
-/// engine with the state read back from the GPU (the failed call is repeated on it). A GPU call
-/// that fails leaves the model as it was: the part of a step that changes x is one command
-/// buffer, submitted only after any earlier parts succeeded (an invalid one runs nothing), and
-/// a broadcast changes x̂ only after its selection was read back and checked. So nothing
-/// acknowledged is lost or applied twice. When the state cannot be read back (the device is
-/// lost), the error stands.
-pub struct FallbackEngine {
-    inner: Box<dyn Aggregator>,
-    on_gpu: bool,
-    opt: OptimizerSettings,
-    threads: usize,
-}
-
-impl FallbackEngine {
-    /// Moves to the CPU engine after `e`, or returns `e` when that is not possible.
-    fn fall_back(&mut self, e: EngineError, state: Option<&ModelState>) -> Result<(), EngineError> {
-        if !self.on_gpu {
-            return Err(e);
-        }
-        let state = match state {
-            Some(s) => s.clone(),
-            None => match self.inner.read_state() {
-                Ok(s) => s,
-                Err(read) => {
-                    tracing::error!(error = %e, read_back = %read, "GPU engine failed and its state cannot be read");
-                    return Err(e);
-                }
-            },
-        };
-        let mut cpu = CpuAggregator::with_threads(state.x.clone(), self.opt, self.threads);
-        cpu.load_state(&state)?;
-        tracing::warn!(error = %e, version = state.version, "GPU engine failed: continuing on the CPU engine");
-        self.inner = Box::new(cpu);
-        self.on_gpu = false;
-        Ok(())
-    }
-}
-
-impl Aggregator for FallbackEngine {
-    fn info(&self) -> crate::engine::EngineInfo {
-        self.inner.info()
-    }
-    fn num_params(&self) -> usize {
-        self.inner.num_params()
-    }
-    fn version(&self) -> u64 {
-        self.inner.version()
-    }
-    fn replica_version(&self) -> u64 {
-        self.inner.replica_version()
-    }
-    fn aggregate(&mut self, batch: &[crate::engine::UpdateRef<'_>]) -> Result<(), EngineError> {
-        match self.inner.aggregate(batch) {
-            Err(e) => {
-                self.fall_back(e, None)?;
-                self.inner.aggregate(batch)
-            }
-            ok => ok,
-        }
-    }
-    fn broadcast(
-        &mut self,
-        selection: crate::engine::Selection,
-    ) -> Result<crate::engine::Broadcast, EngineError> {
-        match self.inner.broadcast(selection) {
-            Err(e) => {
-                self.fall_back(e, None)?;
-                self.inner.broadcast(selection)
-            }
-            ok => ok,
-        }
-    }
-    fn read_replica(&mut self) -> Result<Vec<f32>, EngineError> {
-        match self.inner.read_replica() {
-            Err(e) => {
-                self.fall_back(e, None)?;
-                self.inner.read_replica()
-            }
-            ok => ok,
-        }
-    }
-    fn read_state(&mut self) -> Result<crate::engine::ModelState, EngineError> {
-        // Reading the state is what falling back needs: no retry through it.
-        self.inner.read_state()
-    }
-    fn load_state(&mut self, state: &crate::engine::ModelState) -> Result<(), EngineError> {
-        match self.inner.load_state(state) {
-            Err(e) => self.fall_back(e, Some(state)),
-            ok => ok,
-        }
-    }
-    fn take_stage_times(&mut self) -> crate::engine::StageTimes {
-        self.inner.take_stage_times()
-    }
-    fn counters(&self) -> crate::engine::EngineCounters {
-        self.inner.counters()
     }
 }
 
@@ -358,6 +261,16 @@ fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>,
 /// Starts a server on `listener` with the engine the config asks for (resuming from a
 /// checkpoint with `--resume`).
 pub async fn start(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHandle, ServerError> {
+    start_taped(cfg, listener, None).await
+}
+
+/// [`start`], keeping every input to the core and its effects on `tape` (a replay test feeds
+/// them to a core alone).
+pub async fn start_taped(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    tape: Option<Tape>,
+) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
     let (layout, values) = load_model(&cfg)?;
     let resume = match &cfg.resume {
@@ -377,7 +290,7 @@ pub async fn start(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHan
         .await
         .map_err(|e| ServerError::Stopped(e.to_string()))??
     };
-    start_inner(cfg, listener, layout, engine, resume).await
+    start_inner(cfg, listener, layout, engine, resume, tape).await
 }
 
 /// The newest valid checkpoint in `dir`, with the WAL records written after it appended to its
@@ -409,7 +322,7 @@ pub async fn start_with(
     layout: ModelLayout,
     engine: Box<dyn Aggregator>,
 ) -> Result<ServerHandle, ServerError> {
-    start_inner(cfg, listener, layout, engine, None).await
+    start_inner(cfg, listener, layout, engine, None, None).await
 }
 
 /// The default frame limit of a model of `n` parameters: a Push of every parameter (a 40-byte
@@ -426,6 +339,7 @@ async fn start_inner(
     layout: ModelLayout,
     engine: Box<dyn Aggregator>,
     resume: Option<durability::Checkpoint>,
+    tape: Option<Tape>,
 ) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
     let mut cfg = cfg;
@@ -460,6 +374,7 @@ async fn start_inner(
         metrics: metrics.clone(),
         resume,
         record: record.clone(),
+        tape,
     });
     let shared = Arc::new(Shared {
         max_nnz: cfg.max_nnz.unwrap_or(n).min(n),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sparsync::config::{EngineChoice, ServerConfig};
+use sparsync::core::history::DEFAULT_CAP;
 use sparsync::orchestrate::demo::{self, DemoConfig};
-use sparsync::server::history::DEFAULT_CAP;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_series_covers_the_whole_run_in_bounded_size() {

@@ -1,14 +1,17 @@
-//! The coordinator: the one task that owns the engine, the policy and the sessions' outboxes.
+//! The coordinator: the one task that owns the core, the engine and the sessions' outboxes.
 //!
 //! Sessions send it [`Inbound`] messages over a bounded channel (that is where backpressure
-//! comes from). Every rule lives in the synchronous [`machine::Machine`]: this module is the
-//! thin async shell around it. It turns each message into a call on the machine and carries
-//! out the [`Effect`]s it returns: JSON to an outbox, a Delta fanned out to every outbox as
-//! one shared, reference-counted frame, an aggregation step on the engine's blocking thread,
-//! an event for the record. It also owns durability (checkpoints, the write-ahead log) and
-//! publishes the status.
+//! comes from). Every rule lives in the core ([`crate::core::Machine`], which does no I/O):
+//! this module is the thin async shell around it. It turns each message into an [`Input`]
+//! (with the time, and a resume secret drawn from the operating system for a Join) and carries
+//! out the [`Effect`]s the core returns: a record appended to the write-ahead log (then the
+//! core is told it is held), JSON to an outbox, a Delta fanned out to every outbox as one
+//! shared, reference-counted frame, an aggregation step on the engine's blocking thread, an
+//! event for the record. It also writes checkpoints, exports the core's counters as metrics,
+//! and publishes the status. With a [`Tape`], every input and the effects it gave are kept,
+//! so a test can replay the run through the core alone.
 
-pub(crate) mod machine;
+mod tape;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -25,12 +28,13 @@ use super::record::SharedRecord;
 pub use super::status::EvalPoint;
 use super::status::Status;
 use crate::config::ServerConfig;
+use crate::core::{Effect, Input, Machine, StatusInputs, StepJob, StepOutcome};
 use crate::engine::{Aggregator, EngineError, EngineInfo, ModelState, UpdateRef};
 use crate::policy::{SessionId, SyncPolicy};
 use crate::protocol::frame::{ValidatedPush, encode_snapshot};
 use crate::protocol::message::{EvalReport, Hello, RoundTime, SkipReport};
 use crate::protocol::model::ModelLayout;
-use machine::{Effect, Log, Machine, StatusInputs, StepJob, StepOutcome};
+pub use tape::{Tape, TapeEntry};
 
 /// Shortest time between two status publications.
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
@@ -107,6 +111,8 @@ pub struct CoordinatorParts {
     pub resume: Option<Checkpoint>,
     /// Where events are recorded (shared with `/api/record`).
     pub record: SharedRecord,
+    /// Keeps every input to the core and the effects it gave (tests replay it).
+    pub tape: Option<Tape>,
 }
 
 /// Checkpoint and WAL state (with `--checkpoint-dir`).
@@ -116,38 +122,6 @@ struct Durable {
     wal_seq: u64,
     last_at: Instant,
     last_version: u64,
-}
-
-/// The write-ahead log as the machine uses it (absent until the first checkpoint is written,
-/// and without `--wal`).
-struct WalLog<'a> {
-    wal: Option<&'a mut Wal>,
-    metrics: &'a Metrics,
-    spent: Duration,
-}
-
-impl WalLog<'_> {
-    fn timed<T>(
-        &mut self,
-        f: impl FnOnce(&mut Wal) -> Result<T, super::durability::DurabilityError>,
-    ) -> Result<(), String> {
-        let Some(w) = self.wal.as_deref_mut() else { return Ok(()) };
-        let t0 = std::time::Instant::now();
-        let r = f(w).map(|_| ()).map_err(|e| e.to_string());
-        let d = t0.elapsed();
-        self.spent += d;
-        self.metrics.stage("wal", d);
-        r
-    }
-}
-
-impl Log for WalLog<'_> {
-    fn push(&mut self, client_id: &str, frame: &[u8]) -> Result<(), String> {
-        self.timed(|w| w.append(client_id, frame))
-    }
-    fn step(&mut self, items: &[(&str, u64, f32)], broadcast: bool) -> Result<(), String> {
-        self.timed(|w| w.append_step(items, broadcast))
-    }
 }
 
 /// The async shell around the [`Machine`].
@@ -170,20 +144,14 @@ pub struct Coordinator {
     durable: Option<Durable>,
     /// A checkpoint (and its WAL) to apply before serving.
     resume: Option<Checkpoint>,
+    tape: Option<Tape>,
 }
 
 impl Coordinator {
     pub fn new(p: CoordinatorParts) -> Self {
         let version = p.engine.version();
         let engine_info = p.engine.info();
-        let machine = Machine::new(
-            p.cfg.clone(),
-            p.layout,
-            p.policy,
-            version,
-            p.engine.replica_version(),
-            p.metrics.clone(),
-        );
+        let machine = Machine::new(p.cfg.clone(), p.layout, p.policy, version, p.engine.replica_version());
         let durable = p.cfg.checkpoint_dir.clone().map(|dir| Durable {
             wal_seq: Wal::next_seq(&dir),
             dir,
@@ -207,6 +175,7 @@ impl Coordinator {
             metrics: p.metrics,
             durable,
             resume: p.resume,
+            tape: p.tape,
         }
     }
 
@@ -214,10 +183,47 @@ impl Coordinator {
         self.started.elapsed()
     }
 
-    /// The log the machine writes to (the WAL, when one is open).
-    fn log(&mut self) -> (&mut Machine, WalLog<'_>) {
-        let wal = self.durable.as_mut().and_then(|d| d.wal.as_mut());
-        (&mut self.machine, WalLog { wal, metrics: &self.metrics, spent: Duration::ZERO })
+    /// Hands one input to the core (and to the tape, with what it gave).
+    fn core(&mut self, input: Input) -> Vec<Effect> {
+        let now = self.now();
+        let taped = self.tape.as_ref().map(|_| input.clone());
+        let effects = self.machine.handle(now, input);
+        if let (Some(tape), Some(input)) = (&self.tape, taped) {
+            tape.keep(now, input, &effects);
+        }
+        effects
+    }
+
+    /// Keeps a record the core asked for in the write-ahead log (when one is open), then tells
+    /// the core it is held (or that it is not).
+    fn append(&mut self, seq: u64, op: &WalOp) -> Vec<Effect> {
+        let written = match self.durable.as_mut().and_then(|d| d.wal.as_mut()) {
+            Some(wal) => {
+                let t0 = std::time::Instant::now();
+                let r = wal.append_op(op);
+                self.metrics.stage("wal", t0.elapsed());
+                r
+            }
+            None => Ok(()),
+        };
+        match written {
+            Ok(()) => {
+                // Admitting the push (the policy, its Ack) is the policy stage's time.
+                let t0 = std::time::Instant::now();
+                let effects = self.core(Input::Appended { upto: seq });
+                self.metrics.stage("policy", t0.elapsed());
+                effects
+            }
+            Err(e) => {
+                let step = matches!(op, WalOp::Step(_));
+                if step {
+                    tracing::error!(error = %e, "write-ahead log failed: a crash now would replay this step differently");
+                } else {
+                    tracing::error!(error = %e, "write-ahead log failed");
+                }
+                self.core(Input::AppendFailed { seq, reason: e.to_string() })
+            }
+        }
     }
 
     /// Runs until every sender is gone or a Shutdown arrives.
@@ -265,7 +271,12 @@ impl Coordinator {
         if let Some(c) = self.resume.take() {
             let mut ops: Vec<WalOp> = c.pending.into_iter().map(WalOp::Push).collect();
             ops.extend(c.wal);
-            let (found, effects) = self.machine.recover(self.now(), c.registry, ops);
+            let mut effects = self.core(Input::Recover { last_seqs: c.registry, ops });
+            let found = match effects.first() {
+                Some(Effect::Recovered(found)) => *found,
+                _ => Default::default(),
+            };
+            effects.retain(|e| !matches!(e, Effect::Recovered(_)));
             self.apply(effects).await;
             if found.pushes + found.steps > 0 {
                 tracing::info!(
@@ -339,7 +350,10 @@ impl Coordinator {
     /// Runs the policy's decisions until it has none; returns true when a Shutdown arrived.
     async fn poll_policy(&mut self) -> bool {
         loop {
-            let Some(effects) = self.machine.poll(self.now()) else { return false };
+            let effects = self.core(Input::Poll);
+            if effects.is_empty() {
+                return false;
+            }
             self.apply(effects).await;
             // Handle what arrived during the step before the next batch forms, but at most
             // one batch worth: while the engine is the bottleneck the backlog of accepted
@@ -359,7 +373,6 @@ impl Coordinator {
 
     /// Handles one message; returns true when the coordinator must stop.
     async fn handle(&mut self, msg: Inbound) -> bool {
-        let now = self.now();
         let effects = match msg {
             Inbound::Join { hello, proven, outbox, reply } => {
                 let r = self.join(hello, proven, outbox).await;
@@ -368,21 +381,19 @@ impl Coordinator {
             }
             Inbound::Push { session, push } => {
                 let t0 = std::time::Instant::now();
-                let (machine, mut log) = self.log();
-                let effects = machine.push(now, session, push, &mut log);
-                let spent = log.spent;
-                self.metrics.stage("policy", t0.elapsed().saturating_sub(spent));
+                let effects = self.core(Input::Push { session, push });
+                self.metrics.stage("policy", t0.elapsed());
                 effects
             }
             Inbound::Leave { session, reason } => {
                 self.outboxes.remove(&session);
-                self.machine.leave(now, session, &reason)
+                self.core(Input::Leave { session, reason })
             }
-            Inbound::Resync { session, have } => self.machine.resync(session, have),
-            Inbound::SnapshotRequest { session } => self.machine.snapshot_request(session),
-            Inbound::Eval { session, report } => self.machine.eval(now, session, report),
-            Inbound::Skip { session, report } => self.machine.skip(now, session, report),
-            Inbound::RoundTime { session, report } => self.machine.round_time(now, session, report),
+            Inbound::Resync { session, have } => self.core(Input::Resync { session, have }),
+            Inbound::SnapshotRequest { session } => self.core(Input::SnapshotRequest { session }),
+            Inbound::Eval { session, report } => self.core(Input::Eval { session, report }),
+            Inbound::Skip { session, report } => self.core(Input::Skip { session, report }),
+            Inbound::RoundTime { session, report } => self.core(Input::RoundTime { session, report }),
             Inbound::Replica { reply } => {
                 let v = self.machine.replica_version();
                 let r = self.with_engine(|e| e.read_replica()).await;
@@ -409,10 +420,27 @@ impl Coordinator {
         if let Err(e) = self.snapshot_frame().await {
             return Err(("server", format!("engine failed to read the model: {e}")));
         }
-        let (session, effects) = self.machine.join(self.now(), hello, proven)?;
-        self.outboxes.insert(session, outbox);
-        self.apply(effects).await;
-        Ok(session)
+        let secret = match resume_secret() {
+            Ok(s) => s,
+            Err(e) => {
+                return Err((
+                    "server",
+                    format!("no resume secret: the operating system's random source failed: {e}"),
+                ));
+            }
+        };
+        let mut effects = self.core(Input::Join { hello, proven, secret });
+        match effects.first() {
+            Some(Effect::Joined { session }) => {
+                let session = *session;
+                effects.remove(0);
+                self.outboxes.insert(session, outbox);
+                self.apply(effects).await;
+                Ok(session)
+            }
+            Some(Effect::Refused { field, reason }) => Err((field, reason.clone())),
+            _ => Err(("server", "the core neither admitted nor refused the join".into())),
+        }
     }
 
     /// Carries out the machine's effects in order.
@@ -430,7 +458,7 @@ impl Coordinator {
                     let Some(o) = self.outboxes.get(&session).cloned() else { continue };
                     if o.resync_with_deltas(from, &chain) {
                         let bytes: u64 = chain.iter().map(|(_, _, f)| f.len() as u64).sum();
-                        self.machine.count_sent(session, bytes);
+                        self.core(Input::Sent { session, bytes });
                     } else {
                         self.send_snapshot(session).await;
                     }
@@ -438,10 +466,14 @@ impl Coordinator {
                 Effect::Broadcast { base, version, frame } => {
                     let t0 = std::time::Instant::now();
                     let len = frame.len() as u64;
-                    for (&session, o) in &self.outboxes {
-                        if o.push_delta(base, version, frame.clone()) {
-                            self.machine.count_sent(session, len);
-                        }
+                    let sent: Vec<SessionId> = self
+                        .outboxes
+                        .iter()
+                        .filter(|(_, o)| o.push_delta(base, version, frame.clone()))
+                        .map(|(&s, _)| s)
+                        .collect();
+                    for session in sent {
+                        self.core(Input::Sent { session, bytes: len });
                     }
                     self.metrics.stage("fanout", t0.elapsed());
                 }
@@ -452,14 +484,23 @@ impl Coordinator {
                 }
                 Effect::Step(job) => {
                     let outcome = self.run_step(job).await;
-                    let now = self.now();
-                    let (machine, mut log) = self.log();
-                    queue.extend(machine.step_done(now, outcome, &mut log));
+                    queue.extend(self.core(Input::StepDone { outcome }));
                 }
-                Effect::Record(event) => self.record.push(event),
+                Effect::Append { seq, op } => {
+                    let more = self.append(seq, &op);
+                    queue.extend(more);
+                }
+                Effect::Record(event) => {
+                    self.metrics.event(&event);
+                    self.record.push(event);
+                }
                 Effect::Stop => self.rx.close(),
+                // Answered where the input was given (join, recovery).
+                Effect::Joined { .. } | Effect::Refused { .. } | Effect::Recovered(_) => {}
             }
         }
+        // /metrics follows the core's counters (each counted there, once).
+        self.metrics.core(self.machine.counters());
     }
 
     /// Runs one aggregation step (and its broadcast) on the engine's blocking thread.
@@ -528,7 +569,7 @@ impl Coordinator {
         let Some(outbox) = self.outboxes.get(&session).cloned() else { return };
         match self.snapshot_frame().await {
             Ok((v, f)) => {
-                self.machine.count_sent(session, f.len() as u64);
+                self.core(Input::Sent { session, bytes: f.len() as u64 });
                 outbox.push_snapshot(v, f);
             }
             Err(e) => tracing::error!(error = %e, "snapshot failed"),
@@ -537,7 +578,7 @@ impl Coordinator {
 
     async fn shutdown(&mut self, reason: &str) -> Result<ModelState, EngineError> {
         // Everything accepted is applied and acknowledged before the state is taken.
-        let effects = self.machine.shutdown(self.now());
+        let effects = self.core(Input::Shutdown);
         self.apply(effects).await;
         if self.durable.is_some() {
             match self.checkpoint().await {
@@ -545,7 +586,7 @@ impl Coordinator {
                 Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
             }
         }
-        let effects = self.machine.farewell(reason);
+        let effects = self.core(Input::Farewell { reason: reason.into() });
         self.apply(effects).await;
         self.with_engine(|e| e.read_state()).await
     }
@@ -572,6 +613,13 @@ impl Coordinator {
         });
         let _ = self.status_tx.send(Arc::new(status));
     }
+}
+
+/// A fresh resume secret: 128 bits from the operating system's CSPRNG, in hex.
+fn resume_secret() -> Result<String, getrandom::Error> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -1,6 +1,11 @@
-//! What `/api/status` reports, published by the coordinator.
+//! What `/api/status` reports: the machine's view ([`Machine::status`]) plus what the shell
+//! adds (the engine, stage times, the staleness histogram, outboxes).
+
+use std::time::Duration;
 
 use serde::Serialize;
+
+use super::Machine;
 
 use crate::engine::EngineInfo;
 use crate::policy::SessionId;
@@ -67,7 +72,7 @@ pub struct Status {
     /// Update bytes aggregated (indices and values).
     pub aggregate_bytes: u64,
     /// The evaluator's reports over the whole run: every report until there are 512, then
-    /// evenly thinned (every 2nd, 4th, … report; see `server::history`), always ending with the
+    /// evenly thinned (every 2nd, 4th, … report; see `core::history`), always ending with the
     /// newest.
     pub evals: Vec<EvalPoint>,
     /// How many reports the evaluator made in all.
@@ -129,4 +134,83 @@ pub struct EvalPoint {
     /// Frame bytes the server had received (pushes) and sent (Deltas, snapshots) by then.
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+/// Everything `/api/status` needs that the machine does not own.
+pub struct StatusInputs {
+    pub engine: EngineInfo,
+    pub stages: Vec<StageTime>,
+    pub staleness_histogram: Vec<u64>,
+}
+
+impl Machine {
+    /// The status `/api/status` shows; `outbox(session)` tells whether a session is lagging
+    /// and how many bytes are queued to it.
+    pub fn status(
+        &self,
+        now: Duration,
+        inputs: StatusInputs,
+        outbox: impl Fn(SessionId) -> (bool, u64),
+    ) -> Status {
+        let uptime = now.as_secs_f64();
+        let mut clients: Vec<ClientStatus> = self
+            .sessions
+            .iter()
+            .map(|(&id, s)| {
+                let c = self.clients.get(&s.client_id).cloned().unwrap_or_default();
+                let (lagging, queued_bytes) = outbox(id);
+                ClientStatus {
+                    session: id,
+                    client_id: s.client_id.clone(),
+                    kind: s.kind,
+                    role: s.role,
+                    device: s.device.clone(),
+                    connected_s: uptime - s.joined.as_secs_f64(),
+                    accepted: c.accepted,
+                    rejected: c.rejected,
+                    commits: c.commits,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    last_staleness: c.last_staleness,
+                    mean_staleness: if c.commits == 0 {
+                        0.0
+                    } else {
+                        c.staleness_sum as f64 / c.commits as f64
+                    },
+                    last_loss: c.last_loss,
+                    lagging,
+                    queued_bytes,
+                    directive: s.directive.clone(),
+                }
+            })
+            .collect();
+        clients.sort_by_key(|c| c.session);
+        let c = &self.counters;
+        Status {
+            model: self.layout.name.clone(),
+            params: self.layout.num_params() as u64,
+            version: self.version,
+            replica_version: self.replica_version,
+            uptime_s: uptime,
+            engine: inputs.engine,
+            policy: self.policy.name().into(),
+            policy_state: self.policy.state(),
+            settings: self.settings(),
+            clients,
+            accepted: c.accepted,
+            rejected: c.rejected,
+            aggregated: c.aggregated,
+            steps: c.steps,
+            pending: self.pending_len() as u64,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            aggregate_seconds: c.agg_seconds,
+            topk_seconds: c.topk_seconds,
+            aggregate_bytes: c.agg_bytes,
+            evals: self.evals.points(),
+            evals_seen: self.evals.seen(),
+            stages: inputs.stages,
+            staleness_histogram: inputs.staleness_histogram,
+        }
+    }
 }

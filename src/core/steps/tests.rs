@@ -1,0 +1,152 @@
+//! The core's rules for steps, Acks, shutdown, engine failure, driven directly: no sockets, no runtime, no engine.
+
+use crate::config::PolicyKind;
+use crate::core::testkit::*;
+use crate::core::*;
+use crate::protocol::message::*;
+
+#[test]
+fn bsp_acks_every_push_of_a_round_after_it_is_aggregated() {
+    let cfg = config(PolicyKind::Bsp, |_| {});
+    let mut m = machine(&cfg);
+    let (a, b) = (join(&mut m, "a"), join(&mut m, "b"));
+    let fx = m.push_logged(t(1), a, push(1, 0), &mut NoLog);
+    assert!(step_of(&fx).is_none() && acks(&fx).is_empty(), "the round waits for b");
+    let fx = m.push_logged(t(2), b, push(1, 0), &mut NoLog);
+    let job = step_of(&fx).expect("b completes the round");
+    assert_eq!(job.updates.len(), 2);
+    let fx = done(&mut m, job, &mut NoLog);
+    let mut got = acks(&fx);
+    got.sort();
+    // Built on version 0, aggregated in the step from 0: staleness 0, as its weight used.
+    assert_eq!(got, [(a, 1, 1, 0), (b, 1, 1, 0)]);
+    // The Delta goes out before the Acks.
+    let bc = fx.iter().position(|e| matches!(e, Effect::Broadcast { .. })).unwrap();
+    let ack = fx.iter().position(|e| matches!(e, Effect::Send { msg: ServerMessage::Ack(_), .. })).unwrap();
+    assert!(bc < ack);
+}
+
+#[test]
+fn a_step_is_logged_before_its_delta_and_acks() {
+    let cfg = config(PolicyKind::Asp, |_| {});
+    let mut m = machine(&cfg);
+    let s = join(&mut m, "a");
+    let mut log = MemLog::default();
+    let fx = m.push_logged(t(1), s, push(1, 0), &mut log);
+    assert_eq!(log.pushes, [("a".to_string(), 40 + 12)]);
+    assert!(log.steps.is_empty());
+    let fx2 = m.poll(t(1)).unwrap();
+    let job = step_of(&fx2).unwrap();
+    assert_eq!(job.updates.len(), 1);
+    done(&mut m, job, &mut log);
+    assert_eq!(log.steps, [(vec![("a".to_string(), 1, 1.0)], true)]);
+    assert_eq!(acks(&fx).len(), 1);
+}
+
+#[test]
+fn shutdown_applies_every_accepted_push_then_acks_then_says_bye() {
+    // BSP holds a round open until every trainer pushed: c never does.
+    let cfg = config(PolicyKind::Bsp, |_| {});
+    let mut m = machine(&cfg);
+    let (a, b, c) = (join(&mut m, "a"), join(&mut m, "b"), join(&mut m, "c"));
+    for s in [a, b] {
+        let fx = m.push_logged(t(1), s, push(1, 0), &mut NoLog);
+        assert!(step_of(&fx).is_none() && acks(&fx).is_empty());
+    }
+    let fx = m.shutdown(t(5));
+    let job = step_of(&fx).expect("the open round is aggregated");
+    assert_eq!(job.updates.len(), 2);
+    let mut got: Vec<(SessionId, u64)> = acks(&fx).iter().map(|a| (a.0, a.1)).collect();
+    got.extend(acks(&done(&mut m, job, &mut NoLog)).iter().map(|a| (a.0, a.1)));
+    got.sort();
+    assert_eq!(got, [(a, 1), (b, 1)], "every accepted push is acknowledged once");
+    assert_eq!(m.pending_len(), 0);
+    let fx = m.farewell("server shutting down");
+    for s in [a, b, c] {
+        assert!(
+            fx.iter().any(
+                |e| matches!(e, Effect::Send { session, msg: ServerMessage::Bye { .. } } if *session == s)
+            )
+        );
+        assert!(fx.iter().any(|e| matches!(e, Effect::Close { session, code: 1000, .. } if *session == s)));
+    }
+}
+
+#[test]
+fn an_engine_failure_closes_every_session_and_stops() {
+    // BSP with one trainer: each push completes a round, acknowledged once applied.
+    let cfg = config(PolicyKind::Bsp, |_| {});
+    let mut m = machine(&cfg);
+    let a = join(&mut m, "a");
+    let b = m.join_as(t(0), hello("e", Role::Evaluator), false).unwrap().0;
+    let fx = m.push_logged(t(1), a, push(1, 0), &mut NoLog);
+    assert!(step_of(&fx).is_some());
+    let fx = m.step_done_logged(t(2), Err("device lost".into()), &mut NoLog);
+    for s in [a, b] {
+        assert!(fx.iter().any(|e| matches!(e, Effect::Close { session, code: 1011, .. } if *session == s)));
+    }
+    assert!(matches!(fx.last(), Some(Effect::Stop)));
+    assert!(acks(&fx).is_empty(), "nothing unapplied is acknowledged");
+    assert_eq!(m.version(), 0);
+    assert_eq!(m.checkpoint_parts().pending.len(), 1, "the unapplied push stays for the final checkpoint");
+    let fx = m.push_logged(t(3), a, push(2, 0), &mut NoLog);
+    assert!(step_of(&fx).is_none(), "no step after a failure");
+    assert_eq!(rejects(&fx), [(2, "server".to_string())]);
+}
+
+#[test]
+fn with_broadcast_every_2_a_base_version_is_a_replica_version() {
+    let cfg = config(PolicyKind::Asp, |c| {
+        c.broadcast_every = 2;
+        c.max_delta_chain = 2;
+    });
+    let mut m = machine(&cfg);
+    let s = join(&mut m, "a");
+    for seq in 1..=6 {
+        let base = m.replica_version();
+        cycle(&mut m, s, push(seq, base), &mut NoLog);
+    }
+    assert_eq!((m.version(), m.replica_version()), (6, 6));
+    cycle(&mut m, s, push(7, 6), &mut NoLog);
+    assert_eq!((m.version(), m.replica_version()), (7, 6));
+    // Version 7 exists only on the server: no client can have built on it.
+    assert_eq!(rejects(&m.push_logged(t(9), s, push(8, 7), &mut NoLog)), [(8, "base_version".to_string())]);
+    // Two Deltas are kept (2→4, 4→6), each spanning two versions: a client at 2 gets both.
+    match m.resync(s, Some(2)).as_slice() {
+        [Effect::Deltas { from: 2, chain, .. }] => assert_eq!(chain.len(), 2),
+        other => panic!("expected the chain from 2, got {other:?}"),
+    }
+    assert!(matches!(m.resync(s, Some(0)).as_slice(), [Effect::Snapshot { .. }]));
+}
+
+#[test]
+fn a_steps_delta_and_acks_wait_until_the_log_holds_its_record() {
+    // BSP with one trainer: the push completes a round, acknowledged after its step.
+    let cfg = config(PolicyKind::Bsp, |_| {});
+    let mut m = machine(&cfg);
+    let a = join(&mut m, "a");
+    let fx = m.push_logged(t(1), a, push(1, 0), &mut NoLog);
+    let job = step_of(&fx).expect("a one-trainer round");
+    let r = outcome(&m, job);
+    let fx = m.step_done(t(2), Ok(r));
+    let seq = match fx.iter().find_map(|e| match e {
+        Effect::Append { seq, op: log::WalOp::Step(s) } => Some((*seq, s.items.clone())),
+        _ => None,
+    }) {
+        Some((seq, items)) => {
+            assert_eq!(items, [("a".to_string(), 1, 1.0)]);
+            seq
+        }
+        None => panic!("the step's record is appended: {fx:?}"),
+    };
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Broadcast { .. })) && acks(&fx).is_empty());
+    assert_eq!(m.version(), 1, "applied");
+    assert_eq!(m.replica_version(), 0, "not yet broadcast");
+    // Nothing else starts while the record is on its way.
+    assert!(m.poll(t(2)).is_none_or(|fx| step_of(&fx).is_none()));
+    let fx = m.appended(t(3), seq);
+    let bc = fx.iter().position(|e| matches!(e, Effect::Broadcast { version: 1, .. })).expect("the Delta");
+    let ack = fx.iter().position(|e| matches!(e, Effect::Send { msg: ServerMessage::Ack(_), .. })).unwrap();
+    assert!(bc < ack);
+    assert_eq!(m.replica_version(), 1);
+}

@@ -75,7 +75,10 @@ def decode(data: bytes) -> Tensors:
     body = memoryview(data)[8 + n :]
     entries = []
     for name, info in header.items():
-        dtype, shape, (start, end) = info.get("dtype"), info.get("shape"), info.get("data_offsets", (0, -1))
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, ValueError, KeyError):
+            raise ValueError(f"tensor {name!r}: its header entry {info!r} lacks dtype, shape or data_offsets") from None
         if dtype != "F32":
             raise ValueError(f"tensor {name!r} is {dtype}; sparsync models are F32")
         count = math.prod(shape)
@@ -83,6 +86,8 @@ def decode(data: bytes) -> Tensors:
             raise ValueError(f"tensor {name!r}: data_offsets {[start, end]} do not hold {list(shape)} float32 values")
         a = np.frombuffer(body[start:end], dtype="<f4").astype(np.float32).reshape(shape)
         entries.append((start, name, a))
+    if not entries:
+        raise ValueError("the safetensors file holds no tensors")
     if ORDER_KEY in meta:
         order = json.loads(meta[ORDER_KEY])
         by_name = {name: a for _, name, a in entries}

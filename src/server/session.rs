@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use super::Shared;
 use super::coordinator::Inbound;
 use super::outbox::{Next, Outbound, Outbox};
+use crate::core::Input;
 use crate::policy::SessionId;
 use crate::protocol::frame::{PushLimits, PushView, ValidatedPush};
 use crate::protocol::message::{
@@ -171,7 +172,7 @@ pub async fn run<S>(
                     return Ok(());
                 }
                 Next::Resync(have) => {
-                    if writer_tx.send(Inbound::Resync { session, have }).await.is_err() {
+                    if writer_tx.send(Inbound::Core(Input::Resync { session, have })).await.is_err() {
                         return Ok(());
                     }
                     continue;
@@ -201,7 +202,7 @@ pub async fn run<S>(
         },
         _ = shared.shutdown_started() => (1001, "server shutting down".to_string()),
     };
-    let _ = shared.tx.send(Inbound::Leave { session, reason: reason.clone() }).await;
+    let _ = shared.tx.send(Inbound::Core(Input::Leave { session, reason: reason.clone() })).await;
     // Let the writer flush what is queued (e.g. a Bye) for a moment, then stop it. A finished
     // JoinHandle must not be polled again.
     outbox.close_with(code, reason.clone());
@@ -289,16 +290,16 @@ where
                     return (1000, format!("client said bye: {}", clip(&reason, MAX_REASON_LEN)));
                 }
                 Ok(ClientMessage::SnapshotRequest) => {
-                    let _ = shared.tx.send(Inbound::SnapshotRequest { session }).await;
+                    let _ = shared.tx.send(Inbound::Core(Input::SnapshotRequest { session })).await;
                 }
                 Ok(ClientMessage::Eval(report)) => {
-                    let _ = shared.tx.send(Inbound::Eval { session, report }).await;
+                    let _ = shared.tx.send(Inbound::Core(Input::Eval { session, report })).await;
                 }
                 Ok(ClientMessage::Skip(report)) => {
-                    let _ = shared.tx.send(Inbound::Skip { session, report }).await;
+                    let _ = shared.tx.send(Inbound::Core(Input::Skip { session, report })).await;
                 }
                 Ok(ClientMessage::RoundTime(report)) => {
-                    let _ = shared.tx.send(Inbound::RoundTime { session, report }).await;
+                    let _ = shared.tx.send(Inbound::Core(Input::RoundTime { session, report })).await;
                 }
                 Err(e) => error_to(outbox, "json", &format!("malformed control message: {e}"), false),
             },
@@ -332,7 +333,7 @@ async fn handle_push(
                 reject_to(outbox, push.header().seq, "rate", &reason);
                 return;
             }
-            let _ = shared.tx.send(Inbound::Push { session, push }).await;
+            let _ = shared.tx.send(Inbound::Core(Input::Push { session, push })).await;
         }
         Err(e) => {
             shared.metrics.rejected(e.field());

@@ -32,8 +32,8 @@ use crate::config::ServerConfig;
 use crate::core::{Effect, Input, Machine, StatusInputs, StepJob, StepOutcome};
 use crate::engine::{Aggregator, EngineError, EngineInfo, ModelState, UpdateRef};
 use crate::policy::{SessionId, SyncPolicy};
-use crate::protocol::frame::{ValidatedPush, encode_snapshot};
-use crate::protocol::message::{EvalReport, Hello, RoundTime, SkipReport};
+use crate::protocol::frame::encode_snapshot;
+use crate::protocol::message::Hello;
 use crate::protocol::model::ModelLayout;
 use durable::Durable;
 pub use tape::{Tape, TapeEntry};
@@ -52,49 +52,15 @@ pub enum Inbound {
         outbox: Arc<Outbox>,
         reply: oneshot::Sender<JoinReply>,
     },
-    /// A Push that passed the stateless checks.
-    Push {
-        session: SessionId,
-        push: ValidatedPush,
-    },
-    Leave {
-        session: SessionId,
-        reason: String,
-    },
-    /// The session's replica fell behind; it holds x̂ at `have` (if it knows).
-    Resync {
-        session: SessionId,
-        have: Option<u64>,
-    },
-    /// The client asked for a snapshot (`snapshot_request`): it always gets one.
-    SnapshotRequest {
-        session: SessionId,
-    },
-    Eval {
-        session: SessionId,
-        report: EvalReport,
-    },
-    Skip {
-        session: SessionId,
-        report: SkipReport,
-    },
-    RoundTime {
-        session: SessionId,
-        report: RoundTime,
-    },
+    /// A session's message for the core as it is (a validated Push, a Leave, a Resync, a
+    /// snapshot request, an evaluation, a skip, a round time).
+    Core(Input),
     /// Model state (tests, checkpoints).
-    State {
-        reply: oneshot::Sender<Result<ModelState, String>>,
-    },
+    State { reply: oneshot::Sender<Result<ModelState, String>> },
     /// The public replica and its version.
-    Replica {
-        reply: oneshot::Sender<Result<(u64, Vec<f32>), String>>,
-    },
+    Replica { reply: oneshot::Sender<Result<(u64, Vec<f32>), String>> },
     /// Stop: aggregate every accepted push, say Bye to every session, return the final state.
-    Shutdown {
-        reason: String,
-        reply: oneshot::Sender<Result<ModelState, String>>,
-    },
+    Shutdown { reason: String, reply: oneshot::Sender<Result<ModelState, String>> },
 }
 
 /// The coordinator's answer to a Join: the session, or the Hello field at fault and why.
@@ -258,21 +224,18 @@ impl Coordinator {
                 let _ = reply.send(r);
                 return false;
             }
-            Inbound::Push { session, push } => {
+            Inbound::Core(input) => {
+                if let Input::Leave { session, .. } = &input {
+                    self.outboxes.remove(session);
+                }
                 let t0 = std::time::Instant::now();
-                let effects = self.core(Input::Push { session, push });
-                self.metrics.stage("policy", t0.elapsed());
+                let is_push = matches!(input, Input::Push { .. });
+                let effects = self.core(input);
+                if is_push {
+                    self.metrics.stage("policy", t0.elapsed());
+                }
                 effects
             }
-            Inbound::Leave { session, reason } => {
-                self.outboxes.remove(&session);
-                self.core(Input::Leave { session, reason })
-            }
-            Inbound::Resync { session, have } => self.core(Input::Resync { session, have }),
-            Inbound::SnapshotRequest { session } => self.core(Input::SnapshotRequest { session }),
-            Inbound::Eval { session, report } => self.core(Input::Eval { session, report }),
-            Inbound::Skip { session, report } => self.core(Input::Skip { session, report }),
-            Inbound::RoundTime { session, report } => self.core(Input::RoundTime { session, report }),
             Inbound::Replica { reply } => {
                 let v = self.machine.replica_version();
                 let r = self.with_engine(|e| e.read_replica()).await;

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, LossSource, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, LossSource, PushMeta, Ready, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime};
 
 /// ADSP settings.
@@ -224,7 +224,7 @@ pub struct Adsp {
     last_search: Duration,
     prev_period_loss: Option<f64>,
     loss: GlobalLoss,
-    pending: Vec<PushId>,
+    pending: Ready,
     /// Per finished period: (C, commits per client).
     /// (the latest MAX_KEPT; memory stays bounded however long a run).
     history: std::collections::VecDeque<(u64, BTreeMap<SessionId, u64>)>,
@@ -238,6 +238,7 @@ impl Adsp {
     pub fn new(cfg: AdspConfig) -> Self {
         let scale = derive_timescale(&cfg, &[]);
         Self {
+            pending: Ready::new(cfg.max_batch),
             cfg,
             scale,
             clients: BTreeMap::new(),
@@ -250,7 +251,6 @@ impl Adsp {
             last_search: Duration::ZERO,
             prev_period_loss: None,
             loss: GlobalLoss::default(),
-            pending: Vec::new(),
             history: Default::default(),
             periods: 0,
             scores: Vec::new(),
@@ -476,12 +476,8 @@ impl SyncPolicy for Adsp {
                 out.extend(self.end_period(now));
             }
         }
-        if !self.pending.is_empty() {
-            let m = self.clients.len().max(1);
-            let take = self.pending.len().min(self.cfg.max_batch);
-            let pushes: Vec<PushId> = self.pending.drain(..take).collect();
-            out.push(Action::Aggregate { pushes, normalization: Normalization::Fixed(m) });
-        }
+        let m = self.clients.len().max(1);
+        out.extend(self.pending.next_batch(Normalization::Fixed(m)));
         out
     }
 
@@ -495,7 +491,7 @@ impl SyncPolicy for Adsp {
 
     fn drain(&mut self) -> Vec<Action> {
         let m = self.clients.len().max(1);
-        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, Normalization::Fixed(m))
+        self.pending.drain(Normalization::Fixed(m))
     }
 
     fn state(&self) -> serde_json::Value {

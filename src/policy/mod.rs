@@ -123,3 +123,62 @@ pub trait SyncPolicy: Send + Sync {
 pub fn batches(pushes: Vec<PushId>, max_batch: usize, normalization: Normalization) -> Vec<Action> {
     pushes.chunks(max_batch.max(1)).map(|c| Action::Aggregate { pushes: c.to_vec(), normalization }).collect()
 }
+
+/// Accepted pushes waiting to be aggregated as soon as possible, in acceptance order: every
+/// `poll` takes at most `max_batch` of them as one batch, so what queued while the engine was
+/// busy forms the next batch. ASP, SSP, ADSP and Hermes aggregate this way.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pushes: Vec<PushId>,
+    max_batch: usize,
+}
+
+impl Ready {
+    pub fn new(max_batch: usize) -> Self {
+        Self { pushes: Vec::new(), max_batch: max_batch.max(1) }
+    }
+
+    pub fn push(&mut self, id: PushId) {
+        self.pushes.push(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.pushes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pushes.is_empty()
+    }
+
+    /// The oldest `max_batch` pushes as one batch, if any wait.
+    pub fn next_batch(&mut self, normalization: Normalization) -> Option<Action> {
+        if self.pushes.is_empty() {
+            return None;
+        }
+        let take = self.pushes.len().min(self.max_batch);
+        Some(Action::Aggregate { pushes: self.pushes.drain(..take).collect(), normalization })
+    }
+
+    /// Every waiting push, in batches of at most `max_batch` (shutdown).
+    pub fn drain(&mut self, normalization: Normalization) -> Vec<Action> {
+        batches(std::mem::take(&mut self.pushes), self.max_batch, normalization)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_queue_batches_in_acceptance_order() {
+        let mut r = Ready::new(2);
+        for id in [5, 3, 9] {
+            r.push(id);
+        }
+        let agg = |v: Vec<PushId>| Action::Aggregate { pushes: v, normalization: Normalization::Batch };
+        assert_eq!(r.next_batch(Normalization::Batch), Some(agg(vec![5, 3])));
+        r.push(1);
+        assert_eq!(r.drain(Normalization::Batch), vec![agg(vec![9, 1])]);
+        assert!(r.is_empty() && r.next_batch(Normalization::Batch).is_none());
+    }
+}

@@ -4,7 +4,13 @@
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushMeta, Ready, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushMeta, Ready, SessionId, SyncPolicy};
+
+crate::settings::settings! {
+    /// ASP has no settings of its own (it uses `max_batch`).
+    pub struct AspSettings;
+    pub struct AspFlags;
+}
 
 /// Asynchronous parallel: acknowledge at once, aggregate whatever is pending.
 pub struct Asp {
@@ -14,6 +20,13 @@ pub struct Asp {
 impl Asp {
     pub fn new(max_batch: usize) -> Self {
         Self { pending: Ready::new(max_batch) }
+    }
+}
+
+impl Policy for Asp {
+    type Settings = AspSettings;
+    fn build(_settings: &AspSettings, common: &Common) -> Self {
+        Self::new(common.max_batch)
     }
 }
 

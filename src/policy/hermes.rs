@@ -22,8 +22,32 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushMeta, Ready, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushMeta, Ready, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime, SkipReport};
+
+crate::settings::settings! {
+    /// Hermes' settings, as flags and TOML keys; [`HermesConfig`] is what they build.
+    pub struct HermesSettings;
+    pub struct HermesFlags;
+    ["Policy"]
+    hermes_samples: val u64 = "2500", "Hermes: initial samples per round D";
+    hermes_batch: val u64 = "16", "Hermes: initial batch size b";
+    hermes_epochs: val u64 = "5", "Hermes: local epochs per round E";
+    hermes_tolerance_s: val f64 = "1", "Hermes: round-time tolerance around the median, seconds";
+}
+
+impl Policy for Hermes {
+    type Settings = HermesSettings;
+    fn build(s: &HermesSettings, common: &Common) -> Self {
+        Self::new(HermesConfig {
+            samples: s.hermes_samples,
+            batch: s.hermes_batch,
+            epochs: s.hermes_epochs,
+            tolerance: s.hermes_tolerance_s,
+            max_batch: common.max_batch,
+        })
+    }
+}
 
 /// The batch sizes Hermes chooses from.
 pub const BATCH_SIZES: [u64; 6] = [2, 4, 8, 16, 32, 64];

@@ -7,7 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, Ready, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushId, PushMeta, Ready, SessionId, SyncPolicy};
+
+crate::settings::settings! {
+    /// SSP's settings.
+    pub struct SspSettings;
+    pub struct SspFlags;
+    ["Policy"]
+    ssp_bound: val u64 = "4", "SSP: staleness bound b in clocks (pushes)";
+}
 
 /// Stale synchronous parallel with bound `b`: ASP's aggregation ([`Ready`]), with held Acks.
 pub struct Ssp {
@@ -16,6 +24,13 @@ pub struct Ssp {
     /// Held Acks: (client, push).
     held: Vec<(SessionId, PushId)>,
     pending: Ready,
+}
+
+impl Policy for Ssp {
+    type Settings = SspSettings;
+    fn build(settings: &SspSettings, common: &Common) -> Self {
+        Self::new(settings.ssp_bound, common.max_batch)
+    }
 }
 
 impl Ssp {

@@ -1,8 +1,10 @@
 //! Server settings: one flat list, read from a TOML file (`--config`) and overridden by flags.
 //!
-//! Every setting is declared once in the `settings!` invocation below, which generates the
-//! config struct (serde, with defaults), the clap flags (each an `Option`, so that an absent
-//! flag keeps the file's value) and the merge. `--help` shows each default.
+//! Every setting is declared once in the `settings!` invocation below (see src/settings.rs),
+//! which generates the config struct (serde, with defaults), the clap flags (each an `Option`,
+//! so that an absent flag keeps the file's value) and the merge. `--help` shows each default.
+//! Each policy's own settings are declared in its file and come in as one group,
+//! [`PolicySettings`](crate::policy::PolicySettings); their keys and flags are as flat as these.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::engine::GpuMode;
 use crate::engine::SelectionMode;
+pub use crate::policy::PolicyKind;
 use crate::policy::staleness::WeightingKind;
+use crate::settings::{Settings, settings};
 
 /// Which engine aggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -22,122 +26,6 @@ pub enum EngineChoice {
     Auto,
     Gpu,
     Cpu,
-}
-
-/// Synchronization policy (docs/algorithms.md §5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyKind {
-    /// Bulk synchronous: one update from every active client per round, with a deadline.
-    Bsp,
-    /// Asynchronous: every update as soon as possible (what queued while busy is one batch).
-    Asp,
-    /// Stale synchronous: no client more than `ssp_bound` pushes ahead of the slowest.
-    Ssp,
-    /// Buffered asynchronous: aggregate every `fedbuff_k` updates.
-    Fedbuff,
-    /// ADSP: equal commit counts per check period, per-client commit intervals.
-    Adsp,
-    /// Hermes: clients push only significant updates; the server equalises round times.
-    Hermes,
-}
-
-impl PolicyKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Bsp => "bsp",
-            Self::Asp => "asp",
-            Self::Ssp => "ssp",
-            Self::Fedbuff => "fedbuff",
-            Self::Adsp => "adsp",
-            Self::Hermes => "hermes",
-        }
-    }
-}
-
-fn parse_default<T: std::str::FromStr>(name: &str, text: &str) -> T
-where
-    T::Err: std::fmt::Debug,
-{
-    text.parse().unwrap_or_else(|e| panic!("default of {name} ({text:?}) does not parse: {e:?}"))
-}
-
-/// Parses a bool flag value (`--flag`, `--flag true`, `--flag false`).
-fn bool_value(s: &str) -> Result<bool, String> {
-    match s {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!("expected true or false, got {s:?}")),
-    }
-}
-
-macro_rules! settings {
-    (
-        $(
-            [$heading:literal]
-            $(
-                $name:ident : $kind:ident $ty:ty = $default:literal, $help:literal;
-            )*
-        )*
-    ) => {
-        /// The server's settings (see `sparsync serve --help` for each one's meaning).
-        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-        #[serde(default, deny_unknown_fields)]
-        pub struct ServerConfig {
-            $($( #[doc = $help] pub $name: settings!(@field $kind $ty), )*)*
-        }
-
-        impl Default for ServerConfig {
-            fn default() -> Self {
-                Self { $($( $name: settings!(@default $kind $ty, $name, $default), )*)* }
-            }
-        }
-
-        /// Flags of `sparsync serve`: each overrides the config file's value when given.
-        #[derive(clap::Args, Clone, Debug, Default)]
-        pub struct ServeFlags {
-            $($(
-                #[arg(
-                    long,
-                    help_heading = $heading,
-                    help = concat!($help, " [default: ", $default, "]"),
-                    num_args = settings!(@nargs $kind),
-                    default_missing_value = settings!(@missing $kind),
-                    value_parser = settings!(@parser $kind $ty),
-                )]
-                pub $name: Option<settings!(@inner $kind $ty)>,
-            )*)*
-        }
-
-        impl ServerConfig {
-            /// Overrides every setting that a flag gave.
-            pub fn apply(&mut self, flags: ServeFlags) {
-                $($( if let Some(v) = flags.$name { self.$name = settings!(@wrap $kind v); } )*)*
-            }
-        }
-    };
-
-    (@field val $ty:ty) => { $ty };
-    (@field flag $ty:ty) => { bool };
-    (@field opt $ty:ty) => { Option<$ty> };
-
-    (@inner val $ty:ty) => { $ty };
-    (@inner flag $ty:ty) => { bool };
-    (@inner opt $ty:ty) => { $ty };
-
-    (@default val $ty:ty, $name:ident, $d:literal) => { parse_default::<$ty>(stringify!($name), $d) };
-    (@default flag $ty:ty, $name:ident, $d:literal) => { parse_default::<bool>(stringify!($name), $d) };
-    (@default opt $ty:ty, $name:ident, $d:literal) => { None };
-
-    (@nargs flag) => { 0..=1 };
-    (@nargs $k:ident) => { 1 };
-    (@missing flag) => { Some("true") };
-    (@missing $k:ident) => { None::<&'static str> };
-    (@parser flag $ty:ty) => { bool_value };
-    (@parser $k:ident $ty:ty) => { clap::value_parser!($ty) };
-
-    (@wrap opt $v:ident) => { Some($v) };
-    (@wrap $k:ident $v:ident) => { $v };
 }
 
 /// A list of tokens: comma-separated on the command line, an array in TOML.
@@ -166,6 +54,11 @@ macro_rules! value_enum_from_str {
 value_enum_from_str!(EngineChoice, GpuMode, PolicyKind, WeightingKind);
 
 settings! {
+    /// The server's settings (see `sparsync serve --help` for each one's meaning).
+    pub struct ServerConfig;
+    /// Flags of `sparsync serve`: each overrides the config file's value when given.
+    pub struct ServeFlags;
+
     ["Server"]
     listen: val SocketAddr = "127.0.0.1:7070", "Address to listen on (HTTP and WebSocket on one port)";
     model: val String = "mlp", "Built-in model: logreg, mlp, cnn, or flat-N (N parameters, for benchmarks); ignored with --init";
@@ -189,18 +82,10 @@ settings! {
     max_batch: val usize = "64", "Most updates aggregated in one step";
 
     ["Policy"]
-    policy: val PolicyKind = "asp", "Synchronization policy: bsp, asp, ssp, fedbuff, adsp, hermes";
-    bsp_deadline_s: val f64 = "30", "BSP: round deadline in seconds; late clients are dropped from the round";
-    ssp_bound: val u64 = "4", "SSP: staleness bound b in clocks (pushes)";
-    fedbuff_k: val usize = "10", "FedBuff: aggregate every K buffered updates";
-    adsp_period_s: opt f64 = "10 rounds of the slowest client", "ADSP: check period Γ in seconds (unset: ten times the slowest client's measured round time; the paper used 60 s for hours of training)";
-    adsp_min_interval_s: opt f64 = "the fastest client's round", "ADSP: smallest commit interval T_min in seconds (unset: the fastest client's measured round time; the paper used 10 s)";
-    adsp_research_s: val f64 = "1000", "ADSP: search C again after this many seconds";
-    adsp_target_loss: val f64 = "0.35", "ADSP: target loss l_target of the score r(C)";
-    hermes_samples: val u64 = "2500", "Hermes: initial samples per round D";
-    hermes_batch: val u64 = "16", "Hermes: initial batch size b";
-    hermes_epochs: val u64 = "5", "Hermes: local epochs per round E";
-    hermes_tolerance_s: val f64 = "1", "Hermes: round-time tolerance around the median, seconds";
+    policy: val PolicyKind = "asp", crate::policy::policy_help!();
+    ["Policy"]
+    // Each policy's own settings (bsp_deadline_s, ssp_bound, …), from src/policy/<name>.rs.
+    ..policies: crate::policy::PolicySettings;
     local_steps: val u64 = "10", "Local steps per push that clients are told at join";
     batch_size: val u64 = "32", "Mini-batch size that clients are told at join";
     learning_rate: val f64 = "0.05", "Local learning rate that clients are told at join";
@@ -261,6 +146,16 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
+    /// Overrides every setting that a flag gave.
+    pub fn apply(&mut self, flags: ServeFlags) {
+        Settings::apply(self, flags);
+    }
+
+    /// What policies may use beyond their own settings.
+    pub fn policy_common(&self) -> crate::policy::Common {
+        crate::policy::Common { max_batch: self.max_batch }
+    }
+
     /// Reads a TOML file (keys are the flag names with underscores).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -284,23 +179,14 @@ impl ServerConfig {
         if self.max_batch == 0 {
             return bad("max_batch", "must be at least 1");
         }
-        if self.fedbuff_k == 0 {
-            return bad("fedbuff_k", "must be at least 1");
-        }
         if !(self.momentum >= 0.0 && self.momentum < 1.0) {
             return bad("momentum", "must be in [0, 1)");
         }
         if !(self.server_lr.is_finite() && self.server_lr > 0.0) {
             return bad("server_lr", "must be positive");
         }
-        if self.bsp_deadline_s.is_nan() || self.bsp_deadline_s <= 0.0 {
-            return bad("bsp_deadline_s", "must be positive");
-        }
-        if self.adsp_period_s.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
-            return bad("adsp_period_s", "must be positive");
-        }
-        if self.adsp_min_interval_s.is_some_and(|p| !(p.is_finite() && p >= 0.0)) {
-            return bad("adsp_min_interval_s", "must be zero or positive");
+        if let Err(e) = self.policies.validate() {
+            return bad(e.field, e.reason);
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "--tls-cert and --tls-key go together");
@@ -350,7 +236,7 @@ impl Default for ClientDefaults {
             local_steps: c.local_steps,
             batch_size: c.batch_size,
             learning_rate: c.learning_rate,
-            chunk_size: c.hermes_samples,
+            chunk_size: c.policies.hermes.hermes_samples,
         }
     }
 }
@@ -391,7 +277,7 @@ mod tests {
         ]);
         c.apply(cli.flags);
         assert_eq!(c.policy, PolicyKind::Ssp);
-        assert_eq!(c.ssp_bound, 3);
+        assert_eq!(c.policies.ssp.ssp_bound, 3);
         assert_eq!(c.rho_down, 0.05);
         assert!(c.require_gpu);
         assert!(!c.sample_weighting);
@@ -405,5 +291,30 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<ServerConfig>("polcy = \"ssp\"").is_err());
+        // Also next to the policies' own keys, which are flattened in.
+        let e = toml::from_str::<ServerConfig>("ssp_bound = 2\nssp_bond = 3\n").unwrap_err();
+        assert!(e.to_string().contains("ssp_bond"), "{e}");
+    }
+
+    #[test]
+    fn policy_settings_are_keys_and_flags_like_any_other() {
+        let mut c: ServerConfig =
+            toml::from_str("bsp_deadline_s = 5\nadsp_period_s = 2.5\nhermes_samples = 7\nmax_batch = 3\n")
+                .unwrap();
+        assert_eq!(c.policies.bsp.bsp_deadline_s, 5.0);
+        assert_eq!(c.policies.adsp.adsp_period_s, Some(2.5));
+        assert_eq!(c.policies.hermes.hermes_samples, 7);
+        assert_eq!(c.policies.fedbuff.fedbuff_k, 10, "the default");
+        let cli = Cli::parse_from(["x", "--fedbuff-k", "3", "--adsp-min-interval-s", "0.5"]);
+        c.apply(cli.flags);
+        assert_eq!((c.policies.fedbuff.fedbuff_k, c.policies.adsp.adsp_min_interval_s), (3, Some(0.5)));
+        assert_eq!(c.policies.bsp.bsp_deadline_s, 5.0, "no flag: the file's value");
+        // Written back flat, as read.
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!((v["bsp_deadline_s"].as_f64(), v["fedbuff_k"].as_u64()), (Some(5.0), Some(3)));
+        assert_eq!(toml::from_str::<ServerConfig>(&toml::to_string(&c).unwrap()).unwrap(), c);
+        // A policy's range check is the config's.
+        c.policies.fedbuff.fedbuff_k = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "fedbuff_k", .. })));
     }
 }

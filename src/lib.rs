@@ -15,7 +15,8 @@
 //! 6. [`client`]: the protocol-level client that tests, the load generator and the native
 //!    training client build on.
 //!
-//! [`config`] holds every server setting; [`bench`] measures the kernels and the server.
+//! [`config`] holds every server setting (each declared once with [`settings`]'s macro; a
+//! policy's own in its file); [`bench`] measures the kernels and the server.
 
 pub mod protocol;
 
@@ -40,6 +41,8 @@ pub(crate) mod plot;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod settings;
 
 /// The log filter of the binaries: `RUST_LOG` when set, else `spec` (EnvFilter syntax). Either
 /// way tungstenite's per-message trace lines are capped at debug: they would print every Hello,

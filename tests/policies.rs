@@ -12,6 +12,7 @@ use common::*;
 use sparsync::config::{PolicyKind, ServerConfig};
 use sparsync::engine::OptimizerSettings;
 use sparsync::engine::cpu::CpuAggregator;
+use sparsync::policy::hermes::HermesSettings;
 use sparsync::policy::staleness::WeightingKind;
 use sparsync::server::record::Event;
 
@@ -87,7 +88,8 @@ fn cfg(policy: PolicyKind) -> ServerConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bsp_rounds_take_one_push_per_member_and_never_pass_the_deadline() {
     let deadline = 0.6;
-    let c = ServerConfig { bsp_deadline_s: deadline, ..cfg(PolicyKind::Bsp) };
+    let mut c = cfg(PolicyKind::Bsp);
+    c.policies.bsp.bsp_deadline_s = deadline;
     // The slowest client needs 1.0 s a round: past the 0.6 s deadline every time.
     let (events, logs, _) = run(c, four([0.01, 0.01, 0.03, 0.2])).await;
     let mut last_close = None;
@@ -155,7 +157,8 @@ async fn asp_acknowledges_at_once_and_batches_what_queued() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssp_never_lets_a_client_run_more_than_b_ahead() {
     let b = 1;
-    let c = ServerConfig { ssp_bound: b, ..cfg(PolicyKind::Ssp) };
+    let mut c = cfg(PolicyKind::Ssp);
+    c.policies.ssp.ssp_bound = b;
     let (events, logs, _) = run(c, four([0.005, 0.005, 0.02, 0.04])).await;
     let mut clocks: BTreeMap<u64, u64> = BTreeMap::new();
     let mut push_client: HashMap<u64, u64> = HashMap::new();
@@ -195,7 +198,8 @@ async fn ssp_never_lets_a_client_run_more_than_b_ahead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedbuff_aggregates_exactly_every_k() {
     let k = 5;
-    let c = ServerConfig { fedbuff_k: k, ..cfg(PolicyKind::Fedbuff) };
+    let mut c = cfg(PolicyKind::Fedbuff);
+    c.policies.fedbuff.fedbuff_k = k;
     let (events, _, _) = run(c, four([0.005, 0.01, 0.02, 0.04])).await;
     let sizes: Vec<usize> = events
         .iter()
@@ -211,12 +215,9 @@ async fn fedbuff_aggregates_exactly_every_k() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
     let period = 1.0;
-    let c = ServerConfig {
-        adsp_period_s: Some(period),
-        adsp_min_interval_s: Some(0.05),
-        sample_weighting: false,
-        ..cfg(PolicyKind::Adsp)
-    };
+    let mut c = ServerConfig { sample_weighting: false, ..cfg(PolicyKind::Adsp) };
+    c.policies.adsp.adsp_period_s = Some(period);
+    c.policies.adsp.adsp_min_interval_s = Some(0.05);
     // Uplinks from fast to very slow: the commit overheads differ by 20×.
     let mut scripts = four([0.005, 0.005, 0.005, 0.005]);
     for (s, up) in scripts.iter_mut().zip([0.01, 0.02, 0.1, 0.2]) {
@@ -262,15 +263,10 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
-    let c = ServerConfig {
-        hermes_samples: 64,
-        hermes_batch: 16,
-        hermes_epochs: 1,
-        hermes_tolerance_s: 0.005,
-        weighting: WeightingKind::Loss,
-        sample_weighting: false,
-        ..cfg(PolicyKind::Hermes)
-    };
+    let mut c =
+        ServerConfig { weighting: WeightingKind::Loss, sample_weighting: false, ..cfg(PolicyKind::Hermes) };
+    c.policies.hermes =
+        HermesSettings { hermes_samples: 64, hermes_batch: 16, hermes_epochs: 1, hermes_tolerance_s: 0.005 };
     // 4 steps a round (64 / 16): 0.04 s for the fast ones, 0.16 s for the 4× slower one.
     let mut scripts = four([0.01, 0.01, 0.01, 0.04]);
     for (s, loss) in scripts.iter_mut().zip([1.0, 0.5, 2.0, 1.0]) {

@@ -210,43 +210,37 @@ fn variants(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
     Ok(out)
 }
 
+fn unknown_policy(name: &str) -> OrchestrateError {
+    let names: Vec<&str> = PolicyKind::ALL.iter().map(|k| k.name()).collect();
+    OrchestrateError::Invalid(format!("unknown policy {name:?} ({}, nbsync)", names.join(", ")))
+}
+
 /// Each variant with the settings that scale its policy to a short run.
 fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, OrchestrateError> {
     let mut out = Vec::new();
     let base = || ServerConfig { weighting: cfg.weighting, ..cfg.server.clone() };
     for p in &cfg.policies {
-        let (server, mode) = match p.as_str() {
-            "bsp" => (ServerConfig { policy: PolicyKind::Bsp, bsp_deadline_s: 10.0, ..base() }, None),
-            "nbsync" => {
-                (ServerConfig { policy: PolicyKind::Bsp, bsp_deadline_s: 10.0, ..base() }, Some("nbsync"))
-            }
-            "asp" => (ServerConfig { policy: PolicyKind::Asp, ..base() }, None),
-            "ssp" => (ServerConfig { policy: PolicyKind::Ssp, ..base() }, None),
-            "fedbuff" => (
-                ServerConfig { policy: PolicyKind::Fedbuff, fedbuff_k: cfg.clients.clamp(2, 10), ..base() },
-                None,
-            ),
-            // Γ and T_min derived from the measured round times (docs/algorithms.md §5) unless
-            // --server-args sets them.
-            "adsp" => (ServerConfig { policy: PolicyKind::Adsp, ..base() }, None),
-            // Scaled: rounds of 512 samples, one epoch; updates weighted by inverse loss.
-            "hermes" => (
-                ServerConfig {
-                    policy: PolicyKind::Hermes,
-                    hermes_samples: 512,
-                    hermes_epochs: 1,
-                    hermes_tolerance_s: 0.25,
-                    weighting: WeightingKind::Loss,
-                    ..base()
-                },
-                None,
-            ),
-            other => {
-                return Err(OrchestrateError::Invalid(format!(
-                    "unknown policy {other:?} (bsp, asp, ssp, fedbuff, adsp, hermes, nbsync)"
-                )));
-            }
+        // nbsync: a BSP server with pipelining clients.
+        let (policy, mode) = match p.as_str() {
+            "nbsync" => (PolicyKind::Bsp, Some("nbsync")),
+            name => (name.parse::<PolicyKind>().map_err(|_| unknown_policy(name))?, None),
         };
+        let mut server = ServerConfig { policy, ..base() };
+        let own = &mut server.policies;
+        match policy {
+            PolicyKind::Bsp => own.bsp.bsp_deadline_s = 10.0,
+            PolicyKind::Fedbuff => own.fedbuff.fedbuff_k = cfg.clients.clamp(2, 10),
+            // Scaled: rounds of 512 samples, one epoch; updates weighted by inverse loss.
+            PolicyKind::Hermes => {
+                own.hermes.hermes_samples = 512;
+                own.hermes.hermes_epochs = 1;
+                own.hermes.hermes_tolerance_s = 0.25;
+                server.weighting = WeightingKind::Loss;
+            }
+            // ADSP: Γ and T_min derived from the measured round times (docs/algorithms.md §5)
+            // unless --server-args sets them. The others (and any new policy): their defaults.
+            _ => {}
+        }
         out.push(Variant { name: p.clone(), server, mode, regime: Regime::default() });
     }
     for w in &cfg.sweep {

@@ -22,8 +22,44 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, LossSource, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, LossSource, Policy, PushMeta, Ready, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime};
+use crate::settings::Invalid;
+
+crate::settings::settings! {
+    /// ADSP's settings, as flags and TOML keys (seconds); [`AdspConfig`] is what they build.
+    pub struct AdspSettings;
+    pub struct AdspFlags;
+    ["Policy"]
+    adsp_period_s: opt f64 = "10 rounds of the slowest client", "ADSP: check period Γ in seconds (unset: ten times the slowest client's measured round time; the paper used 60 s for hours of training)";
+    adsp_min_interval_s: opt f64 = "the fastest client's round", "ADSP: smallest commit interval T_min in seconds (unset: the fastest client's measured round time; the paper used 10 s)";
+    adsp_research_s: val f64 = "1000", "ADSP: search C again after this many seconds";
+    adsp_target_loss: val f64 = "0.35", "ADSP: target loss l_target of the score r(C)";
+}
+
+impl Policy for Adsp {
+    type Settings = AdspSettings;
+    fn build(s: &AdspSettings, common: &Common) -> Self {
+        let secs = Duration::from_secs_f64;
+        Self::new(AdspConfig {
+            period: s.adsp_period_s.map(secs),
+            min_interval: s.adsp_min_interval_s.map(secs),
+            research_every: secs(s.adsp_research_s),
+            target_loss: s.adsp_target_loss,
+            rise: 0.3,
+            max_batch: common.max_batch,
+        })
+    }
+    fn validate(s: &AdspSettings) -> Result<(), Invalid> {
+        if s.adsp_period_s.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+            return Err(Invalid { field: "adsp_period_s", reason: "must be positive" });
+        }
+        if s.adsp_min_interval_s.is_some_and(|p| !(p.is_finite() && p >= 0.0)) {
+            return Err(Invalid { field: "adsp_min_interval_s", reason: "must be zero or positive" });
+        }
+        Ok(())
+    }
+}
 
 /// ADSP settings.
 #[derive(Clone, Debug)]
@@ -224,7 +260,7 @@ pub struct Adsp {
     last_search: Duration,
     prev_period_loss: Option<f64>,
     loss: GlobalLoss,
-    pending: Vec<PushId>,
+    pending: Ready,
     /// Per finished period: (C, commits per client).
     /// (the latest MAX_KEPT; memory stays bounded however long a run).
     history: std::collections::VecDeque<(u64, BTreeMap<SessionId, u64>)>,
@@ -238,6 +274,7 @@ impl Adsp {
     pub fn new(cfg: AdspConfig) -> Self {
         let scale = derive_timescale(&cfg, &[]);
         Self {
+            pending: Ready::new(cfg.max_batch),
             cfg,
             scale,
             clients: BTreeMap::new(),
@@ -250,7 +287,6 @@ impl Adsp {
             last_search: Duration::ZERO,
             prev_period_loss: None,
             loss: GlobalLoss::default(),
-            pending: Vec::new(),
             history: Default::default(),
             periods: 0,
             scores: Vec::new(),
@@ -476,12 +512,8 @@ impl SyncPolicy for Adsp {
                 out.extend(self.end_period(now));
             }
         }
-        if !self.pending.is_empty() {
-            let m = self.clients.len().max(1);
-            let take = self.pending.len().min(self.cfg.max_batch);
-            let pushes: Vec<PushId> = self.pending.drain(..take).collect();
-            out.push(Action::Aggregate { pushes, normalization: Normalization::Fixed(m) });
-        }
+        let m = self.clients.len().max(1);
+        out.extend(self.pending.next_batch(Normalization::Fixed(m)));
         out
     }
 
@@ -495,7 +527,7 @@ impl SyncPolicy for Adsp {
 
     fn drain(&mut self) -> Vec<Action> {
         let m = self.clients.len().max(1);
-        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, Normalization::Fixed(m))
+        self.pending.drain(Normalization::Fixed(m))
     }
 
     fn state(&self) -> serde_json::Value {

@@ -4,17 +4,29 @@
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushMeta, Ready, SessionId, SyncPolicy};
+
+crate::settings::settings! {
+    /// ASP has no settings of its own (it uses `max_batch`).
+    pub struct AspSettings;
+    pub struct AspFlags;
+}
 
 /// Asynchronous parallel: acknowledge at once, aggregate whatever is pending.
 pub struct Asp {
-    pending: Vec<PushId>,
-    max_batch: usize,
+    pending: Ready,
 }
 
 impl Asp {
     pub fn new(max_batch: usize) -> Self {
-        Self { pending: Vec::new(), max_batch: max_batch.max(1) }
+        Self { pending: Ready::new(max_batch) }
+    }
+}
+
+impl Policy for Asp {
+    type Settings = AspSettings;
+    fn build(_settings: &AspSettings, common: &Common) -> Self {
+        Self::new(common.max_batch)
     }
 }
 
@@ -38,16 +50,11 @@ impl SyncPolicy for Asp {
     }
 
     fn poll(&mut self, _now: Duration) -> Vec<Action> {
-        if self.pending.is_empty() {
-            return Vec::new();
-        }
-        let take = self.pending.len().min(self.max_batch);
-        let batch: Vec<PushId> = self.pending.drain(..take).collect();
-        vec![Action::Aggregate { pushes: batch, normalization: Normalization::Batch }]
+        self.pending.next_batch(Normalization::Batch).into_iter().collect()
     }
 
     fn drain(&mut self) -> Vec<Action> {
-        super::batches(std::mem::take(&mut self.pending), self.max_batch, Normalization::Batch)
+        self.pending.drain(Normalization::Batch)
     }
 
     fn state(&self) -> serde_json::Value {
@@ -58,6 +65,7 @@ impl SyncPolicy for Asp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::PushId;
 
     fn push(id: PushId) -> PushMeta {
         PushMeta::for_test(id, 1)

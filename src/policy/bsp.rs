@@ -7,7 +7,29 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushId, PushMeta, SessionId, SyncPolicy};
+use crate::settings::Invalid;
+
+crate::settings::settings! {
+    /// BSP's settings.
+    pub struct BspSettings;
+    pub struct BspFlags;
+    ["Policy"]
+    bsp_deadline_s: val f64 = "30", "BSP: round deadline in seconds; late clients are dropped from the round";
+}
+
+impl Policy for Bsp {
+    type Settings = BspSettings;
+    fn build(settings: &BspSettings, _common: &Common) -> Self {
+        Self::new(Duration::from_secs_f64(settings.bsp_deadline_s))
+    }
+    fn validate(settings: &BspSettings) -> Result<(), Invalid> {
+        if settings.bsp_deadline_s.is_nan() || settings.bsp_deadline_s <= 0.0 {
+            return Err(Invalid { field: "bsp_deadline_s", reason: "must be positive" });
+        }
+        Ok(())
+    }
+}
 
 /// Bulk synchronous parallel with a round deadline.
 pub struct Bsp {

@@ -4,7 +4,29 @@
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushId, PushMeta, SessionId, SyncPolicy};
+use crate::settings::Invalid;
+
+crate::settings::settings! {
+    /// FedBuff's settings.
+    pub struct FedBuffSettings;
+    pub struct FedBuffFlags;
+    ["Policy"]
+    fedbuff_k: val usize = "10", "FedBuff: aggregate every K buffered updates";
+}
+
+impl Policy for FedBuff {
+    type Settings = FedBuffSettings;
+    fn build(settings: &FedBuffSettings, _common: &Common) -> Self {
+        Self::new(settings.fedbuff_k)
+    }
+    fn validate(settings: &FedBuffSettings) -> Result<(), Invalid> {
+        if settings.fedbuff_k == 0 {
+            return Err(Invalid { field: "fedbuff_k", reason: "must be at least 1" });
+        }
+        Ok(())
+    }
+}
 
 /// Buffered asynchronous aggregation.
 pub struct FedBuff {

@@ -22,8 +22,32 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushMeta, Ready, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime, SkipReport};
+
+crate::settings::settings! {
+    /// Hermes' settings, as flags and TOML keys; [`HermesConfig`] is what they build.
+    pub struct HermesSettings;
+    pub struct HermesFlags;
+    ["Policy"]
+    hermes_samples: val u64 = "2500", "Hermes: initial samples per round D";
+    hermes_batch: val u64 = "16", "Hermes: initial batch size b";
+    hermes_epochs: val u64 = "5", "Hermes: local epochs per round E";
+    hermes_tolerance_s: val f64 = "1", "Hermes: round-time tolerance around the median, seconds";
+}
+
+impl Policy for Hermes {
+    type Settings = HermesSettings;
+    fn build(s: &HermesSettings, common: &Common) -> Self {
+        Self::new(HermesConfig {
+            samples: s.hermes_samples,
+            batch: s.hermes_batch,
+            epochs: s.hermes_epochs,
+            tolerance: s.hermes_tolerance_s,
+            max_batch: common.max_batch,
+        })
+    }
+}
 
 /// The batch sizes Hermes chooses from.
 pub const BATCH_SIZES: [u64; 6] = [2, 4, 8, 16, 32, 64];
@@ -56,7 +80,7 @@ pub struct Hermes {
     cfg: HermesConfig,
     clients: BTreeMap<SessionId, Alloc>,
     t_med: Option<f64>,
-    pending: Vec<PushId>,
+    pending: Ready,
     /// Reallocations made: (client, D, b).
     changes: std::collections::VecDeque<(SessionId, u64, u64)>,
     /// Reallocations since the start (`changes` keeps the latest MAX_CHANGES).
@@ -124,10 +148,10 @@ pub fn allocate(k: f64, epochs: u64, target: f64, tol: f64, current_b: u64) -> O
 impl Hermes {
     pub fn new(cfg: HermesConfig) -> Self {
         Self {
+            pending: Ready::new(cfg.max_batch),
             cfg,
             clients: BTreeMap::new(),
             t_med: None,
-            pending: Vec::new(),
             changes: Default::default(),
             reallocations: 0,
         }
@@ -265,14 +289,12 @@ impl SyncPolicy for Hermes {
         if self.pending.is_empty() {
             return Vec::new();
         }
-        let take = self.pending.len().min(self.cfg.max_batch);
-        let pushes: Vec<PushId> = self.pending.drain(..take).collect();
-        vec![Action::Aggregate { pushes, normalization: self.population() }]
+        self.pending.next_batch(self.population()).into_iter().collect()
     }
 
     fn drain(&mut self) -> Vec<Action> {
         let n = self.population();
-        super::batches(std::mem::take(&mut self.pending), self.cfg.max_batch, n)
+        self.pending.drain(n)
     }
 
     fn state(&self) -> serde_json::Value {

@@ -7,27 +7,35 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, PushId, PushMeta, SessionId, SyncPolicy};
+use super::{Action, Common, Policy, PushId, PushMeta, Ready, SessionId, SyncPolicy};
 
-/// Stale synchronous parallel with bound `b`.
+crate::settings::settings! {
+    /// SSP's settings.
+    pub struct SspSettings;
+    pub struct SspFlags;
+    ["Policy"]
+    ssp_bound: val u64 = "4", "SSP: staleness bound b in clocks (pushes)";
+}
+
+/// Stale synchronous parallel with bound `b`: ASP's aggregation ([`Ready`]), with held Acks.
 pub struct Ssp {
     bound: u64,
-    max_batch: usize,
     clocks: BTreeMap<SessionId, u64>,
     /// Held Acks: (client, push).
     held: Vec<(SessionId, PushId)>,
-    pending: Vec<PushId>,
+    pending: Ready,
+}
+
+impl Policy for Ssp {
+    type Settings = SspSettings;
+    fn build(settings: &SspSettings, common: &Common) -> Self {
+        Self::new(settings.ssp_bound, common.max_batch)
+    }
 }
 
 impl Ssp {
     pub fn new(bound: u64, max_batch: usize) -> Self {
-        Self {
-            bound,
-            max_batch: max_batch.max(1),
-            clocks: BTreeMap::new(),
-            held: Vec::new(),
-            pending: Vec::new(),
-        }
+        Self { bound, clocks: BTreeMap::new(), held: Vec::new(), pending: Ready::new(max_batch) }
     }
 
     fn min_clock(&self) -> u64 {
@@ -81,17 +89,12 @@ impl SyncPolicy for Ssp {
     }
 
     fn poll(&mut self, _now: Duration) -> Vec<Action> {
-        if self.pending.is_empty() {
-            return Vec::new();
-        }
-        let take = self.pending.len().min(self.max_batch);
-        let batch: Vec<PushId> = self.pending.drain(..take).collect();
-        vec![Action::Aggregate { pushes: batch, normalization: Normalization::Batch }]
+        self.pending.next_batch(Normalization::Batch).into_iter().collect()
     }
 
     fn drain(&mut self) -> Vec<Action> {
         let mut out: Vec<Action> = self.held.drain(..).map(|(_, id)| Action::Ack(id)).collect();
-        out.extend(super::batches(std::mem::take(&mut self.pending), self.max_batch, Normalization::Batch));
+        out.extend(self.pending.drain(Normalization::Batch));
         out
     }
 

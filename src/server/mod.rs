@@ -145,32 +145,9 @@ fn gpu_options(cfg: &ServerConfig) -> crate::engine::gpu::GpuOptions {
     }
 }
 
-/// Builds the policy the config asks for, each from its own settings.
+/// Builds the policy the config asks for, each from its own settings (src/policy/mod.rs).
 pub fn build_policy(cfg: &ServerConfig) -> Box<dyn SyncPolicy> {
-    use crate::config::PolicyKind;
-    use crate::policy::{adsp, asp, bsp, fedbuff, hermes, ssp};
-    let secs = Duration::from_secs_f64;
-    match cfg.policy {
-        PolicyKind::Asp => Box::new(asp::Asp::new(cfg.max_batch)),
-        PolicyKind::Bsp => Box::new(bsp::Bsp::new(secs(cfg.bsp_deadline_s))),
-        PolicyKind::Ssp => Box::new(ssp::Ssp::new(cfg.ssp_bound, cfg.max_batch)),
-        PolicyKind::Fedbuff => Box::new(fedbuff::FedBuff::new(cfg.fedbuff_k)),
-        PolicyKind::Adsp => Box::new(adsp::Adsp::new(adsp::AdspConfig {
-            period: cfg.adsp_period_s.map(secs),
-            min_interval: cfg.adsp_min_interval_s.map(secs),
-            research_every: secs(cfg.adsp_research_s),
-            target_loss: cfg.adsp_target_loss,
-            rise: 0.3,
-            max_batch: cfg.max_batch,
-        })),
-        PolicyKind::Hermes => Box::new(hermes::Hermes::new(hermes::HermesConfig {
-            samples: cfg.hermes_samples,
-            batch: cfg.hermes_batch,
-            epochs: cfg.hermes_epochs,
-            tolerance: cfg.hermes_tolerance_s,
-            max_batch: cfg.max_batch,
-        })),
-    }
+    cfg.policy.build(&cfg.policies, &cfg.policy_common())
 }
 
 /// A running server.

@@ -60,7 +60,8 @@ async fn plain_mode_on_asp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbsync_pipelines_over_bsp() {
-    let cfg = ServerConfig { policy: PolicyKind::Bsp, bsp_deadline_s: 5.0, ..Default::default() };
+    let mut cfg = ServerConfig { policy: PolicyKind::Bsp, ..Default::default() };
+    cfg.policies.bsp.bsp_deadline_s = 5.0;
     let (s, events) = run_two(cfg, Mode::Nbsync, 6).await;
     for c in &s {
         assert!(c.pushes >= 6 && c.rejected == 0, "{c:?}");
@@ -79,12 +80,9 @@ async fn nbsync_pipelines_over_bsp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adsp_mode_commits_on_the_server_interval() {
-    let cfg = ServerConfig {
-        policy: PolicyKind::Adsp,
-        adsp_period_s: Some(1.0),
-        adsp_min_interval_s: Some(0.05),
-        ..Default::default()
-    };
+    let mut cfg = ServerConfig { policy: PolicyKind::Adsp, ..Default::default() };
+    cfg.policies.adsp.adsp_period_s = Some(1.0);
+    cfg.policies.adsp.adsp_min_interval_s = Some(0.05);
     let (s, events) = run_two(cfg, Mode::Auto, 10).await;
     for c in &s {
         assert_eq!((c.pushes, c.rejected), (10, 0), "{c:?}");
@@ -101,7 +99,8 @@ async fn adsp_mode_commits_on_the_server_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adsp_derives_its_timescale_from_round_times() {
     let cfg = ServerConfig { policy: PolicyKind::Adsp, ..Default::default() };
-    assert_eq!((cfg.adsp_period_s, cfg.adsp_min_interval_s), (None, None), "unset by default");
+    let adsp = &cfg.policies.adsp;
+    assert_eq!((adsp.adsp_period_s, adsp.adsp_min_interval_s), (None, None), "unset by default");
     let (s, events) = run_two(cfg, Mode::Auto, 8).await;
     for c in &s {
         assert_eq!((c.pushes, c.rejected), (8, 0), "{c:?}");
@@ -123,13 +122,9 @@ async fn adsp_derives_its_timescale_from_round_times() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hermes_mode_gates_pushes() {
-    let cfg = ServerConfig {
-        policy: PolicyKind::Hermes,
-        hermes_samples: 64,
-        hermes_batch: 16,
-        hermes_epochs: 1,
-        ..Default::default()
-    };
+    let mut cfg = ServerConfig { policy: PolicyKind::Hermes, ..Default::default() };
+    let hermes = &mut cfg.policies.hermes;
+    (hermes.hermes_samples, hermes.hermes_batch, hermes.hermes_epochs) = (64, 16, 1);
     let (s, events) = run_two(cfg, Mode::Auto, 12).await;
     for c in &s {
         assert_eq!(c.rounds, 12, "{c:?}");

@@ -23,19 +23,20 @@ const N: usize = 4096;
 fn cfg(policy: PolicyKind, dir: &std::path::Path) -> ServerConfig {
     let init = dir.join("test.safetensors");
     std::fs::write(&init, layout(N).to_safetensors(&common::init(N, 3)).expect("encode")).expect("write");
-    ServerConfig {
+    let mut c = ServerConfig {
         policy,
         init: Some(init),
         engine: EngineChoice::Cpu,
         rho_down: 0.02,
-        bsp_deadline_s: 0.5,
-        fedbuff_k: 3,
         checkpoint_dir: Some(dir.join("ckpt")),
         wal: true,
         // What the server derives when it is 0: the replay's Welcomes must say the same.
         max_frame_bytes: sparsync::server::derived_frame_limit(N),
         ..Default::default()
-    }
+    };
+    c.policies.bsp.bsp_deadline_s = 0.5;
+    c.policies.fedbuff.fedbuff_k = 3;
+    c
 }
 
 /// Three scripted trainers of different speeds, and a client id whose second session

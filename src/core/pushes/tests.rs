@@ -64,7 +64,7 @@ fn a_push_the_log_cannot_keep_is_rejected_and_its_seq_stays_free() {
 #[test]
 fn claimed_samples_are_clipped_to_max_samples() {
     let cfg = config(PolicyKind::Fedbuff, |c| {
-        c.fedbuff_k = 2;
+        c.policies.fedbuff.fedbuff_k = 2;
         c.max_samples = 100;
     });
     let mut m = machine(&cfg);

@@ -8,11 +8,18 @@
 //! c₀) − b)`, the inverse of the predicted time to the target loss. As in the authors' code, t
 //! is absolute (seconds since the first client joined): r is then the inverse of the projected
 //! time at which the target is reached, comparable between candidates tried one after the other
-//! (period-relative times would favour later candidates, which start from a lower loss). The search starts at C = 1
-//! and tries C + 1 while the score improves, keeping the best. It runs again every
-//! `research_every`, or at once when the global loss rises by 30% or more between two periods
-//! (then from the current C, as the authors' code does). Commits are applied as they arrive with
-//! `w = α(s) / M`, M the active clients.
+//! (period-relative times would favour later candidates, which start from a lower loss). The
+//! loss is the evaluator's score (the authors' server scores its own model on test data), each
+//! point the first score at or after its time; only without an evaluator the clients' push
+//! losses, never a mix. A search period ends behind a barrier, as the authors' `allStop` /
+//! `allStart`: every client's next commit is applied but its Ack held until every client has
+//! committed; a score of that model ends the curve; then all are released together with the new
+//! interval. The search starts at C = 1 and tries C + 1 while the score does not fall (a tie
+//! goes on, toward more commits; a period that could not be scored is passed over), keeping the
+//! best. It runs again every `research_every`, or at once when the global loss rises by 30% or
+//! more between two periods (then from the current C, as the authors' code does). Commits are
+//! applied as they arrive with `w = 1/M`, M the active clients, as the authors' `recv_commit`
+//! adds Δ/M (no staleness factor: docs/seeds.md A1).
 //!
 //! Γ and T_min left unset are derived from measured round times (`derive_timescale`): the
 //! paper's 60 s and 10 s suit hours of training, not a run of minutes. Until every client has
@@ -22,7 +29,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::staleness::Normalization;
-use super::{Action, Common, LossSource, Policy, PushMeta, Ready, SessionId, SyncPolicy};
+use super::{Action, Common, LossSource, Policy, PushId, PushMeta, Ready, SessionId, SyncPolicy};
 use crate::protocol::message::{Directive, RoundTime};
 use crate::settings::Invalid;
 
@@ -136,21 +143,22 @@ pub fn derive_timescale(cfg: &AdspConfig, rounds: &[f64]) -> Option<Timescale> {
     })
 }
 
-/// The global loss: the evaluator's latest score when one reported within a period, else the
-/// mean of the clients' latest push losses.
+/// The global loss the search is fitted to, from one source (the authors score their own model
+/// on test data): the evaluator's latest score once any evaluator has reported, else, in a run
+/// without an evaluator, the mean of the clients' latest push losses. The two are never mixed.
 #[derive(Clone, Debug, Default)]
 pub struct GlobalLoss {
-    evaluator: Option<(Duration, f64)>,
+    evaluator: Option<f64>,
     per_client: BTreeMap<SessionId, f64>,
 }
 
 impl GlobalLoss {
-    pub fn record(&mut self, now: Duration, source: LossSource, loss: f64) {
+    pub fn record(&mut self, source: LossSource, loss: f64) {
         if !loss.is_finite() {
             return;
         }
         match source {
-            LossSource::Evaluator => self.evaluator = Some((now, loss)),
+            LossSource::Evaluator => self.evaluator = Some(loss),
             LossSource::Push(c) => {
                 self.per_client.insert(c, loss);
             }
@@ -161,10 +169,13 @@ impl GlobalLoss {
         self.per_client.remove(&client);
     }
 
-    pub fn value(&self, now: Duration, horizon: Duration) -> Option<f64> {
-        if let Some((t, l)) = self.evaluator
-            && now.saturating_sub(t) <= horizon
-        {
+    /// True once an evaluator has reported: from then on only its scores count.
+    pub fn from_evaluator(&self) -> bool {
+        self.evaluator.is_some()
+    }
+
+    pub fn value(&self) -> Option<f64> {
+        if let Some(l) = self.evaluator {
             return Some(l);
         }
         if self.per_client.is_empty() {
@@ -218,29 +229,52 @@ pub fn fit(points: [(f64, f64); 3]) -> Option<Fit> {
 
 /// r(C): the inverse of the predicted time (on the points' clock) at which the loss reaches the
 /// target. Without a fit, the straight line through the first and last points predicts it.
-pub fn score(points: [(f64, f64); 3], target: f64) -> f64 {
+/// None when neither predicts that the target is ever reached: the period says nothing about
+/// C, which is not the same as a score of 0 (two such periods must not tie, docs/seeds.md A5).
+pub fn score(points: [(f64, f64); 3], target: f64) -> Option<f64> {
     if let Some(f) = fit(points) {
         if target <= f.c0 {
-            return 0.0; // the curve never gets there
+            return None; // the curve never gets there
         }
         let t = (1.0 / (target - f.c0) - f.b) / f.a2;
-        return if t <= points[0].0 { f64::MAX } else { 1.0 / t };
+        return Some(if t <= points[0].0 { f64::MAX } else { 1.0 / t });
     }
     let [(t0, l0), _, (t2, l2)] = points;
     let slope = (l0 - l2) / (t2 - t0);
     if slope <= 0.0 || !slope.is_finite() {
-        return 0.0;
+        return None;
     }
     if l2 <= target {
-        return f64::MAX;
+        return Some(f64::MAX);
     }
-    1.0 / (t2 + (l2 - target) / slope)
+    Some(1.0 / (t2 + (l2 - target) / slope))
 }
+
+/// The largest C a search tries: beyond Γ/T_min every interval is T_min and nothing changes.
+const MAX_SEARCH_C: u64 = 64;
 
 #[derive(Clone, Debug)]
 struct Search {
+    /// The C the search started from (kept when no period could be scored).
+    start: u64,
     candidate: u64,
     best: Option<(u64, f64)>,
+}
+
+/// The end of a search period, as the authors' `allStop`/`allStart`: every client's next
+/// commit is applied but its Ack held, until every active client has committed once and those
+/// commits are aggregated; the loss of that frozen model ends the period's curve; then every
+/// client is released at once with the new interval (clients time their interval from the Ack).
+#[derive(Clone, Debug, Default)]
+struct Barrier {
+    /// When the period ended.
+    since: Duration,
+    /// Held Acks, per client.
+    held: BTreeMap<SessionId, Vec<PushId>>,
+    /// Held pushes not yet aggregated.
+    unaggregated: std::collections::BTreeSet<PushId>,
+    /// When every client had committed and its commit was aggregated.
+    frozen: Option<Duration>,
 }
 
 /// The ADSP policy.
@@ -254,9 +288,13 @@ pub struct Adsp {
     period_start: Option<Duration>,
     /// The clock origin of the loss curve (the first join).
     origin: Duration,
-    /// Loss samples of this period (seconds since `origin`, loss): start, middle, end.
+    /// Loss samples of this search period (seconds since `origin`, loss): start, middle, end.
     points: Vec<(f64, f64)>,
+    /// Points requested and not yet taken: each is the next evaluator score that arrives at or
+    /// after its time (only when the evaluator is the loss source).
+    awaiting: std::collections::VecDeque<Duration>,
     mid_recorded: bool,
+    barrier: Option<Barrier>,
     last_search: Duration,
     prev_period_loss: Option<f64>,
     loss: GlobalLoss,
@@ -266,8 +304,8 @@ pub struct Adsp {
     history: std::collections::VecDeque<(u64, BTreeMap<SessionId, u64>)>,
     /// Periods finished since the start.
     periods: u64,
-    /// Every score computed: (C, r(C)).
-    scores: Vec<(u64, f64)>,
+    /// Every score computed: (C, r(C)), None where the period could not be scored.
+    scores: Vec<(u64, Option<f64>)>,
 }
 
 impl Adsp {
@@ -279,11 +317,13 @@ impl Adsp {
             scale,
             clients: BTreeMap::new(),
             c: 1,
-            search: Some(Search { candidate: 1, best: None }),
+            search: Some(Search { start: 1, candidate: 1, best: None }),
             period_start: None,
             origin: Duration::ZERO,
             points: Vec::new(),
+            awaiting: Default::default(),
             mid_recorded: false,
+            barrier: None,
             last_search: Duration::ZERO,
             prev_period_loss: None,
             loss: GlobalLoss::default(),
@@ -304,9 +344,24 @@ impl Adsp {
         self.scale.map_or(Duration::MAX, |s| s.period)
     }
 
+    /// How long a barrier waits for commits and a score before releasing everyone unscored.
+    fn barrier_limit(&self) -> Duration {
+        self.period().max(Duration::from_secs(5))
+    }
+
     /// T_i = max(T_min, Γ/C − o_i).
     fn interval(&self, scale: Timescale, overhead: f64) -> f64 {
         (scale.period.as_secs_f64() / self.c as f64 - overhead).max(scale.min_interval.as_secs_f64())
+    }
+
+    /// The largest C worth trying: ⌈Γ/T_min⌉, at most MAX_SEARCH_C.
+    fn max_c(&self) -> u64 {
+        let Some(s) = self.scale else { return MAX_SEARCH_C };
+        let t_min = s.min_interval.as_secs_f64();
+        if t_min <= 0.0 {
+            return MAX_SEARCH_C;
+        }
+        ((s.period.as_secs_f64() / t_min).ceil() as u64).clamp(1, MAX_SEARCH_C)
     }
 
     fn directives(&mut self, force: bool) -> Vec<Action> {
@@ -337,60 +392,128 @@ impl Adsp {
         out
     }
 
-    fn loss_now(&self, now: Duration) -> Option<f64> {
-        self.loss.value(now, self.period())
+    fn clock(&self, now: Duration) -> f64 {
+        now.saturating_sub(self.origin).as_secs_f64()
     }
 
-    fn end_period(&mut self, now: Duration) -> Vec<Action> {
-        let start = self.period_start.expect("a period is running");
+    /// Asks for a point of the curve at `now`: the next evaluator score (one at or after
+    /// `now`), or, in a run without an evaluator, the clients' mean push loss at once.
+    fn request_point(&mut self, now: Duration) {
+        if self.loss.from_evaluator() {
+            self.awaiting.push_back(now);
+        } else if let Some(l) = self.loss.value() {
+            let t = self.clock(now);
+            if self.points.last().is_none_or(|p| p.0 < t) {
+                self.points.push((t, l));
+            }
+        }
+    }
+
+    /// Records a finished period's commit counts and starts counting afresh.
+    fn close_period(&mut self) {
         let commits: BTreeMap<SessionId, u64> = self.clients.iter().map(|(&c, s)| (c, s.commits)).collect();
         if self.history.len() == MAX_KEPT {
             self.history.pop_front();
         }
         self.history.push_back((self.c, commits));
         self.periods += 1;
-        let end_loss = self.loss_now(now);
-        let clock = now.saturating_sub(self.origin).as_secs_f64();
-        if let Some(l) = end_loss {
-            self.points.push((clock, l));
-        }
-        let scored = (self.points.len() == 3).then(|| {
-            let p = [self.points[0], self.points[1], self.points[2]];
-            score(p, self.cfg.target_loss)
-        });
-        if let Some(search) = self.search.as_mut() {
-            let s = scored.unwrap_or(0.0);
-            if self.scores.len() == MAX_KEPT {
-                self.scores.remove(0);
-            }
-            self.scores.push((search.candidate, s));
-            let improved = search.best.is_none_or(|(_, b)| s > b);
-            if improved {
-                search.best = Some((search.candidate, s));
-                search.candidate += 1;
-                self.c = search.candidate;
-            } else {
-                self.c = search.best.map_or(1, |b| b.0);
-                self.search = None;
-                self.last_search = now;
-            }
-        } else {
-            let rose = matches!((self.prev_period_loss, end_loss), (Some(p), Some(l)) if p > 0.0 && (l - p) / p >= self.cfg.rise);
-            if rose || now.saturating_sub(self.last_search) >= self.cfg.research_every {
-                self.search = Some(Search { candidate: self.c, best: None });
-            }
-        }
-        if end_loss.is_some() {
-            self.prev_period_loss = end_loss;
-        }
-        // The next period.
-        self.period_start = Some(start + self.period());
-        self.points = end_loss.map(|l| vec![(clock, l)]).unwrap_or_default();
-        self.mid_recorded = false;
         for s in self.clients.values_mut() {
             s.commits = 0;
         }
+    }
+
+    /// A period ends: during a search, a barrier starts; otherwise the next period starts at
+    /// once, searching again when due.
+    fn end_period(&mut self, now: Duration) -> Vec<Action> {
+        let start = self.period_start.expect("a period is running");
+        self.close_period();
+        if self.search.is_some() {
+            self.period_start = None;
+            self.barrier = Some(Barrier { since: now, ..Default::default() });
+            return Vec::new();
+        }
+        let end_loss = self.loss.value();
+        let rose = matches!((self.prev_period_loss, end_loss), (Some(p), Some(l)) if p > 0.0 && (l - p) / p >= self.cfg.rise);
+        if end_loss.is_some() {
+            self.prev_period_loss = end_loss;
+        }
+        self.period_start = Some(start + self.period());
+        self.mid_recorded = false;
+        self.points.clear();
+        self.awaiting.clear();
+        if rose || now.saturating_sub(self.last_search) >= self.cfg.research_every {
+            self.search = Some(Search { start: self.c, candidate: self.c, best: None });
+            self.request_point(now);
+        }
         self.directives(false)
+    }
+
+    /// Advances the barrier; when it is over, scores the period, moves the search on and
+    /// releases every client with its new interval.
+    fn poll_barrier(&mut self, now: Duration) -> Vec<Action> {
+        let Some(b) = self.barrier.as_mut() else { return Vec::new() };
+        let everyone = self.clients.keys().all(|c| b.held.contains_key(c));
+        if b.frozen.is_none() && everyone && b.unaggregated.is_empty() {
+            b.frozen = Some(now);
+            self.request_point(now);
+        }
+        let b = self.barrier.as_ref().expect("checked above");
+        let scored = b.frozen.is_some() && self.awaiting.is_empty();
+        if !scored && now < b.since + self.barrier_limit() {
+            return Vec::new();
+        }
+        let b = self.barrier.take().expect("checked above");
+        let s = (scored && self.points.len() == 3)
+            .then(|| score([self.points[0], self.points[1], self.points[2]], self.cfg.target_loss))
+            .flatten();
+        let end = if scored { self.points.last().copied() } else { None };
+        if let Some((_, l)) = end {
+            self.prev_period_loss = Some(l);
+        }
+        self.advance_search(now, s);
+        // The next period starts now, from the frozen model's point.
+        self.period_start = Some(now);
+        self.mid_recorded = false;
+        self.awaiting.clear();
+        self.points = end.into_iter().collect();
+        if self.search.is_some() && self.points.is_empty() {
+            self.request_point(now);
+        }
+        for s in self.clients.values_mut() {
+            s.commits = 0;
+        }
+        let mut out = self.directives(true);
+        out.extend(b.held.into_values().flatten().map(Action::Ack));
+        out
+    }
+
+    /// The search's rule (the authors' `while next_reward > cur_reward`): go on to C + 1 while
+    /// the score does not fall; a tie goes on too (toward more commits), and a period that
+    /// could not be scored is passed over rather than scored 0. It ends at the first fall, or
+    /// past the largest useful C, with the best C scored.
+    fn advance_search(&mut self, now: Duration, s: Option<f64>) {
+        let max_c = self.max_c();
+        let Some(search) = self.search.as_mut() else { return };
+        if self.scores.len() == MAX_KEPT {
+            self.scores.remove(0);
+        }
+        self.scores.push((search.candidate, s));
+        let fell = match (s, search.best) {
+            (Some(s), Some((_, b))) if s < b => true,
+            (Some(s), _) => {
+                search.best = Some((search.candidate, s));
+                false
+            }
+            (None, _) => false,
+        };
+        if fell || search.candidate >= max_c {
+            self.c = search.best.map_or(search.start, |b| b.0);
+            self.search = None;
+            self.last_search = now;
+        } else {
+            search.candidate += 1;
+            self.c = search.candidate;
+        }
     }
 }
 
@@ -435,8 +558,11 @@ impl Adsp {
     fn start_periods(&mut self, now: Duration) {
         self.period_start = Some(now);
         self.last_search = now;
-        let clock = now.saturating_sub(self.origin).as_secs_f64();
-        self.points = self.loss_now(now).map(|l| vec![(clock, l)]).unwrap_or_default();
+        self.points.clear();
+        self.awaiting.clear();
+        if self.search.is_some() {
+            self.request_point(now);
+        }
     }
 }
 
@@ -459,6 +585,10 @@ impl SyncPolicy for Adsp {
     fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clients.remove(&client);
         self.loss.forget(client);
+        // Its held Acks go nowhere; its pushes are still aggregated.
+        if let Some(b) = self.barrier.as_mut() {
+            b.held.remove(&client);
+        }
         Vec::new()
     }
 
@@ -467,7 +597,23 @@ impl SyncPolicy for Adsp {
             s.commits += 1;
         }
         self.pending.push(push.id);
+        if let Some(b) = self.barrier.as_mut()
+            && self.clients.contains_key(&push.session)
+        {
+            b.held.entry(push.session).or_default().push(push.id);
+            b.unaggregated.insert(push.id);
+            return Vec::new();
+        }
         vec![Action::Ack(push.id)]
+    }
+
+    fn on_aggregated(&mut self, _now: Duration, _version: u64, pushes: &[PushId]) -> Vec<Action> {
+        if let Some(b) = self.barrier.as_mut() {
+            for p in pushes {
+                b.unaggregated.remove(p);
+            }
+        }
+        Vec::new()
     }
 
     fn on_round_time(&mut self, now: Duration, client: SessionId, report: &RoundTime) -> Vec<Action> {
@@ -486,13 +632,30 @@ impl SyncPolicy for Adsp {
     }
 
     fn on_loss(&mut self, now: Duration, source: LossSource, loss: f64) {
-        self.loss.record(now, source, loss);
-        // A period that started before any loss was known starts its curve at the first one.
-        if self.period_start.is_some()
-            && self.points.is_empty()
-            && let Some(l) = self.loss_now(now)
+        if !loss.is_finite() {
+            return;
+        }
+        let first_score = source == LossSource::Evaluator && !self.loss.from_evaluator();
+        self.loss.record(source, loss);
+        if first_score {
+            // Points taken from push losses are not mixed with scores: the period restarts
+            // its curve here.
+            self.points.clear();
+            self.awaiting.clear();
+            if self.search.is_some() && (self.period_start.is_some() || self.barrier.is_some()) {
+                self.awaiting.push_back(now);
+            }
+        }
+        if source != LossSource::Evaluator {
+            return;
+        }
+        let t = self.clock(now);
+        if let Some(&asked) = self.awaiting.front()
+            && asked <= now
+            && self.points.last().is_none_or(|p| p.0 < t)
         {
-            self.points.push((now.saturating_sub(self.origin).as_secs_f64(), l));
+            self.awaiting.pop_front();
+            self.points.push((t, loss));
         }
     }
 
@@ -502,18 +665,17 @@ impl SyncPolicy for Adsp {
             let half = start + self.period() / 2;
             if !self.mid_recorded && now >= half {
                 self.mid_recorded = true;
-                if let Some(l) = self.loss_now(now)
-                    && self.points.len() == 1
-                {
-                    self.points.push((now.saturating_sub(self.origin).as_secs_f64(), l));
+                if self.search.is_some() {
+                    self.request_point(now);
                 }
             }
             if now >= start + self.period() {
                 out.extend(self.end_period(now));
             }
         }
+        out.extend(self.poll_barrier(now));
         let m = self.clients.len().max(1);
-        out.extend(self.pending.next_batch(Normalization::Fixed(m)));
+        out.extend(self.pending.next_batch(Normalization::Uniform(m)));
         out
     }
 
@@ -521,19 +683,23 @@ impl SyncPolicy for Adsp {
         if self.scale.is_none() {
             return self.candidate().map(|(_, wait, _)| self.origin + wait);
         }
+        if let Some(b) = &self.barrier {
+            return Some(b.since + self.barrier_limit());
+        }
         let start = self.period_start?;
         Some(if self.mid_recorded { start + self.period() } else { start + self.period() / 2 })
     }
 
     fn drain(&mut self) -> Vec<Action> {
         let m = self.clients.len().max(1);
-        self.pending.drain(Normalization::Fixed(m))
+        self.pending.drain(Normalization::Uniform(m))
     }
 
     fn state(&self) -> serde_json::Value {
         serde_json::json!({
             "commits_per_period": self.c,
             "searching": self.search.as_ref().map(|s| s.candidate),
+            "barrier": self.barrier.is_some(),
             "scores": self.scores,
             "intervals": self.clients.iter().map(|(c, s)| (c.to_string(), s.interval)).collect::<BTreeMap<_, _>>(),
             "periods": self.periods,
@@ -566,10 +732,45 @@ mod tests {
         let f = fit([(0.0, l(0.0)), (30.0, l(30.0)), (60.0, l(60.0))]).unwrap();
         assert!((f.a2 - a2).abs() < 1e-6 && (f.b - b).abs() < 1e-6 && (f.c0 - c0).abs() < 1e-6, "{f:?}");
         // Time to 0.3: 1/(0.1) = 10 = 0.02 t + 1 → t = 450.
-        let r = score([(0.0, l(0.0)), (30.0, l(30.0)), (60.0, l(60.0))], 0.3);
+        let r = score([(0.0, l(0.0)), (30.0, l(30.0)), (60.0, l(60.0))], 0.3).unwrap();
         assert!((1.0 / r - 450.0).abs() < 1e-3, "{}", 1.0 / r);
         assert!(fit([(0.0, 1.0), (30.0, 0.5), (60.0, 0.0)]).is_none(), "a straight line has no such curve");
-        assert!(score([(0.0, 1.0), (30.0, 0.9), (60.0, 0.8)], 0.3) > 0.0, "linear fallback");
+        assert!(score([(0.0, 1.0), (30.0, 0.9), (60.0, 0.8)], 0.3).unwrap() > 0.0, "linear fallback");
+    }
+
+    /// Scripted clients' state: each waits for its commit's Ack and then trains for T_i (its
+    /// interval is timed from the Ack). Every Aggregate is reported back as done at once.
+    struct Sim {
+        overheads: Vec<f64>,
+        next_commit: Vec<f64>,
+        interval: Vec<f64>,
+        waiting: Vec<Option<PushId>>,
+        version: u64,
+    }
+
+    impl Sim {
+        fn handle(&mut self, p: &mut Adsp, acts: Vec<Action>, t: f64) {
+            let mut queue = std::collections::VecDeque::from(acts);
+            while let Some(a) = queue.pop_front() {
+                match a {
+                    Action::Directive { session, directive } => {
+                        self.interval[session as usize] = directive.commit_interval_s.unwrap();
+                    }
+                    Action::Ack(push) => {
+                        if let Some(i) = self.waiting.iter().position(|w| *w == Some(push)) {
+                            self.waiting[i] = None;
+                            // Train for T_i, then commit (which takes o_i).
+                            self.next_commit[i] = t + self.interval[i] + self.overheads[i];
+                        }
+                    }
+                    Action::Aggregate { pushes, .. } => {
+                        self.version += 1;
+                        queue.extend(p.on_aggregated(Duration::from_secs_f64(t), self.version, &pushes));
+                    }
+                    Action::RoundDropped { .. } => unreachable!(),
+                }
+            }
+        }
     }
 
     /// Scripted clients that commit every T_i (their directive) and take o_i per commit.
@@ -582,20 +783,19 @@ mod tests {
         loss_of: &mut dyn FnMut(u64, f64) -> f64,
     ) -> Vec<(u64, BTreeMap<SessionId, u64>)> {
         let dt = 0.05;
-        let mut next_commit = vec![0.0f64; overheads.len()];
-        let mut interval = vec![f64::NAN; overheads.len()];
+        let n = overheads.len();
+        let mut sim = Sim {
+            overheads: overheads.to_vec(),
+            next_commit: vec![f64::INFINITY; n],
+            interval: vec![f64::NAN; n],
+            waiting: vec![None; n],
+            version: 0,
+        };
         let mut id = 0;
         let mut t = 0.0;
-        let apply = |acts: Vec<Action>, interval: &mut Vec<f64>| {
-            for a in acts {
-                if let Action::Directive { session: client, directive } = a {
-                    interval[client as usize] = directive.commit_interval_s.unwrap();
-                }
-            }
-        };
         for (i, &o) in overheads.iter().enumerate() {
             let acts = p.on_join(Duration::from_secs_f64(t), i as SessionId);
-            apply(acts, &mut interval);
+            sim.handle(p, acts, t);
             p.on_round_time(
                 Duration::ZERO,
                 i as SessionId,
@@ -603,24 +803,23 @@ mod tests {
             );
         }
         for (i, &o) in overheads.iter().enumerate() {
-            next_commit[i] = interval[i] + o;
+            sim.next_commit[i] = sim.interval[i] + o;
         }
         while t < seconds {
             t += dt;
             let now = Duration::from_secs_f64(t);
             let l = loss_of(p.c, dt);
             p.on_loss(now, LossSource::Evaluator, l);
-            for i in 0..overheads.len() {
-                if t >= next_commit[i] {
+            for i in 0..n {
+                if sim.waiting[i].is_none() && t >= sim.next_commit[i] {
                     id += 1;
-                    let m = PushMeta::for_test(id, i as SessionId);
-                    p.on_push(now, &m);
-                    // Train for T_i, then commit (which takes o_i): every T_i + o_i seconds.
-                    next_commit[i] = t + interval[i] + overheads[i];
+                    sim.waiting[i] = Some(id);
+                    let acts = p.on_push(now, &PushMeta::for_test(id, i as SessionId));
+                    sim.handle(p, acts, t);
                 }
             }
             let acts = p.poll(now);
-            apply(acts, &mut interval);
+            sim.handle(p, acts, t);
         }
         p.history.iter().cloned().collect()
     }
@@ -630,7 +829,9 @@ mod tests {
         let mut p = Adsp::new(cfg());
         // Overheads of 0.1 s, 1 s and 4 s: very different clients.
         let mut progress = 0.0;
-        let hist = run_clients(&mut p, &[0.1, 1.0, 4.0], 600.0, &mut |_, dt| {
+        // Long enough for nine periods: a search period ends behind a barrier, which waits for
+        // each client's next commit (up to one interval).
+        let hist = run_clients(&mut p, &[0.1, 1.0, 4.0], 1500.0, &mut |_, dt| {
             progress += 0.01 * dt;
             2.0 / (1.0 + progress) + 0.1
         });
@@ -756,5 +957,161 @@ mod tests {
         p.on_loss(Duration::from_secs(119), LossSource::Evaluator, 1.31);
         p.poll(Duration::from_secs(120));
         assert_eq!(p.search.as_ref().map(|s| s.candidate), Some(2), "re-search from the current C");
+    }
+
+    fn acks(acts: &[Action]) -> Vec<PushId> {
+        acts.iter().filter_map(|a| if let Action::Ack(id) = a { Some(*id) } else { None }).collect()
+    }
+
+    fn aggregate_all(p: &mut Adsp, now: Duration, acts: &[Action]) {
+        for a in acts {
+            if let Action::Aggregate { pushes, .. } = a {
+                p.on_aggregated(now, 1, pushes);
+            }
+        }
+    }
+
+    /// A1: the authors add each commit's Δ / M; α(s) on top damped stale commits twice.
+    #[test]
+    fn a_commit_is_weighted_one_over_m_whatever_its_staleness() {
+        let mut p = Adsp::new(cfg());
+        for c in 0..4 {
+            p.on_join(Duration::ZERO, c);
+        }
+        let stale = PushMeta { staleness: 7, ..PushMeta::for_test(1, 0) };
+        assert_eq!(acks(&p.on_push(Duration::from_secs(1), &stale)), vec![1]);
+        let acts = p.poll(Duration::from_secs(1));
+        let Some(Action::Aggregate { normalization, .. }) = acts.last() else { panic!("{acts:?}") };
+        let w = crate::policy::staleness::Weighting {
+            kind: crate::policy::staleness::WeightingKind::Polynomial,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let input = crate::policy::staleness::WeightInput { staleness: 7, samples: 32, loss: 1.0 };
+        crate::policy::staleness::batch_weights(&w, *normalization, &[input], &mut out);
+        assert_eq!(out, vec![0.25]);
+    }
+
+    /// A3: at the end of a search period every client's next commit is held until all have
+    /// committed, the frozen model is scored, and everyone is released with the new interval.
+    #[test]
+    fn a_search_period_ends_with_a_barrier_and_c_moves() {
+        let ms = |m: u64| Duration::from_millis(m);
+        let mut p = Adsp::new(AdspConfig { period: Some(Duration::from_secs(10)), ..cfg() });
+        p.on_join(Duration::ZERO, 0);
+        p.on_join(Duration::ZERO, 1);
+        // Falling evaluator scores: the start, middle and end points.
+        p.on_loss(ms(100), LossSource::Evaluator, 2.0);
+        p.poll(ms(5000));
+        p.on_loss(ms(5200), LossSource::Evaluator, 1.2);
+        assert!(p.poll(ms(10_000)).is_empty(), "the period ended: no directive yet");
+        assert!(p.state()["barrier"].as_bool().unwrap());
+        // Client 0 commits: applied, not acknowledged.
+        assert!(acks(&p.on_push(ms(10_100), &PushMeta::for_test(1, 0))).is_empty());
+        let acts = p.poll(ms(10_100));
+        aggregate_all(&mut p, ms(10_150), &acts);
+        assert!(acks(&p.poll(ms(10_200))).is_empty(), "client 1 has not committed");
+        // A score before the barrier is complete does not end the period.
+        p.on_loss(ms(10_300), LossSource::Evaluator, 1.1);
+        assert!(acks(&p.poll(ms(10_300))).is_empty());
+        assert!(acks(&p.on_push(ms(10_400), &PushMeta::for_test(2, 1))).is_empty());
+        let acts = p.poll(ms(10_400));
+        aggregate_all(&mut p, ms(10_450), &acts);
+        assert!(acks(&p.poll(ms(10_500))).is_empty(), "waiting for a score of the frozen model");
+        p.on_loss(ms(10_600), LossSource::Evaluator, 0.9);
+        let acts = p.poll(ms(10_600));
+        // Released together: the new interval first, then both Acks.
+        assert_eq!(p.commits_per_period(), 2, "scores: {:?}", p.scores);
+        let intervals: Vec<f64> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Directive { directive, .. } => directive.commit_interval_s,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(intervals, vec![5.0, 5.0], "{acts:?}");
+        assert!(matches!(acts[0], Action::Directive { .. }));
+        assert_eq!(acks(&acts), vec![1, 2]);
+        assert!(p.scores[0].1.is_some_and(|s| s > 0.0), "{:?}", p.scores);
+        assert_eq!(p.points, vec![(10.6, 0.9)], "the next period starts from the frozen model's score");
+        assert_eq!(p.next_wakeup(), Some(ms(15_600)), "the next period starts at the release");
+        // Not searching: a period end holds nothing.
+        let mut q = Adsp::new(cfg());
+        q.search = None;
+        q.on_join(Duration::ZERO, 0);
+        q.poll(Duration::from_secs(60));
+        assert_eq!(acks(&q.on_push(Duration::from_secs(61), &PushMeta::for_test(1, 0))), vec![1]);
+    }
+
+    /// A barrier whose client never commits does not stall the run.
+    #[test]
+    fn a_barrier_gives_up_after_a_period() {
+        let mut p = Adsp::new(AdspConfig { period: Some(Duration::from_secs(10)), ..cfg() });
+        p.on_join(Duration::ZERO, 0);
+        p.on_join(Duration::ZERO, 1);
+        p.poll(Duration::from_secs(10));
+        assert!(acks(&p.on_push(Duration::from_secs(11), &PushMeta::for_test(1, 0))).is_empty());
+        assert_eq!(p.next_wakeup(), Some(Duration::from_secs(20)));
+        assert!(acks(&p.poll(Duration::from_secs(19))).is_empty());
+        assert_eq!(acks(&p.poll(Duration::from_secs(20))), vec![1]);
+        assert_eq!(p.scores, vec![(1, None)]);
+    }
+
+    /// A4: the curve's points are evaluator scores taken at or after each point's time, never
+    /// an older score and never the trainers' training losses.
+    #[test]
+    fn the_curve_uses_only_fresh_evaluator_scores() {
+        let mut p = Adsp::new(AdspConfig { period: Some(Duration::from_secs(10)), ..cfg() });
+        p.on_join(Duration::ZERO, 0);
+        // On l(t) = 1/(0.1·t + 0.5) + 0.1: 2.1 at 0 s, 1.009 at 6 s, 0.485 at 21 s.
+        p.on_loss(Duration::ZERO, LossSource::Evaluator, 2.1);
+        for s in 1..10 {
+            p.on_loss(Duration::from_secs(s), LossSource::Push(0), 0.1);
+        }
+        p.poll(Duration::from_secs(5));
+        assert_eq!(p.points, vec![(0.0, 2.1)], "the middle point waits for a score after 5 s");
+        p.on_loss(Duration::from_secs(6), LossSource::Evaluator, 1.009);
+        assert_eq!(p.points, vec![(0.0, 2.1), (6.0, 1.009)]);
+        // The end, after no score for longer than Γ: still only the evaluator's.
+        p.poll(Duration::from_secs(20));
+        p.on_push(Duration::from_secs(20), &PushMeta::for_test(1, 0));
+        let acts = p.poll(Duration::from_secs(20));
+        aggregate_all(&mut p, Duration::from_secs(20), &acts);
+        p.poll(Duration::from_secs(20));
+        p.on_loss(Duration::from_secs(21), LossSource::Evaluator, 0.485);
+        p.poll(Duration::from_secs(21));
+        assert_eq!(p.scores.len(), 1);
+        assert!(p.scores[0].1.is_some(), "{:?}", p.scores);
+        assert_eq!(p.points, vec![(21.0, 0.485)]);
+    }
+
+    /// A5: a period that cannot be scored is not a score of 0, so two of them do not tie and
+    /// end the search; a tie goes on toward more commits.
+    #[test]
+    fn unscored_periods_and_ties_do_not_end_the_search() {
+        // A flat loss: no fit, no line; the search goes on upward instead of stopping at C = 1.
+        let mut p = Adsp::new(cfg());
+        run_clients(&mut p, &[0.1, 0.5], 400.0, &mut |_, _| 1.0);
+        assert!(p.scores.iter().all(|s| s.1.is_none()), "{:?}", p.scores);
+        assert!(p.scores.len() >= 3, "{:?}", p.scores);
+        assert_eq!(p.search.as_ref().map(|s| s.candidate), Some(p.scores.len() as u64 + 1));
+        // A loss already below the target: every C ties (the target is reached at once).
+        let mut q = Adsp::new(cfg());
+        let mut progress = 1.0;
+        run_clients(&mut q, &[0.1, 0.5], 400.0, &mut |_, dt| {
+            progress += 0.1 * dt;
+            0.2 / progress
+        });
+        assert!(q.scores.len() >= 3 && q.scores.iter().all(|s| s.1 == Some(f64::MAX)), "{:?}", q.scores);
+        assert!(q.commits_per_period() >= 3);
+        // The search ends past the largest useful C (Γ/T_min), at the best C it scored.
+        let mut r = Adsp::new(AdspConfig { min_interval: Some(Duration::from_secs(20)), ..cfg() });
+        r.on_join(Duration::ZERO, 0);
+        assert_eq!(r.max_c(), 3);
+        for _ in 0..3 {
+            r.advance_search(Duration::ZERO, None);
+        }
+        assert!(r.search.is_none());
+        assert_eq!(r.commits_per_period(), 1, "nothing scored: the C it started from");
     }
 }

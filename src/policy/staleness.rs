@@ -80,8 +80,11 @@ pub struct WeightInput {
 pub enum Normalization {
     /// w_i = α(s_i) · n_i / Σ n_j (or α(s_i) / |B| without sample weighting).
     Batch,
-    /// w_i = α(s_i) / M: ADSP, M = active clients.
+    /// w_i = α(s_i) / M, M = active clients.
     Fixed(usize),
+    /// w_i = 1 / M, M = active clients, whatever the weighting: ADSP, whose authors add each
+    /// commit's Δ / M (`recv_commit`); a staleness factor on top would damp stale commits twice.
+    Uniform(usize),
     /// Hermes: shares of the active population. With the `loss` weighting
     /// w_i = (1/L_i) / Σ_{j active} 1/L_j over each client's latest loss (1/M when losses are
     /// equal), so stale, accumulated updates average instead of adding up; with a staleness
@@ -100,6 +103,9 @@ pub fn batch_weights(w: &Weighting, norm: Normalization, batch: &[WeightInput], 
     }
     let count = |u: &WeightInput| if w.samples { u.samples as f64 } else { 1.0 };
     match (w.kind, norm) {
+        (_, Normalization::Uniform(m)) => {
+            out.extend(batch.iter().map(|_| (1.0 / m.max(1) as f64) as f32));
+        }
         (WeightingKind::Loss, Normalization::Batch) => {
             let raw = |u: &WeightInput| count(u) / (u.loss as f64).max(MIN_LOSS);
             let total: f64 = batch.iter().map(raw).sum();
@@ -167,6 +173,11 @@ mod tests {
         assert_eq!(out, vec![0.5, 0.5]);
         batch_weights(&no_samples, Normalization::Fixed(4), &b, &mut out);
         assert_eq!(out, vec![0.25, 0.25]);
+        // ADSP: 1/M whatever the staleness, samples or weighting.
+        for kind in [WeightingKind::Polynomial, WeightingKind::Loss] {
+            batch_weights(&with(kind), Normalization::Uniform(4), &b, &mut out);
+            assert_eq!(out, vec![0.25, 0.25]);
+        }
         // Loss weighting within a batch: w ∝ 1/L (with samples: 30/1 and 10/0.5 = 20 → 0.6, 0.4)
         batch_weights(&with(WeightingKind::Loss), Normalization::Batch, &b, &mut out);
         assert_eq!(out, vec![0.6, 0.4]);

@@ -9,7 +9,7 @@
 //! * NBSync: never stop training; when the Ack of the previous push arrives (the round closed
 //!   and its Delta is applied), push Δ = x_local − x_base and adopt the new model as both;
 //! * Hermes: train E epochs over D samples, then push only if the test loss passes the z-score
-//!   gate, else send a skip; thresholds relax after λ misses.
+//!   gate, else send a skip; the threshold relaxes after λ misses in a row and stays relaxed.
 //!
 //! An evaluator never trains: it scores the replica on the test set and reports it.
 
@@ -56,6 +56,50 @@ pub struct Gate {
 impl Default for Gate {
     fn default() -> Self {
         Self { z_start: -1.3, window: 10, lambda: 5, beta: 0.1 }
+    }
+}
+
+/// Hermes' gate over the local test losses, as the authors' `HermesWorker`: a window of the
+/// latest `window` losses, z = (L − μ)/σ, push when z ≤ z_thr. A push clears the window; the
+/// threshold is relaxed (z_thr ← z_thr·(1 − β), at most 0) once `lambda` rounds in a row did not
+/// push, and it stays relaxed after a push (the authors never reset it). No socket, no model.
+#[derive(Clone, Debug)]
+pub struct GateState {
+    window: VecDeque<f64>,
+    misses: u32,
+    z_thr: f64,
+}
+
+impl GateState {
+    pub fn new(gate: &Gate) -> Self {
+        Self { window: VecDeque::new(), misses: 0, z_thr: gate.z_start }
+    }
+
+    /// The threshold in force.
+    pub fn threshold(&self) -> f64 {
+        self.z_thr
+    }
+
+    /// Records a round's test loss; true when the round's update should be pushed.
+    pub fn decide(&mut self, gate: &Gate, loss: f64) -> bool {
+        self.window.push_back(loss);
+        while self.window.len() > gate.window {
+            self.window.pop_front();
+        }
+        let n = self.window.len() as f64;
+        let mean = self.window.iter().sum::<f64>() / n;
+        let std = (self.window.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let z = if std > 0.0 { (loss - mean) / std } else { 0.0 };
+        if self.window.len() >= 2 && z <= self.z_thr {
+            self.window.clear();
+            self.misses = 0;
+            return true;
+        }
+        self.misses += 1;
+        if self.misses >= gate.lambda {
+            self.z_thr = (self.z_thr * (1.0 - gate.beta)).min(0.0);
+        }
+        false
     }
 }
 
@@ -215,15 +259,24 @@ struct Runner {
     round_started: Instant,
     /// Hermes data chunk position.
     chunk_at: usize,
-    gate_window: VecDeque<f64>,
-    misses: u32,
-    z_thr: f64,
+    gate: GateState,
     /// NBSync: the previous push was acknowledged while a training chunk ran.
     adopt_pending: bool,
     last_eval_version: Option<u64>,
     last_eval_at: Option<Instant>,
     summary: Summary,
     started: Instant,
+}
+
+/// The round time a client reports: Hermes' allocation equalises training time, so Hermes
+/// reports the steps' time (emulated slowdown included) without its gate's evaluation, the
+/// upload or the wait for the Ack; other modes report the time since the round started (ADSP's
+/// rounds include the commit's overhead).
+pub fn round_seconds(mode: Mode, round: &RoundStats, elapsed: Duration) -> f64 {
+    match mode {
+        Mode::Hermes => round.train_s,
+        _ => elapsed.as_secs_f64(),
+    }
 }
 
 /// Runs a client until a stop condition, the server's goodbye, or a failure.
@@ -267,9 +320,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         round: RoundStats::default(),
         round_started: Instant::now(),
         chunk_at: 0,
-        gate_window: VecDeque::new(),
-        misses: 0,
-        z_thr: cfg.gate.z_start,
+        gate: GateState::new(&cfg.gate),
         adopt_pending: false,
         last_eval_version: None,
         last_eval_at: None,
@@ -517,7 +568,7 @@ impl Runner {
 
     async fn report_round(&mut self, s: &mut Session, overhead: Option<f64>) -> Result<(), ClientError> {
         let report = RoundTime {
-            seconds: self.round_started.elapsed().as_secs_f64(),
+            seconds: round_seconds(self.cfg.mode, &self.round, self.round_started.elapsed()),
             steps: self.round.steps,
             commit_overhead_s: overhead,
         };
@@ -537,6 +588,7 @@ impl Runner {
         r.steps += stats.steps;
         r.samples += stats.samples;
         r.compute_s += stats.compute_s;
+        r.train_s += stats.train_s;
         r.loss = if r.steps > 0 { (total / r.steps as f64) as f32 } else { 0.0 };
         match self.cfg.mode {
             Mode::Plain | Mode::Auto => {
@@ -585,27 +637,13 @@ impl Runner {
         let score = self.work.lock().await.trainer.evaluate(&self.data.train, Some(&self.local_test));
         self.summary.last_loss = Some(score.loss);
         let l = score.loss;
-        self.gate_window.push_back(l);
-        while self.gate_window.len() > self.cfg.gate.window {
-            self.gate_window.pop_front();
-        }
-        let n = self.gate_window.len() as f64;
-        let mean = self.gate_window.iter().sum::<f64>() / n;
-        let std = (self.gate_window.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let z = if std > 0.0 { (l - mean) / std } else { 0.0 };
-        if self.gate_window.len() >= 2 && z <= self.z_thr {
-            self.gate_window.clear();
-            self.misses = 0;
-            // Reset to the start value after a push (the reference code does not; we do).
-            self.z_thr = self.cfg.gate.z_start;
+        if self.gate.decide(&self.cfg.gate, l) {
             self.send_push(s).await?;
         } else {
-            self.misses += 1;
-            if self.misses > self.cfg.gate.lambda {
-                self.z_thr = (self.z_thr * (1.0 - self.cfg.gate.beta)).min(0.0);
-            }
             self.summary.skipped += 1;
-            let seconds = self.round_started.elapsed().as_secs_f64();
+            // Training time only: the gate's evaluation (whose size does not scale with D) is
+            // not part of the round the allocation equalises (docs/seeds.md H3).
+            let seconds = self.round.train_s;
             s.send(&ClientMessage::Skip(SkipReport {
                 round: self.summary.rounds + 1,
                 loss: l,
@@ -825,5 +863,37 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// H4: the threshold relaxes at the λ-th miss in a row, and a push keeps it relaxed.
+    #[test]
+    fn the_hermes_gate_keeps_its_relaxed_threshold_after_a_push() {
+        let gate = Gate { z_start: -1.2, window: 10, lambda: 2, beta: 0.5 };
+        let mut g = GateState::new(&gate);
+        // Flat losses: z = 0, no push.
+        assert!(!g.decide(&gate, 1.0));
+        assert_eq!(g.threshold(), -1.2, "one miss");
+        assert!(!g.decide(&gate, 1.0));
+        assert_eq!(g.threshold(), -0.6, "relaxed at the λ-th miss");
+        // A drop: z = (0.5 − 0.833)/0.236 = −1.41 ≤ −0.6: push, window cleared.
+        assert!(g.decide(&gate, 0.5));
+        assert_eq!(g.threshold(), -0.6, "not reset to z_start after a push");
+        assert!(!g.decide(&gate, 0.5), "one loss in the window: no z yet");
+        // Two losses give z = −1: a push under the kept −0.6 (not under a reset −1.2).
+        assert!(g.decide(&gate, 0.4));
+    }
+
+    /// H3: Hermes reports training time only; other modes the whole round.
+    #[test]
+    fn hermes_reports_training_time_only() {
+        let round = RoundStats { steps: 10, train_s: 0.2, ..Default::default() };
+        let elapsed = Duration::from_millis(900); // with the gate's evaluation and the Ack wait
+        assert_eq!(round_seconds(Mode::Hermes, &round, elapsed), 0.2);
+        assert_eq!(round_seconds(Mode::Adsp, &round, elapsed), 0.9);
     }
 }

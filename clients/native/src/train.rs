@@ -17,6 +17,8 @@ pub struct RoundStats {
     pub loss: f32,
     /// Seconds of compute (without emulated slowdown).
     pub compute_s: f64,
+    /// Seconds the steps took, emulated slowdown included (what Hermes' allocation equalises).
+    pub train_s: f64,
 }
 
 /// Accuracy and mean loss on a test set.
@@ -136,6 +138,7 @@ impl Trainer {
     ) -> RoundStats {
         let mut s = RoundStats::default();
         let mut total = 0.0f64;
+        let started = std::time::Instant::now();
         for _ in 0..steps {
             let t = std::time::Instant::now();
             let loss = self.step(data, shard, batch, lr);
@@ -147,6 +150,7 @@ impl Trainer {
             s.samples += batch.min(shard.len()) as u64;
         }
         s.loss = if s.steps > 0 { (total / s.steps as f64) as f32 } else { 0.0 };
+        s.train_s = started.elapsed().as_secs_f64();
         s
     }
 
@@ -205,5 +209,17 @@ mod tests {
         assert_eq!(stats.steps, 150);
         assert!(after.accuracy > 0.6 && after.accuracy > before.accuracy + 0.3, "{before:?} → {after:?}");
         assert!(after.loss < before.loss);
+    }
+
+    /// H3: a round's training time includes the emulated slowdown (the per-step wait).
+    #[test]
+    fn training_time_includes_the_emulated_wait() {
+        let data = sparsync::data::embedded();
+        let mut t = Trainer::new("mlp", 1).unwrap();
+        let shard: Vec<usize> = (0..64).collect();
+        let stats = t.train(&data.train, &shard, 3, 8, 0.1, |_| {
+            std::thread::sleep(std::time::Duration::from_millis(20))
+        });
+        assert!(stats.train_s >= 0.06 && stats.train_s > stats.compute_s, "{stats:?}");
     }
 }

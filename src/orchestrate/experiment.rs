@@ -226,6 +226,13 @@ fn variants_with_defaults(cfg: &ExperimentConfig) -> Result<Vec<Variant>, Orches
             name => (name.parse::<PolicyKind>().map_err(|_| unknown_policy(name))?, None),
         };
         let mut server = ServerConfig { policy, ..base() };
+        if mode == Some("nbsync") {
+            // The authors' server adds update / NumWorkers: no staleness factor (every NBSync
+            // push lands one round late, s = 1, and α(1) would damp every round) and no sample
+            // weighting (docs/seeds.md N1, N2).
+            server.weighting = WeightingKind::Constant;
+            server.sample_weighting = false;
+        }
         let own = &mut server.policies;
         match policy {
             PolicyKind::Bsp => own.bsp.bsp_deadline_s = 10.0,
@@ -721,6 +728,50 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn config(policies: &[&str]) -> ExperimentConfig {
+        ExperimentConfig {
+            policies: args(policies),
+            sweep: vec![],
+            weighting: WeightingKind::Polynomial,
+            clients: 4,
+            slowdowns: vec![1.0],
+            partition: "iid".into(),
+            target_accuracy: 0.5,
+            repeat: 1,
+            seed: 1,
+            max_seconds: 10.0,
+            out: PathBuf::from("unused"),
+            client_bin: None,
+            data: None,
+            eval_samples: None,
+            server: ServerConfig::default(),
+            trainer_args: vec![],
+            server_args: vec![],
+            regimes: vec![],
+            scenario: None,
+            x_label: String::new(),
+        }
+    }
+
+    /// N1, N2: NBSync's rounds are a plain mean, as the authors' server's; BSP keeps the
+    /// comparison's weighting.
+    #[test]
+    fn nbsync_aggregates_without_staleness_or_sample_weighting() {
+        let vs = variants(&config(&["bsp", "nbsync"])).unwrap();
+        let (bsp, nb) = (&vs[0], &vs[1]);
+        assert_eq!(
+            (nb.name.as_str(), nb.server.policy, nb.mode),
+            ("nbsync", PolicyKind::Bsp, Some("nbsync"))
+        );
+        assert_eq!(nb.server.weighting().alpha(1), 1.0, "a push one round late is not damped");
+        assert_eq!((nb.server.weighting, nb.server.sample_weighting), (WeightingKind::Constant, false));
+        assert_eq!((bsp.server.weighting, bsp.server.sample_weighting), (WeightingKind::Polynomial, true));
+        // An explicit --server-args flag still wins.
+        let mut cfg = config(&["nbsync"]);
+        cfg.server_args = args(&["--weighting", "hinge"]);
+        assert_eq!(variants(&cfg).unwrap()[0].server.weighting, WeightingKind::Hinge);
     }
 
     #[test]

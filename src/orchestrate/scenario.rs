@@ -107,8 +107,10 @@ pub fn scenario(name: &str) -> Option<Scenario> {
         },
         // Zhou et al. (IEEE TSC 2023): pipelining local computing with global synchronisation
         // is 1.43–2.79× faster than FedAvg-style BSP and FedAsync when computing heterogeneity
-        // and low WAN bandwidth coexist. FedAsync is ASP with polynomial staleness weighting.
-        // Regimes: the loopback link, and a WAN of 1 Mbit/s up, 4 Mbit/s down, 50 ms latency.
+        // and low WAN bandwidth coexist. The "FedAsync" here is ASP with polynomial staleness
+        // weighting, a delta rule, not FedAsync's mixing (docs/seeds.md N4, open). The nbsync
+        // variant aggregates a plain mean (constant weighting, no sample weighting), as the
+        // authors' server does (experiment.rs, N1 and N2). Regimes: the loopback link, and a WAN of 1 Mbit/s up, 4 Mbit/s down, 50 ms latency.
         "nbsync" => Scenario {
             policies: strings(&["bsp", "nbsync", "asp"]),
             regimes: vec![

@@ -7,7 +7,8 @@
 //! * plain: train `local_steps`, push, wait for the Ack, adopt the replica, repeat;
 //! * ADSP: train without pause for the server's `commit_interval_s`, then push and adopt;
 //! * NBSync: never stop training; when the Ack of the previous push arrives (the round closed
-//!   and its Delta is applied), push Δ = x_local − x_base and adopt the new model as both;
+//!   and its Delta is applied), push Δ = x_local − x_base and adopt the new model as both,
+//!   within one step (its jobs are one step long while a push is in flight);
 //! * Hermes: train E epochs over D samples, then push only if the test loss passes the z-score
 //!   gate, else send a skip; the threshold relaxes after λ misses in a row and stays relaxed.
 //!
@@ -424,6 +425,14 @@ impl Link {
 /// Steps per training job: the loop handles messages between jobs.
 const CHUNK_STEPS: u64 = 8;
 
+/// The most steps one training job runs. An NBSync client with a push in flight runs one step
+/// at a time, so that it swaps its push within one step of the Ack, as the authors' worker
+/// re-sends each key at its next pull (docs/seeds.md N3); a chunk of 8 slow steps delayed
+/// every round.
+pub fn max_job_steps(mode: Mode, push_in_flight: bool) -> u64 {
+    if mode == Mode::Nbsync && push_in_flight { 1 } else { CHUNK_STEPS }
+}
+
 impl Runner {
     fn n(&self) -> usize {
         self.base.len()
@@ -492,7 +501,7 @@ impl Runner {
             _ => Some(self.local_steps(s).saturating_sub(self.round.steps)),
         }
         .filter(|&st| st > 0)
-        .map(|st| st.min(CHUNK_STEPS))
+        .map(|st| st.min(max_job_steps(self.cfg.mode, self.inflight.is_some())))
     }
 
     /// The indices a training job draws batches from.
@@ -710,7 +719,7 @@ impl Runner {
 
     /// The in-flight push was answered: adopt the replica and start a new round. (Other modes
     /// pause training while a push is in flight, so no job is running here; NBSync keeps
-    /// training and adopts at the next chunk boundary.)
+    /// training and adopts after the running step.)
     async fn push_answered(&mut self, s: &mut Session) -> Result<(), RunError> {
         if self.cfg.mode == Mode::Nbsync {
             self.adopt_pending = true;
@@ -886,6 +895,14 @@ mod tests {
         assert!(!g.decide(&gate, 0.5), "one loss in the window: no z yet");
         // Two losses give z = −1: a push under the kept −0.6 (not under a reset −1.2).
         assert!(g.decide(&gate, 0.4));
+    }
+
+    /// N3: NBSync looks for the Ack after every step once a push is in flight.
+    #[test]
+    fn nbsync_checks_for_the_ack_after_every_step() {
+        assert_eq!(max_job_steps(Mode::Nbsync, true), 1);
+        assert_eq!(max_job_steps(Mode::Nbsync, false), CHUNK_STEPS, "before its first push");
+        assert_eq!(max_job_steps(Mode::Adsp, true), CHUNK_STEPS);
     }
 
     /// H3: Hermes reports training time only; other modes the whole round.

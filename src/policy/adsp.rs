@@ -576,7 +576,8 @@ impl SyncPolicy for Adsp {
             self.origin = now;
         }
         self.clients.insert(client, ClientState::default());
-        if self.scale.is_some() && self.period_start.is_none() {
+        // (During a barrier no period runs; the joining client is waited for too.)
+        if self.scale.is_some() && self.period_start.is_none() && self.barrier.is_none() {
             self.start_periods(now);
         }
         self.directives(false)
@@ -585,11 +586,9 @@ impl SyncPolicy for Adsp {
     fn on_leave(&mut self, _now: Duration, client: SessionId) -> Vec<Action> {
         self.clients.remove(&client);
         self.loss.forget(client);
-        // Its held Acks go nowhere; its pushes are still aggregated.
-        if let Some(b) = self.barrier.as_mut() {
-            b.held.remove(&client);
-        }
-        Vec::new()
+        // It is no longer waited for; its held pushes are still aggregated and acknowledged.
+        let held = self.barrier.as_mut().and_then(|b| b.held.remove(&client)).unwrap_or_default();
+        held.into_iter().map(Action::Ack).collect()
     }
 
     fn on_push(&mut self, _now: Duration, push: &PushMeta) -> Vec<Action> {
@@ -647,6 +646,15 @@ impl SyncPolicy for Adsp {
             }
         }
         if source != LossSource::Evaluator {
+            // Without an evaluator, a search period that started before any loss was known
+            // starts its curve at the first one.
+            if !self.loss.from_evaluator()
+                && self.search.is_some()
+                && self.period_start.is_some()
+                && self.points.is_empty()
+            {
+                self.request_point(now);
+            }
             return;
         }
         let t = self.clock(now);
@@ -1041,6 +1049,29 @@ mod tests {
         q.on_join(Duration::ZERO, 0);
         q.poll(Duration::from_secs(60));
         assert_eq!(acks(&q.on_push(Duration::from_secs(61), &PushMeta::for_test(1, 0))), vec![1]);
+    }
+
+    /// A client that joins during a barrier is waited for and does not restart the period; one
+    /// that leaves is not waited for, and its held commit is acknowledged.
+    #[test]
+    fn clients_joining_or_leaving_during_a_barrier() {
+        let mut p = Adsp::new(AdspConfig { period: Some(Duration::from_secs(10)), ..cfg() });
+        p.on_join(Duration::ZERO, 0);
+        p.on_join(Duration::ZERO, 1);
+        p.poll(Duration::from_secs(10));
+        assert!(acks(&p.on_push(Duration::from_secs(11), &PushMeta::for_test(1, 0))).is_empty());
+        assert_eq!(p.on_leave(Duration::from_secs(11), 0), vec![Action::Ack(1)]);
+        p.on_join(Duration::from_secs(12), 2);
+        assert!(p.barrier.is_some() && p.period_start.is_none(), "still in the barrier");
+        assert!(acks(&p.on_push(Duration::from_secs(13), &PushMeta::for_test(2, 1))).is_empty());
+        let acts = p.poll(Duration::from_secs(13));
+        aggregate_all(&mut p, Duration::from_secs(13), &acts);
+        assert!(p.poll(Duration::from_secs(13)).is_empty(), "client 2 has not committed");
+        assert!(acks(&p.on_push(Duration::from_secs(14), &PushMeta::for_test(3, 2))).is_empty());
+        let acts = p.poll(Duration::from_secs(14));
+        aggregate_all(&mut p, Duration::from_secs(14), &acts);
+        // No evaluator and no push losses: nothing to score, but everyone is released.
+        assert_eq!(acks(&p.poll(Duration::from_secs(14))), vec![2, 3]);
     }
 
     /// A barrier whose client never commits does not stall the run.

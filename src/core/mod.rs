@@ -199,11 +199,13 @@ enum Work {
     Joined(SessionId),
 }
 
-/// The step the engine is running, or whose record the log is appending.
+/// A step the engine is running, or whose record the log is appending.
 struct InFlight {
     items: Vec<Pending>,
     ids: Vec<PushId>,
     inputs: Vec<WeightInput>,
+    /// The weight of each push, as the step's job carries it.
+    weights: Vec<f32>,
     broadcast: bool,
     follow_up: bool,
     /// Once the engine is done: the log record that must be appended before the step's
@@ -214,6 +216,8 @@ struct InFlight {
 /// A step the engine applied, waiting for the log to hold its record.
 struct Applied {
     record: u64,
+    /// The version the step produced.
+    version: u64,
     /// The Delta to broadcast then: (base, version, frame).
     delta: Option<(u64, u64, Bytes)>,
 }
@@ -244,10 +248,12 @@ pub struct Machine {
     /// The evaluator's reports over the whole run (bounded, see [`History`]).
     evals: History<EvalPoint>,
     work: VecDeque<Work>,
-    in_flight: Option<InFlight>,
+    /// Steps handed to the engine and not yet released, oldest first (at most
+    /// `steps_in_flight`). The engine finishes them in this order.
+    in_flight: VecDeque<InFlight>,
+    steps_in_flight: usize,
     failed: bool,
     out: Vec<Effect>,
-    weights: Vec<f32>,
 }
 
 impl Machine {
@@ -280,11 +286,25 @@ impl Machine {
             counters: Counters::default(),
             evals: History::default(),
             work: VecDeque::new(),
-            in_flight: None,
+            in_flight: VecDeque::new(),
+            steps_in_flight: 1,
             failed: false,
             out: Vec::new(),
-            weights: Vec::new(),
         }
+    }
+
+    /// Lets up to `n` steps be in flight at once (at least 1, the default): step n + 1 is
+    /// formed while the engine runs step n, weighted for the version it will be applied to.
+    /// The engine must finish steps in the order it got them. The batches, weights and
+    /// records are those a serial replay of the log gives.
+    pub fn with_steps_in_flight(mut self, n: usize) -> Self {
+        self.steps_in_flight = n.max(1);
+        self
+    }
+
+    /// Steps handed to the engine and not yet released (their Delta and Acks sent).
+    pub fn steps_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// The model version (aggregation steps applied).

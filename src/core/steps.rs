@@ -26,7 +26,7 @@ impl Machine {
     /// Carries out queued work until it is done or a step is handed to the engine (or waits
     /// for its log record).
     pub(super) fn run(&mut self, now: Duration) {
-        while self.in_flight.is_none() && !self.failed {
+        while self.in_flight.len() < self.steps_in_flight && !self.failed {
             let Some(w) = self.work.pop_front() else { break };
             match w {
                 Work::Action(a) => self.action(now, a),
@@ -133,7 +133,8 @@ impl Machine {
         if items.is_empty() {
             return;
         }
-        let t = self.version;
+        // The version this step will be applied to: after the steps still in flight.
+        let t = self.version + self.in_flight.len() as u64;
         let inputs: Vec<WeightInput> = items
             .iter()
             .map(|p| WeightInput {
@@ -142,15 +143,12 @@ impl Machine {
                 loss: p.header.loss,
             })
             .collect();
-        let mut weights = std::mem::take(&mut self.weights);
+        let mut weights = Vec::with_capacity(items.len());
         match w {
             Weights::Computed(normalization) => {
                 batch_weights(&self.weighting, normalization, &inputs, &mut weights)
             }
-            Weights::Logged(_) => {
-                weights.clear();
-                weights.extend_from_slice(&logged);
-            }
+            Weights::Logged(_) => weights = logged,
         }
         let broadcast = broadcast.unwrap_or_else(|| (t + 1).is_multiple_of(self.cfg.broadcast_every));
         let k = crate::protocol::select::k_for_density(self.cfg.rho_down, self.layout.num_params());
@@ -158,25 +156,37 @@ impl Machine {
             updates: items.iter().zip(&weights).map(|(p, &w)| (p.push.clone(), w)).collect(),
             broadcast: broadcast.then(|| self.selection.with_k(k)),
         };
-        self.weights = weights;
-        self.in_flight = Some(InFlight { items, ids: taken, inputs, broadcast, follow_up, applied: None });
+        self.in_flight.push_back(InFlight {
+            items,
+            ids: taken,
+            inputs,
+            weights,
+            broadcast,
+            follow_up,
+            applied: None,
+        });
         self.emit(Effect::Step(job));
     }
 
-    /// The engine finished the step of the last [`Effect::Step`] (or failed: then every
-    /// session is told and closed, and the machine stops). The step's record goes to the log
-    /// ([`Effect::Append`]); its Delta is broadcast and its Acks released once the log holds
-    /// it: no client sees a step that a resumed server would not replay.
+    /// The engine finished the oldest step it was given and not yet reported (or failed:
+    /// then every session is told and closed, and the machine stops). The step's record goes
+    /// to the log ([`Effect::Append`]); its Delta is broadcast and its Acks released once the
+    /// log holds it: no client sees a step that a resumed server would not replay.
     pub fn step_done(&mut self, now: Duration, outcome: Result<StepOutcome, String>) -> Vec<Effect> {
-        let Some(mut step) = self.in_flight.take_if(|s| s.applied.is_none()) else { return Vec::new() };
+        let Some(at) = self.in_flight.iter().position(|s| s.applied.is_none()) else { return Vec::new() };
+        let Some(mut step) = self.in_flight.remove(at) else { return Vec::new() };
         let r = match outcome {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "aggregation engine failed; stopping");
                 self.failed = true;
-                // Not applied: they stay pending, so a final checkpoint still holds them.
-                for (id, p) in step.ids.into_iter().zip(step.items) {
-                    self.pending.insert(id, p);
+                // Not applied: they stay pending, so a final checkpoint still holds them (with
+                // the steps formed after it, which the engine does not run after a failure).
+                let unapplied = std::iter::once(step).chain(self.in_flight.drain(at..)).collect::<Vec<_>>();
+                for s in unapplied {
+                    for (id, p) in s.ids.into_iter().zip(s.items) {
+                        self.pending.insert(id, p);
+                    }
                 }
                 let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
                 ids.sort_unstable();
@@ -196,7 +206,7 @@ impl Machine {
         self.counters.agg_bytes += step.items.iter().map(|p| p.push.frame().len() as u64).sum::<u64>();
         let mut record_items = Vec::with_capacity(step.items.len());
         for ((p, id), (input, w)) in
-            step.items.iter().zip(&step.ids).zip(step.inputs.iter().zip(&self.weights))
+            step.items.iter().zip(&step.ids).zip(step.inputs.iter().zip(&step.weights))
         {
             if let Some(c) = self.clients.get_mut(&p.client_id) {
                 c.commits += 1;
@@ -226,27 +236,30 @@ impl Machine {
             items: step
                 .items
                 .iter()
-                .zip(&self.weights)
+                .zip(&step.weights)
                 .map(|(p, &w)| (p.client_id.clone(), p.header.seq, w))
                 .collect(),
             broadcast: step.broadcast,
         };
         let record = self.append(WalOp::Step(logged));
         let delta = r.broadcast.map(|bc| (bc.header.base_version, bc.header.version, Bytes::from(bc.frame)));
-        step.applied = Some(Applied { record, delta });
-        // Until the log holds the record, the step stays in flight: nothing else starts.
-        self.in_flight = Some(step);
+        step.applied = Some(Applied { record, version: self.version, delta });
+        // Until the log holds the record, the step stays in flight.
+        self.in_flight.insert(at, step);
         std::mem::take(&mut self.out)
     }
 
-    /// The log holds records up to `upto`: an applied step whose record is among them sends
-    /// its Delta and lets the policy answer.
+    /// The log holds records up to `upto`: the oldest steps whose records are among them send
+    /// their Deltas and let the policy answer, in the order they were formed.
     pub(super) fn step_logged(&mut self, now: Duration, upto: u64) {
-        let Some(step) = self.in_flight.take_if(|s| s.applied.as_ref().is_some_and(|a| a.record <= upto))
-        else {
-            return;
-        };
-        let Some(Applied { delta, .. }) = step.applied else { return };
+        while self.in_flight.front().is_some_and(|s| s.applied.as_ref().is_some_and(|a| a.record <= upto)) {
+            let Some(step) = self.in_flight.pop_front() else { return };
+            self.release(now, step);
+        }
+    }
+
+    fn release(&mut self, now: Duration, step: InFlight) {
+        let Some(Applied { version, delta, .. }) = step.applied else { return };
         if let Some((base, version, frame)) = delta {
             self.replica_version = version;
             self.deltas.push_back((base, version, frame.clone()));
@@ -258,7 +271,7 @@ impl Machine {
         if step.follow_up {
             // The policy's answer comes before any work queued after the batch of actions
             // that asked for this step (e.g. a shutdown's flush), as if handled inline.
-            let actions = self.policy.on_aggregated(now, self.version, &step.ids);
+            let actions = self.policy.on_aggregated(now, version, &step.ids);
             let at = self.work.iter().position(|w| !matches!(w, Work::Action(_))).unwrap_or(self.work.len());
             for (i, a) in actions.into_iter().enumerate() {
                 self.work.insert(at + i, Work::Action(a));

@@ -90,6 +90,19 @@ impl Log for NoLog {
     }
 }
 
+/// A log that keeps every record, in order.
+#[derive(Default)]
+pub struct KeepLog {
+    pub ops: Vec<WalOp>,
+}
+
+impl Log for KeepLog {
+    fn keep(&mut self, op: &WalOp) -> Result<(), String> {
+        self.ops.push(op.clone());
+        Ok(())
+    }
+}
+
 /// A log that records what it was given, and can be made to fail.
 #[derive(Default)]
 pub struct MemLog {

@@ -3,6 +3,9 @@
 use crate::config::PolicyKind;
 use crate::core::testkit::*;
 use crate::core::*;
+use crate::engine::Broadcast;
+use crate::policy::SessionId;
+use crate::protocol::frame::DeltaHeader;
 use crate::protocol::message::*;
 
 #[test]
@@ -149,4 +152,131 @@ fn a_steps_delta_and_acks_wait_until_the_log_holds_its_record() {
     let ack = fx.iter().position(|e| matches!(e, Effect::Send { msg: ServerMessage::Ack(_), .. })).unwrap();
     assert!(bc < ack);
     assert_eq!(m.replica_version(), 1);
+}
+
+/// What the engine is asked to do in a step: the pushes (by seq), the weights' bits, and
+/// whether it broadcasts.
+type JobSummary = (Vec<u64>, Vec<u32>, bool);
+
+fn summary(job: &StepJob) -> JobSummary {
+    (
+        job.updates.iter().map(|(p, _)| p.header().seq).collect(),
+        job.updates.iter().map(|(_, w)| w.to_bits()).collect(),
+        job.broadcast.is_some(),
+    )
+}
+
+fn steps(fx: &[Effect]) -> Vec<&StepJob> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Step(j) => Some(j),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Groups of pushes (client, seq, base version), each group pushed and then polled (ASP: one
+/// step per group), on a machine that lets `in_flight` steps run at once: the engine finishes
+/// the oldest step only when no more may start. Returns the jobs in order and the log.
+fn run_groups(in_flight: usize, groups: &[&[(&str, u64, u64)]]) -> (Vec<JobSummary>, KeepLog) {
+    let cfg = config(PolicyKind::Asp, |c| {
+        c.weighting = crate::policy::staleness::WeightingKind::Polynomial;
+        c.broadcast_every = 2;
+    });
+    let mut m = machine(&cfg).with_steps_in_flight(in_flight);
+    let ids: Vec<(String, SessionId)> =
+        ["a", "b", "c"].iter().map(|c| (c.to_string(), join(&mut m, c))).collect();
+    let session = |c: &str| ids.iter().find(|(n, _)| n == c).map(|(_, s)| *s).unwrap();
+    let mut log = KeepLog::default();
+    let mut jobs: Vec<JobSummary> = Vec::new();
+    let mut running: std::collections::VecDeque<StepOutcome> = Default::default();
+    let finish_oldest =
+        |m: &mut Machine, running: &mut std::collections::VecDeque<StepOutcome>, log: &mut KeepLog| {
+            let r = running.pop_front().expect("a step is running");
+            m.step_done_logged(t(5), Ok(r), log)
+        };
+    for group in groups {
+        for &(c, seq, base) in *group {
+            let fx = m.push_logged(t(1), session(c), push(seq, base), &mut log);
+            assert!(rejects(&fx).is_empty(), "{fx:?}");
+        }
+        while m.steps_in_flight() >= in_flight {
+            let fx = finish_oldest(&mut m, &mut running, &mut log);
+            assert!(steps(&fx).is_empty(), "nothing new starts before the poll");
+        }
+        for job in steps(&m.poll(t(2)).unwrap_or_default()) {
+            jobs.push(summary(job));
+            // The Delta the engine would send: versions follow the steps in order.
+            let v = m.version() + running.len() as u64 + 1;
+            let broadcast = job.broadcast.map(|_| Broadcast {
+                header: DeltaHeader { base_version: 0, version: v, nnz: 0 },
+                frame: vec![0; 24],
+                exact: true,
+            });
+            running.push_back(StepOutcome { broadcast, agg_seconds: 0.0, topk_seconds: 0.0 });
+        }
+    }
+    while !running.is_empty() {
+        finish_oldest(&mut m, &mut running, &mut log);
+    }
+    assert_eq!(m.steps_in_flight(), 0);
+    assert_eq!(m.version(), jobs.len() as u64);
+    (jobs, log)
+}
+
+#[test]
+fn steps_in_flight_give_the_batches_weights_and_records_of_the_serial_path() {
+    let groups: &[&[(&str, u64, u64)]] = &[
+        &[("a", 1, 0), ("b", 1, 0)],
+        &[("c", 1, 0)],
+        &[("a", 2, 0), ("b", 2, 0)],
+        &[("c", 2, 0), ("a", 3, 0)],
+        &[("b", 3, 0)],
+    ];
+    let (serial, serial_log) = run_groups(1, groups);
+    // The log's push records and step records, each in their order (a step's record comes
+    // later when steps overlap, so the two interleave differently).
+    let split = |log: &KeepLog| -> (Vec<log::WalOp>, Vec<log::WalOp>) {
+        log.ops.iter().cloned().partition(|op| matches!(op, log::WalOp::Push(_)))
+    };
+    let mut logs = vec![serial_log.ops.clone()];
+    for n in [2, 3] {
+        let (pipelined, log) = run_groups(n, groups);
+        assert_eq!(pipelined, serial, "{n} in flight: the engine is asked for the same steps");
+        assert_eq!(split(&log), split(&serial_log), "{n} in flight: the log holds the same records");
+        logs.push(log.ops);
+    }
+    // Weighted for the version each step is applied to: the second step's push, built on
+    // version 0, is 1 stale (α = 2^-0.5), though it was formed before the first step finished.
+    assert_eq!(serial[1].1, [std::f32::consts::FRAC_1_SQRT_2.to_bits()]);
+    // broadcast_every 2: versions 2 and 4 broadcast.
+    assert_eq!(serial.iter().map(|j| j.2).collect::<Vec<_>>(), [false, true, false, true, false]);
+    // A server resumed from any of those logs asks the engine for the same steps again.
+    for ops in logs {
+        let cfg = config(PolicyKind::Asp, |_| {});
+        let mut m = machine(&cfg);
+        let (_, mut fx) = m.recover(t(0), Default::default(), ops);
+        let mut replayed = Vec::new();
+        while let Some(job) = step_of(&fx) {
+            replayed.push(summary(job));
+            fx = done(&mut m, job, &mut NoLog);
+        }
+        assert_eq!(replayed, serial);
+    }
+}
+
+#[test]
+fn an_engine_failure_with_steps_in_flight_keeps_every_unapplied_push() {
+    let cfg = config(PolicyKind::Asp, |_| {});
+    let mut m = machine(&cfg).with_steps_in_flight(2);
+    let a = join(&mut m, "a");
+    m.push_logged(t(1), a, push(1, 0), &mut NoLog);
+    assert_eq!(steps(&m.poll(t(1)).unwrap()).len(), 1);
+    m.push_logged(t(1), a, push(2, 0), &mut NoLog);
+    assert_eq!(steps(&m.poll(t(1)).unwrap()).len(), 1, "a second step while the first runs");
+    assert_eq!(m.steps_in_flight(), 2);
+    let fx = m.step_done_logged(t(2), Err("device lost".into()), &mut NoLog);
+    assert!(matches!(fx.last(), Some(Effect::Stop)));
+    assert_eq!((m.version(), m.steps_in_flight()), (0, 0));
+    assert_eq!(m.checkpoint_parts().pending.len(), 2, "both steps' pushes stay for the final checkpoint");
 }

@@ -20,7 +20,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::protocol::PROTOCOL_VERSION;
-use crate::protocol::frame::{FrameKind, PushHeader, check_prefix, encode_push, sparse_payload_len};
+use crate::protocol::frame::{
+    FrameKind, PUSH_HEADER_LEN, PushHeader, check_prefix, encode_push, push_header_bytes, sparse_payload_len,
+};
 use crate::protocol::message::{ClientKind, ClientMessage, Hello, Role, ServerMessage};
 use crate::protocol::model::SplitMix64;
 
@@ -77,7 +79,8 @@ impl Default for LoadSpec {
             clients: 8,
             density: 0.01,
             rate: 0.0,
-            window: 2,
+            // Enough in flight that a client is not what limits a server that pipelines.
+            window: 8,
             duration_s: 5.0,
             drain_s: 30.0,
             seed: 1,
@@ -377,7 +380,10 @@ pub async fn run(spec: &LoadSpec, progress: impl Fn(Phase) + Send + Sync + 'stat
                 }
             };
             let nnz = nnz_for(&spec, n);
-            let pool: Vec<_> = (0..spec.pool.max(1)).map(|s| payload(spec.seed, i, s, n, nnz)).collect();
+            // Each payload is encoded once, before the clock starts: a push then costs its
+            // 40-byte header and one copy of the body, not an encoding.
+            let pool: Vec<Body> =
+                (0..spec.pool.max(1)).map(|s| Body::new(payload(spec.seed, i, s, n, nnz))).collect();
             let _ = ready.send(Ok((n, nnz))).await;
             drop(ready);
             let Ok(t0) = start.wait_for(|s| s.is_some()).await.map(|s| s.expect("set")) else {
@@ -404,7 +410,7 @@ pub async fn run(spec: &LoadSpec, progress: impl Fn(Phase) + Send + Sync + 'stat
         }
     }
     report.connect_s = connect_started.elapsed().as_secs_f64();
-    report.frame_bytes = crate::protocol::frame::PUSH_HEADER_LEN + sparse_payload_len(report.nnz);
+    report.frame_bytes = PUSH_HEADER_LEN + sparse_payload_len(report.nnz);
     let before = metrics(&base, spec.token.as_deref()).await.unwrap_or_default();
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
@@ -476,13 +482,35 @@ pub async fn run(spec: &LoadSpec, progress: impl Fn(Phase) + Send + Sync + 'stat
     report
 }
 
+/// A push's body (indices, values, padding), encoded once.
+struct Body {
+    nnz: u32,
+    bytes: Vec<u8>,
+}
+
+impl Body {
+    fn new((idx, vals): (Vec<u32>, Vec<f16>)) -> Self {
+        let header = PushHeader { base_version: 0, seq: 0, samples: 0, local_steps: 0, loss: 0.0, nnz: 0 };
+        let frame = encode_push(&header, &idx, &vals);
+        Body { nnz: idx.len() as u32, bytes: frame[PUSH_HEADER_LEN..].to_vec() }
+    }
+
+    /// The whole Push frame with `header` (its nnz set from the body).
+    fn frame(&self, header: PushHeader) -> Vec<u8> {
+        let mut out = Vec::with_capacity(PUSH_HEADER_LEN + self.bytes.len());
+        out.extend_from_slice(&push_header_bytes(&PushHeader { nnz: self.nnz, ..header }));
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn client_loop(
     ws: Ws,
     spec: &LoadSpec,
     name: String,
     index: usize,
-    pool: Vec<(Vec<u32>, Vec<f16>)>,
+    pool: Vec<Body>,
     mut version: u64,
     bytes_before: u64,
     t0: Instant,
@@ -510,16 +538,9 @@ async fn client_loop(
         }
         if sending && outstanding.len() < spec.window.max(1) && now >= next_push {
             seq += 1;
-            let (idx, vals) = &pool[(seq as usize) % pool.len()];
-            let h = PushHeader {
-                base_version: version,
-                seq,
-                samples: 32,
-                local_steps: 1,
-                loss: 1.0,
-                nnz: idx.len() as u32,
-            };
-            let frame = encode_push(&h, idx, vals);
+            let body = &pool[(seq as usize) % pool.len()];
+            let h = PushHeader { base_version: version, seq, samples: 32, local_steps: 1, loss: 1.0, nnz: 0 };
+            let frame = body.frame(h);
             let len = frame.len();
             log.pushes.push(PushLog { seq, sent: Instant::now(), bytes: len, answer: None, answered: None });
             outstanding.insert(seq, log.pushes.len() - 1);
@@ -761,6 +782,25 @@ pub async fn raw_sink(listener: tokio::net::TcpListener, clients: usize) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_encoded_once_makes_the_frame_a_fresh_encoding_makes() {
+        for (n, nnz) in [(1000, 7), (1 << 20, 10486), (5, 1)] {
+            let (idx, vals) = payload(3, 2, 1, n, nnz);
+            let body = Body::new((idx.clone(), vals.clone()));
+            for (seq, base) in [(1, 0), (77, 12), (u64::MAX, u64::MAX - 1)] {
+                let h = PushHeader {
+                    base_version: base,
+                    seq,
+                    samples: 32,
+                    local_steps: 1,
+                    loss: 1.0,
+                    nnz: nnz as u32,
+                };
+                assert_eq!(body.frame(h), encode_push(&h, &idx, &vals), "seq {seq}, nnz {nnz}");
+            }
+        }
+    }
 
     #[test]
     fn payloads_are_ascending_distinct_and_reproducible() {

@@ -414,15 +414,24 @@ fn put_sparse(out: &mut Vec<u8>, indices: &[u32], values: &[f16]) {
 pub fn encode_push(header: &PushHeader, indices: &[u32], values: &[f16]) -> Vec<u8> {
     assert_eq!(indices.len(), values.len(), "one value per index");
     let mut out = Vec::with_capacity(PUSH_HEADER_LEN + sparse_payload_len(indices.len()));
+    out.extend_from_slice(&push_header_bytes(&PushHeader { nnz: indices.len() as u32, ..*header }));
+    put_sparse(&mut out, indices, values);
+    out
+}
+
+/// Encodes the 40-byte Push header (with `header.nnz`); the body (indices, values, padding)
+/// follows it. A sender that pushes the same body again (a load generator) encodes the body
+/// once and only the header per push.
+pub fn push_header_bytes(header: &PushHeader) -> [u8; PUSH_HEADER_LEN] {
+    let mut out = Vec::with_capacity(PUSH_HEADER_LEN);
     put_prefix(&mut out, FrameKind::Push);
     out.extend_from_slice(&header.base_version.to_le_bytes());
     out.extend_from_slice(&header.seq.to_le_bytes());
     out.extend_from_slice(&header.samples.to_le_bytes());
     out.extend_from_slice(&header.local_steps.to_le_bytes());
     out.extend_from_slice(&header.loss.to_bits().to_le_bytes());
-    out.extend_from_slice(&(indices.len() as u32).to_le_bytes());
-    put_sparse(&mut out, indices, values);
-    out
+    out.extend_from_slice(&header.nnz.to_le_bytes());
+    out.try_into().expect("40 bytes")
 }
 
 /// The fixed fields of a Delta.

@@ -1,5 +1,6 @@
 //! `sparsync bench e2e --quick` runs end to end (server and load-generator processes, the raw
-//! loopback baseline) and writes a JSON report that is complete and self-consistent.
+//! loopback baseline, the client-side ceiling) and writes a JSON report that is complete and
+//! self-consistent.
 
 use std::process::Command;
 
@@ -30,7 +31,7 @@ fn quick_e2e_report_is_complete_and_consistent() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench e2e failed ({}):\n{stdout}\n{stderr}", out.status);
     // The table is printed, with the raw baseline column filled.
-    assert!(stdout.contains("updates/s") && stdout.contains("of raw"), "{stdout}");
+    assert!(stdout.contains("updates/s") && stdout.contains("of raw") && stdout.contains("of ceiling"), "{stdout}");
 
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let env = &report["environment"];
@@ -92,6 +93,12 @@ fn quick_e2e_report_is_complete_and_consistent() {
         let raw = f(r, "raw_tcp_mb_per_s");
         assert!(raw > 0.0, "{ctx}");
         assert!(close(f(r, "fraction_of_raw"), f(r, "mb_in_per_s") / raw), "{ctx}");
+        // The client-side ceiling ran (the same clients against a sink that only acknowledges),
+        // its rates agree with the frame size, and the fraction is the ratio of the two rates.
+        let ceiling = f(r, "client_ceiling_updates_per_s");
+        assert!(ceiling > 0.0, "{ctx}");
+        assert!(close(f(r, "client_ceiling_mb_per_s"), ceiling * frame as f64 / 1e6), "{ctx}");
+        assert!(close(f(r, "fraction_of_ceiling"), f(r, "updates_per_s") / ceiling), "{ctx}");
         // Latencies: every ack timed, quantiles ordered, Deltas observed.
         for (k, count) in [("ack_latency_s", Some(acked)), ("delta_latency_s", None)] {
             let q = &r[k];

@@ -4,7 +4,10 @@
 //! `sparsync serve` child, and a `sparsync bench loadgen` child holding the simulated clients.
 //! Then the same layout without the server: the load generator blasts Push-sized writes over
 //! raw TCP at a sink in this process, and the server's byte rate is reported as a fraction of
-//! that. While a load runs, this process samples the server's `/metrics` for queue depth.
+//! that. Then the client-side ceiling: the same load generator against a sink in this process
+//! that only acknowledges (`load::ack_sink`), so a row says how much of what its clients can
+//! do the server reaches. While a load runs, this process samples the server's `/metrics` for
+//! queue depth.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +44,7 @@ pub struct E2eSpec {
     pub rate: f64,
     pub window: usize,
     pub duration_s: f64,
-    /// Also measure raw loopback TCP with the same layout.
+    /// Also measure raw loopback TCP with the same layout, and the client-side ceiling.
     pub raw_baseline: bool,
     /// GPU adapter the servers choose (`--adapter`), when set.
     pub adapter: Option<String>,
@@ -90,6 +93,12 @@ pub struct E2eRow {
     pub raw_tcp_mb_per_s: Option<f64>,
     /// Server MB/s in as a fraction of raw loopback TCP.
     pub fraction_of_raw: Option<f64>,
+    /// The same clients against a sink that only acknowledges: acknowledged pushes per second
+    /// and their MB/s (what the load generator alone can do).
+    pub client_ceiling_updates_per_s: Option<f64>,
+    pub client_ceiling_mb_per_s: Option<f64>,
+    /// Server updates/s as a fraction of the client-side ceiling.
+    pub fraction_of_ceiling: Option<f64>,
     pub errors: Vec<String>,
 }
 
@@ -109,7 +118,7 @@ pub trait Progress: Send + Sync {
 /// Seconds `run` is expected to take (for a progress bar): pushing and baselines.
 pub fn planned_seconds(spec: &E2eSpec) -> f64 {
     let configs = spec.clients.len() + spec.sizes.len();
-    configs as f64 * spec.duration_s * if spec.raw_baseline { 2.0 } else { 1.0 }
+    configs as f64 * spec.duration_s * if spec.raw_baseline { 3.0 } else { 1.0 }
 }
 
 /// Runs every configuration of `spec`.
@@ -141,6 +150,11 @@ async fn run_configs(
             let raw = raw_baseline(spec, clients, row.frame_bytes, progress).await?;
             row.raw_tcp_mb_per_s = Some(raw);
             row.fraction_of_raw = (raw > 0.0).then(|| row.mb_in_per_s / raw);
+            progress.config(&format!("{clients} clients, client-side ceiling"));
+            let (ups, mbs) = client_ceiling(spec, dir, clients, params, progress).await?;
+            row.client_ceiling_updates_per_s = Some(ups);
+            row.client_ceiling_mb_per_s = Some(mbs);
+            row.fraction_of_ceiling = (ups > 0.0).then(|| row.updates_per_s / ups);
         }
         rows.push(row);
     }
@@ -359,6 +373,9 @@ fn row(
         server_peak_mb: peak_mb,
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
+        client_ceiling_updates_per_s: None,
+        client_ceiling_mb_per_s: None,
+        fraction_of_ceiling: None,
         errors,
     }
 }
@@ -404,6 +421,70 @@ async fn raw_baseline(
     Ok(if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 })
 }
 
+/// The client-side ceiling: the same load generator (a child process, as for the server)
+/// against [`load::ack_sink`] in this process. Returns the acknowledged pushes per second and
+/// their MB/s over the push window.
+async fn client_ceiling(
+    spec: &E2eSpec,
+    dir: &Path,
+    clients: usize,
+    params: usize,
+    progress: &dyn Progress,
+) -> anyhow::Result<(f64, f64)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let model = format!("flat-{params}");
+    let sink = tokio::spawn(load::ack_sink(listener, model.clone()));
+    let out = dir.join(format!("ceiling-{clients}-{params}.json"));
+    let load = LoadSpec {
+        url: format!("ws://{addr}/ws"),
+        model,
+        clients,
+        density: spec.density,
+        rate: spec.rate,
+        window: spec.window,
+        duration_s: spec.duration_s,
+        ..LoadSpec::default()
+    };
+    let mut loadgen = Child(
+        tokio::process::Command::new(&spec.exe)
+            .args(["bench", "loadgen"])
+            .args(load.to_args())
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the load generator for the client-side ceiling")?,
+    );
+    let started = Instant::now();
+    let status = loop {
+        tokio::select! {
+            s = loadgen.0.wait() => break s?,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if started.elapsed().as_secs_f64() <= spec.duration_s {
+                    progress.advance(1.0);
+                }
+            }
+        }
+    };
+    sink.abort();
+    if !status.success() {
+        bail!("the load generator against the ack sink failed ({status})");
+    }
+    let report: LoadReport =
+        serde_json::from_slice(&std::fs::read(&out)?).context("reading the ceiling's load report")?;
+    if report.connected < clients || report.window_s <= 0.0 {
+        bail!(
+            "client-side ceiling: {} of {clients} clients connected ({:?})",
+            report.connected,
+            report.connect_errors
+        );
+    }
+    let w = report.window_s;
+    Ok((report.acked as f64 / w, report.bytes_up_acked as f64 / w / 1e6))
+}
+
 /// Resident memory of a process now, MB (0 where /proc is not available).
 pub fn vm_rss_mb(pid: u32) -> f64 {
     proc_status_mb(pid, "VmRSS:")
@@ -434,6 +515,8 @@ pub fn table(rows: &[E2eRow]) -> String {
                 format!("{:.1}", r.mb_out_per_s),
                 r.raw_tcp_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_raw.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+                r.client_ceiling_updates_per_s.map_or("-".into(), |v| format!("{v:.0}")),
+                r.fraction_of_ceiling.map_or("-".into(), |v| format!("{:.0}%", 100.0 * v)),
                 format!("{:.1}", r.ack_latency_s.p50 * 1e3),
                 format!("{:.1}", r.delta_latency_s.p50 * 1e3),
                 format!("{:.1}", r.delta_latency_s.p99 * 1e3),
@@ -456,6 +539,8 @@ pub fn table(rows: &[E2eRow]) -> String {
             "MB/s out",
             "raw MB/s",
             "of raw",
+            "ceiling upd/s",
+            "of ceiling",
             "ack p50 ms",
             "delta p50 ms",
             "delta p99 ms",

@@ -23,7 +23,7 @@ use crate::protocol::PROTOCOL_VERSION;
 use crate::protocol::frame::{
     FrameKind, PUSH_HEADER_LEN, PushHeader, check_prefix, encode_push, push_header_bytes, sparse_payload_len,
 };
-use crate::protocol::message::{ClientKind, ClientMessage, Hello, Role, ServerMessage};
+use crate::protocol::message::{Ack, ClientKind, ClientMessage, Hello, Role, ServerMessage, Welcome};
 use crate::protocol::model::SplitMix64;
 
 /// What to run. Also the flags of `sparsync bench loadgen`: each flag's default is the value of
@@ -777,6 +777,73 @@ pub async fn raw_sink(listener: tokio::net::TcpListener, clients: usize) -> std:
     }
     let secs = first.get().map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
     Ok((total, secs))
+}
+
+/// The client-side ceiling's server: every WebSocket Hello gets a Welcome for the built-in
+/// `model` and one shared zero Snapshot, every Push its Ack at once, and nothing else is sent
+/// or checked. The same load generator pushing at it measures what the clients alone can do
+/// (encode, mask, send, read Acks), so an e2e row can say how much of that the server reaches.
+/// Runs until the listener's task is dropped; connections that are not WebSockets (the load
+/// generator's `/metrics` requests) are closed.
+pub async fn ack_sink(listener: tokio::net::TcpListener, model: String) -> Result<(), String> {
+    let layout = crate::protocol::model::ModelLayout::builtin(&model).map_err(|e| e.to_string())?;
+    let n = layout.num_params();
+    let snapshot = bytes::Bytes::from(crate::protocol::frame::encode_snapshot(0, &vec![0.0; n]));
+    let welcome = Arc::new(crate::protocol::message::Welcome {
+        protocol: PROTOCOL_VERSION as u32,
+        session: 0,
+        model: layout.name.clone(),
+        layout: layout.tensors.clone(),
+        params: n as u64,
+        version: 0,
+        settings: crate::protocol::message::SessionSettings {
+            policy: "ack-sink".into(),
+            rho_up: 1.0,
+            rho_down: 1.0,
+            max_staleness: u64::MAX,
+            max_nnz: n as u64,
+            max_frame_bytes: u64::MAX,
+            max_delta_chain: 0,
+            max_push_rate: 0.0,
+        },
+        resume_secret: String::new(),
+    });
+    loop {
+        let (stream, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let (snapshot, welcome) = (snapshot.clone(), welcome.clone());
+        tokio::spawn(async move {
+            let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+                return;
+            };
+            let mut welcomed = false;
+            while let Some(Ok(m)) = ws.next().await {
+                let reply = match m {
+                    // The first text is the Hello; later ones (Bye) need no answer.
+                    Message::Text(_) if !welcomed => {
+                        welcomed = true;
+                        let w = ServerMessage::Welcome(Welcome::clone(&welcome)).to_json();
+                        if ws.send(Message::text(w)).await.is_err() {
+                            return;
+                        }
+                        Message::Binary(snapshot.clone())
+                    }
+                    Message::Binary(b) => {
+                        let Some(seq) = b.get(16..24).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes)
+                        else {
+                            continue;
+                        };
+                        Message::text(ServerMessage::Ack(Ack { seq, version: 0, staleness: 0 }).to_json())
+                    }
+                    Message::Close(_) => return,
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -227,16 +227,7 @@ async fn one(
     let base = format!("http://{addr}");
     let engine = engine_of(&base).await;
     let out = dir.join(format!("load-{clients}-{params}.json"));
-    let load = LoadSpec {
-        url: format!("ws://{addr}/ws"),
-        model: format!("flat-{params}"),
-        clients,
-        density: spec.density,
-        rate: spec.rate,
-        window: spec.window,
-        duration_s: spec.duration_s,
-        ..LoadSpec::default()
-    };
+    let load = load_spec(spec, format!("ws://{addr}/ws"), clients, params);
     let mut child = tokio::process::Command::new(&spec.exe);
     child.args(["bench", "loadgen"]).args(load.to_args()).arg("--out").arg(&out);
     let mut loadgen = Child(
@@ -400,25 +391,45 @@ async fn raw_baseline(
             .spawn()
             .context("starting the raw load generator")?,
     );
-    let started = Instant::now();
-    let wait = async {
-        loop {
-            tokio::select! {
-                s = loadgen.0.wait() => return s,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if started.elapsed().as_secs_f64() <= spec.duration_s {
-                        progress.advance(1.0);
-                    }
-                }
-            }
-        }
-    };
-    let status = wait.await?;
+    let status = wait_advancing(&mut loadgen, spec, progress).await?;
     if !status.success() {
         bail!("the raw load generator failed ({status})");
     }
     let (bytes, secs) = sink.await??;
     Ok(if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 })
+}
+
+/// Waits for a load generator, advancing the progress once a second of its push window.
+async fn wait_advancing(
+    loadgen: &mut Child,
+    spec: &E2eSpec,
+    progress: &dyn Progress,
+) -> std::io::Result<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            s = loadgen.0.wait() => return s,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if started.elapsed().as_secs_f64() <= spec.duration_s {
+                    progress.advance(1.0);
+                }
+            }
+        }
+    }
+}
+
+/// The load generator's spec of a row: `clients` clients of a `flat-{params}` model at `url`.
+fn load_spec(spec: &E2eSpec, url: String, clients: usize, params: usize) -> LoadSpec {
+    LoadSpec {
+        url,
+        model: format!("flat-{params}"),
+        clients,
+        density: spec.density,
+        rate: spec.rate,
+        window: spec.window,
+        duration_s: spec.duration_s,
+        ..LoadSpec::default()
+    }
 }
 
 /// The client-side ceiling: the same load generator (a child process, as for the server)
@@ -433,19 +444,9 @@ async fn client_ceiling(
 ) -> anyhow::Result<(f64, f64)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let model = format!("flat-{params}");
-    let sink = tokio::spawn(load::ack_sink(listener, model.clone()));
+    let load = load_spec(spec, format!("ws://{addr}/ws"), clients, params);
+    let sink = tokio::spawn(load::ack_sink(listener, load.model.clone()));
     let out = dir.join(format!("ceiling-{clients}-{params}.json"));
-    let load = LoadSpec {
-        url: format!("ws://{addr}/ws"),
-        model,
-        clients,
-        density: spec.density,
-        rate: spec.rate,
-        window: spec.window,
-        duration_s: spec.duration_s,
-        ..LoadSpec::default()
-    };
     let mut loadgen = Child(
         tokio::process::Command::new(&spec.exe)
             .args(["bench", "loadgen"])
@@ -457,17 +458,7 @@ async fn client_ceiling(
             .spawn()
             .context("starting the load generator for the client-side ceiling")?,
     );
-    let started = Instant::now();
-    let status = loop {
-        tokio::select! {
-            s = loadgen.0.wait() => break s?,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                if started.elapsed().as_secs_f64() <= spec.duration_s {
-                    progress.advance(1.0);
-                }
-            }
-        }
-    };
+    let status = wait_advancing(&mut loadgen, spec, progress).await?;
     sink.abort();
     if !status.success() {
         bail!("the load generator against the ack sink failed ({status})");

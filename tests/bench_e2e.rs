@@ -31,7 +31,10 @@ fn quick_e2e_report_is_complete_and_consistent() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench e2e failed ({}):\n{stdout}\n{stderr}", out.status);
     // The table is printed, with the raw baseline column filled.
-    assert!(stdout.contains("updates/s") && stdout.contains("of raw") && stdout.contains("of ceiling"), "{stdout}");
+    assert!(
+        stdout.contains("updates/s") && stdout.contains("of raw") && stdout.contains("of ceiling"),
+        "{stdout}"
+    );
 
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let env = &report["environment"];

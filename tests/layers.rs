@@ -124,8 +124,7 @@ fn module_graph() -> BTreeMap<Module, BTreeSet<Module>> {
     let mut edges: BTreeMap<Module, BTreeSet<Module>> = BTreeMap::new();
     for file in &files {
         let from = module_of(&src, file);
-        // Test-only modules (`tests`, the core's `testkit`) may reach anywhere.
-        if from.last().is_some_and(|l| l == "tests" || l == "testkit") {
+        if from.last().is_some_and(|l| l == "tests") {
             continue;
         }
         for (is_crate, segs) in paths(&code(&std::fs::read_to_string(file).unwrap())) {

@@ -28,7 +28,8 @@ pub fn config(policy: PolicyKind, edit: impl FnOnce(&mut ServerConfig)) -> Arc<S
 
 pub fn machine(cfg: &Arc<ServerConfig>) -> Machine {
     let layout = ModelLayout::builtin(MODEL).unwrap();
-    Machine::new(cfg.clone(), layout, crate::server::build_policy(cfg), 0, 0)
+    let policy = cfg.policy.build(&cfg.policies, &cfg.policy_common());
+    Machine::new(cfg.clone(), layout, policy, 0, 0)
 }
 
 pub fn hello(client_id: &str, role: Role) -> Hello {

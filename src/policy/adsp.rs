@@ -902,13 +902,7 @@ mod tests {
         assert_eq!(p.next_wakeup(), Some(Duration::from_secs(60)));
         let acts = p.on_round_time(Duration::from_secs(3), 1, &round(1.2));
         // Γ = 10 · 1.2 s, T_min = 0.3 s; C = 1: T_i = 12 − 0.05.
-        let intervals: Vec<f64> = acts
-            .iter()
-            .filter_map(|a| match a {
-                Action::Directive { directive, .. } => directive.commit_interval_s,
-                _ => None,
-            })
-            .collect();
+        let intervals = intervals(&acts);
         assert_eq!(intervals.len(), 2, "{acts:?}");
         assert!(intervals.iter().all(|t| (t - 11.95).abs() < 1e-9), "{intervals:?}");
         assert_eq!(p.next_wakeup(), Some(Duration::from_secs(3 + 6)), "the first period started at once");
@@ -965,6 +959,16 @@ mod tests {
         p.on_loss(Duration::from_secs(119), LossSource::Evaluator, 1.31);
         p.poll(Duration::from_secs(120));
         assert_eq!(p.search.as_ref().map(|s| s.candidate), Some(2), "re-search from the current C");
+    }
+
+    /// The commit intervals the directives among `acts` set, in order.
+    fn intervals(acts: &[Action]) -> Vec<f64> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Directive { directive, .. } => directive.commit_interval_s,
+                _ => None,
+            })
+            .collect()
     }
 
     fn acks(acts: &[Action]) -> Vec<PushId> {
@@ -1030,13 +1034,7 @@ mod tests {
         let acts = p.poll(ms(10_600));
         // Released together: the new interval first, then both Acks.
         assert_eq!(p.commits_per_period(), 2, "scores: {:?}", p.scores);
-        let intervals: Vec<f64> = acts
-            .iter()
-            .filter_map(|a| match a {
-                Action::Directive { directive, .. } => directive.commit_interval_s,
-                _ => None,
-            })
-            .collect();
+        let intervals = intervals(&acts);
         assert_eq!(intervals, vec![5.0, 5.0], "{acts:?}");
         assert!(matches!(acts[0], Action::Directive { .. }));
         assert_eq!(acks(&acts), vec![1, 2]);

@@ -80,6 +80,7 @@ settings! {
     momentum: val f32 = "0", "Server momentum μ (FedAvgM when > 0)";
     server_lr: val f32 = "1", "Server learning rate η_s";
     max_batch: val usize = "64", "Most updates aggregated in one step";
+    steps_in_flight: val usize = "2", "Aggregation steps the engine may hold at once: step n+1 is formed and logged while step n runs (1: one at a time)";
 
     ["Policy"]
     policy: val PolicyKind = "asp", crate::policy::policy_help!();
@@ -178,6 +179,9 @@ impl ServerConfig {
         }
         if self.max_batch == 0 {
             return bad("max_batch", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.steps_in_flight) {
+            return bad("steps_in_flight", "must be in 1..=64");
         }
         if !(self.momentum >= 0.0 && self.momentum < 1.0) {
             return bad("momentum", "must be in [0, 1)");

@@ -90,8 +90,9 @@ pub enum Effect {
     Broadcast { base: u64, version: u64, frame: Bytes },
     /// Close a session's connection after what is queued to it.
     Close { session: SessionId, code: u16, reason: String },
-    /// Run one aggregation step on the engine, then report [`Input::StepDone`]. It is always
-    /// the last effect of a batch: nothing else happens until the step is done.
+    /// Run one aggregation step on the engine, then report [`Input::StepDone`]. Steps are
+    /// reported in the order they were emitted; up to `steps_in_flight` may be outstanding,
+    /// and effects after a Step do not wait for it.
     Step(StepJob),
     /// Append an event to the run's record (`/api/record`; the shell also feeds `/metrics`'
     /// histograms from it).
@@ -266,6 +267,7 @@ impl Machine {
         replica_version: u64,
     ) -> Self {
         Machine {
+            steps_in_flight: cfg.steps_in_flight.max(1),
             weighting: cfg.weighting(),
             selection: cfg.selection,
             cfg,
@@ -287,13 +289,13 @@ impl Machine {
             evals: History::default(),
             work: VecDeque::new(),
             in_flight: VecDeque::new(),
-            steps_in_flight: 1,
             failed: false,
             out: Vec::new(),
         }
     }
 
-    /// Lets up to `n` steps be in flight at once (at least 1, the default): step n + 1 is
+    /// Lets up to `n` steps be in flight at once (at least 1; `steps_in_flight` of the
+    /// configuration otherwise): step n + 1 is
     /// formed while the engine runs step n, weighted for the version it will be applied to.
     /// The engine must finish steps in the order it got them. The batches, weights and
     /// records are those a serial replay of the log gives.
@@ -305,6 +307,14 @@ impl Machine {
     /// Steps handed to the engine and not yet released (their Delta and Acks sent).
     pub fn steps_in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// A step could be handed to the engine now: fewer than the limit are in flight and the
+    /// engine has not failed. The policy is polled only then ([`Input::Poll`] answers nothing
+    /// otherwise), so that the pushes arriving while the engine is full form one batch
+    /// instead of many queued small ones.
+    pub fn can_step(&self) -> bool {
+        self.in_flight.len() < self.steps_in_flight && !self.failed
     }
 
     /// The model version (aggregation steps applied).

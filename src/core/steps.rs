@@ -13,8 +13,12 @@ use crate::policy::{Action, PushId, SessionId};
 use crate::protocol::message::{Ack, ServerMessage};
 
 impl Machine {
-    /// Time passed: runs what the policy decides now. `None` when it decided nothing.
+    /// Time passed: runs what the policy decides now. `None` when it decided nothing, or when
+    /// no step could start now ([`Machine::can_step`]).
     pub fn poll(&mut self, now: Duration) -> Option<Vec<Effect>> {
+        if !self.can_step() {
+            return None;
+        }
         let actions = self.policy.poll(now);
         if actions.is_empty() {
             return None;

@@ -20,8 +20,10 @@ use crate::protocol::model::ModelLayout;
 
 pub const MODEL: &str = "flat-64";
 
+/// A configuration for `policy` on the tiny model, with one step in flight (the unit tests
+/// drive the engine's part one step at a time unless they ask for more).
 pub fn config(policy: PolicyKind, edit: impl FnOnce(&mut ServerConfig)) -> Arc<ServerConfig> {
-    let mut c = ServerConfig { policy, model: MODEL.into(), ..Default::default() };
+    let mut c = ServerConfig { policy, model: MODEL.into(), steps_in_flight: 1, ..Default::default() };
     edit(&mut c);
     Arc::new(c)
 }

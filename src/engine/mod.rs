@@ -10,6 +10,7 @@
 pub mod cpu;
 pub mod fallback;
 pub mod gpu;
+pub mod worker;
 
 use crate::protocol::frame::DeltaHeader;
 
@@ -155,6 +156,8 @@ pub enum EngineError {
     StateSize { expected: usize, got: usize },
     #[error("GPU error: {0}")]
     Gpu(String),
+    #[error("engine stopped: {0}")]
+    Stopped(String),
 }
 
 /// An aggregation engine (docs/algorithms.md §2–3). Implementations must agree bit for bit with

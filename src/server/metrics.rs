@@ -45,6 +45,8 @@ pub struct Metrics {
     version: Gauge,
     stages: Family<StageLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     engine: Family<EngineLabel, Counter>,
+    engine_busy: Counter<f64, std::sync::atomic::AtomicU64>,
+    coordinator_busy: Counter<f64, std::sync::atomic::AtomicU64>,
     /// The engine's totals at the last report (counters grow by the difference).
     engine_seen: Mutex<crate::engine::EngineCounters>,
     /// The core's counters at the last report.
@@ -112,6 +114,18 @@ impl Metrics {
              trips) and staging_allocations (upload buffers created)",
             engine.clone(),
         );
+        let engine_busy = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register(
+            "engine_busy_seconds",
+            "Time the engine's thread spent running steps and reads (its busy fraction is the rate)",
+            engine_busy.clone(),
+        );
+        let coordinator_busy = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register(
+            "coordinator_busy_seconds",
+            "Time the coordinator spent handling messages, step reports and timers (the rest it waited)",
+            coordinator_busy.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             accepted,
@@ -127,6 +141,8 @@ impl Metrics {
             version,
             stages,
             engine,
+            engine_busy,
+            coordinator_busy,
             engine_seen: Mutex::new(Default::default()),
             core_seen: Mutex::new(Default::default()),
         }
@@ -152,6 +168,19 @@ impl Metrics {
             self.engine.get_or_create(&EngineLabel { what }).inc_by(delta);
         }
         *seen = *now;
+    }
+
+    /// The engine thread's busy time so far (the counter follows it).
+    pub fn engine_busy(&self, total: std::time::Duration) {
+        let (now, seen) = (total.as_secs_f64(), self.engine_busy.get());
+        if now > seen {
+            self.engine_busy.inc_by(now - seen);
+        }
+    }
+
+    /// Adds `d` to the coordinator's busy time.
+    pub fn coordinator_busy(&self, d: std::time::Duration) {
+        self.coordinator_busy.inc_by(d.as_secs_f64());
     }
 
     /// Adds `d` to a stage's time (`stage` is one of [`STAGES`]).

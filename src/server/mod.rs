@@ -352,7 +352,7 @@ async fn start_inner(
         resume,
         record: record.clone(),
         tape,
-    });
+    })?;
     let shared = Arc::new(Shared {
         max_nnz: cfg.max_nnz.unwrap_or(n).min(n),
         num_params: n,

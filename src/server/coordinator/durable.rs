@@ -64,6 +64,7 @@ impl Coordinator {
             };
             effects.retain(|e| !matches!(e, Effect::Recovered(_)));
             self.apply(effects).await;
+            self.settle().await;
             if found.pushes + found.steps > 0 {
                 tracing::info!(
                     pushes = found.pushes,
@@ -97,9 +98,11 @@ impl Coordinator {
 
     /// Writes a checkpoint of everything accepted so far, then starts a new WAL file.
     pub(super) async fn checkpoint(&mut self) -> Result<std::path::PathBuf, String> {
+        // The state must hold exactly the steps the log holds: no step may be in flight.
+        self.settle().await;
         let Some(d) = &self.durable else { return Err("no checkpoint directory".into()) };
         let (dir, wal_seq) = (d.dir.clone(), d.wal_seq);
-        let state = self.with_engine(|e| e.read_state()).await.map_err(|e| e.to_string())?;
+        let state = self.engine.call(|e| e.read_state()).await.map_err(|e| e.to_string())?;
         let parts = self.machine.checkpoint_parts();
         let layout = self.machine.layout();
         let ckpt = Checkpoint {

@@ -6,16 +6,26 @@
 //! (with the time, and a resume secret drawn from the operating system for a Join) and carries
 //! out the [`Effect`]s the core returns: a record appended to the write-ahead log (then the
 //! core is told it is held), JSON to an outbox, a Delta fanned out to every outbox as one
-//! shared, reference-counted frame, an aggregation step on the engine's blocking thread, an
+//! shared, reference-counted frame, an aggregation step handed to the engine's thread, an
 //! event for the record. It also writes checkpoints, exports the core's counters as metrics,
 //! and publishes the status. With a [`Tape`], every input and the effects it gave are kept,
 //! so a test can replay the run through the core alone.
+//!
+//! Pipelining: a step goes to the engine's thread ([`EngineWorker`]) and the coordinator does
+//! not wait for it. While the engine aggregates step n, the coordinator goes on validating,
+//! logging and admitting pushes, and the core forms step n + 1 (up to `steps_in_flight`
+//! steps are outstanding; the engine runs them in order). Results come back into the same
+//! loop as messages do. What must see the model as the core sees it waits until the engine
+//! holds no step the core has not released (*settles*): a snapshot of x̂ for a Join or a
+//! resync, a checkpoint, a state read and shutdown. While the engine has steps, at most
+//! `max_batch` messages are taken from sessions per finished step, so when the engine is the
+//! bottleneck the inbound channel fills and sessions stop reading their sockets.
 
 mod durable;
 mod tape;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,7 +40,10 @@ pub use super::status::EvalPoint;
 use super::status::Status;
 use crate::config::ServerConfig;
 use crate::core::{Effect, Input, Machine, StatusInputs, StepJob, StepOutcome};
-use crate::engine::{Aggregator, EngineError, EngineInfo, ModelState, UpdateRef};
+use crate::engine::worker::{EngineWorker, Pending};
+use crate::engine::{
+    Aggregator, Broadcast, EngineCounters, EngineError, EngineInfo, ModelState, StageTimes, UpdateRef,
+};
 use crate::policy::{SessionId, SyncPolicy};
 use crate::protocol::frame::encode_snapshot;
 use crate::protocol::message::Hello;
@@ -83,12 +96,33 @@ pub struct CoordinatorParts {
     pub tape: Option<Tape>,
 }
 
+/// What the engine's thread reports for one step.
+struct StepReport {
+    broadcast: Option<Broadcast>,
+    agg: Duration,
+    topk: Duration,
+    parts: StageTimes,
+    info: EngineInfo,
+    counters: EngineCounters,
+}
+
 /// The async shell around the [`Machine`].
 pub struct Coordinator {
     cfg: Arc<ServerConfig>,
     machine: Machine,
-    engine: Arc<Mutex<Box<dyn Aggregator>>>,
+    engine: EngineWorker,
     engine_info: EngineInfo,
+    /// Steps handed to the engine and not yet reported, oldest first.
+    running: VecDeque<Pending<StepReport>>,
+    /// A step failed on the engine: the steps queued behind it are not run (the core keeps
+    /// their pushes pending, so a checkpoint must not find them applied).
+    engine_failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Messages that may still be taken from sessions while the engine has steps (refilled
+    /// to `max_batch` by every finished step); unlimited while it has none.
+    intake: usize,
+    /// Sessions owed a Snapshot that could not be read yet (the engine held steps the core
+    /// had not released); sent once it settles.
+    snapshots_due: Vec<SessionId>,
     rx: mpsc::Receiver<Inbound>,
     outboxes: HashMap<SessionId, Arc<Outbox>>,
     /// x̂ encoded as a Snapshot frame, once per replica version.
@@ -107,7 +141,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(p: CoordinatorParts) -> Self {
+    pub fn new(p: CoordinatorParts) -> std::io::Result<Self> {
         let version = p.engine.version();
         let engine_info = p.engine.info();
         let machine = Machine::new(p.cfg.clone(), p.layout, p.policy, version, p.engine.replica_version());
@@ -118,11 +152,16 @@ impl Coordinator {
             last_at: Instant::now(),
             last_version: version,
         });
-        Self {
+        let intake = p.cfg.max_batch;
+        Ok(Self {
             cfg: p.cfg,
             machine,
-            engine: Arc::new(Mutex::new(p.engine)),
+            engine: EngineWorker::spawn(p.engine)?,
             engine_info,
+            running: VecDeque::new(),
+            engine_failed: Default::default(),
+            intake,
+            snapshots_due: Vec::new(),
             rx: p.rx,
             outboxes: HashMap::new(),
             snapshot: None,
@@ -135,7 +174,7 @@ impl Coordinator {
             durable,
             resume: p.resume,
             tape: p.tape,
-        }
+        })
     }
 
     fn now(&self) -> Duration {
@@ -163,56 +202,113 @@ impl Coordinator {
         // The status reflects the (possibly resumed) model before anything happens.
         self.publish_status(true);
         loop {
-            let wake = self.machine.next_wakeup().map(|d| self.started + d);
+            let slot_free = self.machine.can_step();
+            // The policy's timers matter only when a step could start.
+            let wake = if slot_free { self.machine.next_wakeup().map(|d| self.started + d) } else { None };
             let period = if self.status_dirty { STATUS_PERIOD } else { STATUS_HEARTBEAT };
             let status_due = self.last_status.map(|t| t + period);
-            let msg = tokio::select! {
-                m = self.rx.recv() => match m {
-                    Some(m) => Some(m),
+            let open = self.running.is_empty() || self.intake > 0;
+            let woke = tokio::select! {
+                biased;
+                r = next_report(&mut self.running) => Woke::Step(r),
+                m = self.rx.recv(), if open => match m {
+                    Some(m) => Woke::Message(m),
                     None => break,
                 },
-                _ = sleep_until(wake) => None,
-                _ = sleep_until(status_due) => None,
+                _ = sleep_until(wake) => Woke::Time,
+                _ = sleep_until(status_due) => Woke::Time,
             };
+            let busy_from = std::time::Instant::now();
             let mut stop = false;
-            if let Some(m) = msg {
-                stop |= self.handle(m).await;
+            match woke {
+                Woke::Step(r) => self.step_reported(r).await,
+                Woke::Message(m) => stop = self.take(m).await,
+                Woke::Time => {}
             }
-            // Everything that queued meanwhile is handled before the policy is polled: with
-            // ASP, the pushes that arrived while the engine was busy form one batch.
-            while !stop && let Ok(m) = self.rx.try_recv() {
-                stop |= self.handle(m).await;
+            // Everything that queued meanwhile is handled before the policy is polled (with
+            // ASP, the pushes that arrived while the engine was busy form one batch), within
+            // the intake allowance while the engine has steps.
+            while !stop && (self.running.is_empty() || self.intake > 0) {
+                let Ok(m) = self.rx.try_recv() else { break };
+                stop = self.take(m).await;
             }
-            if stop || self.poll_policy().await {
+            if stop {
                 break;
             }
+            self.send_due_snapshots().await;
+            self.poll_policy().await;
             self.maybe_checkpoint().await;
             self.publish_status(false);
+            self.metrics.coordinator_busy(busy_from.elapsed());
         }
+        self.settle().await;
         self.publish_status(true);
     }
 
-    /// Runs the policy's decisions until it has none; returns true when a Shutdown arrived.
-    async fn poll_policy(&mut self) -> bool {
-        loop {
+    /// Handles a message from a session, counting it against the intake allowance while the
+    /// engine has steps; returns true when the coordinator must stop.
+    async fn take(&mut self, m: Inbound) -> bool {
+        if !self.running.is_empty() {
+            self.intake = self.intake.saturating_sub(1);
+        }
+        self.handle(m).await
+    }
+
+    /// Runs the policy's decisions while a step could start and it has some.
+    async fn poll_policy(&mut self) {
+        while self.machine.can_step() {
             let effects = self.core(Input::Poll);
             if effects.is_empty() {
-                return false;
+                return;
             }
             self.apply(effects).await;
-            // Handle what arrived during the step before the next batch forms, but at most
-            // one batch worth: while the engine is the bottleneck the backlog of accepted
-            // pushes stays bounded, the inbound channel fills and sessions stop reading their
-            // sockets (TCP backpressure) instead of the server buffering without limit.
-            for _ in 0..self.cfg.max_batch {
-                let Ok(m) = self.rx.try_recv() else { break };
-                if self.handle(m).await {
-                    return true;
-                }
+        }
+    }
+
+    /// Hands a step to the engine's thread; its report comes back through `running`.
+    fn dispatch(&mut self, job: StepJob) {
+        let StepJob { updates, broadcast } = job;
+        let failed = self.engine_failed.clone();
+        let pending = self.engine.submit(move |e| {
+            use std::sync::atomic::Ordering;
+            if failed.load(Ordering::Acquire) {
+                return Err(EngineError::Stopped("an earlier step failed; this one was not run".into()));
             }
-            // A server saturated for minutes still publishes its status and checkpoints.
-            self.maybe_checkpoint().await;
-            self.publish_status(false);
+            let r = run_step(e, &updates, broadcast);
+            if r.is_err() {
+                failed.store(true, Ordering::Release);
+            }
+            r
+        });
+        self.running.push_back(pending);
+    }
+
+    /// The engine reported the oldest step it was given: the core learns of it and its
+    /// effects are carried out.
+    async fn step_reported(&mut self, r: Result<StepReport, EngineError>) {
+        self.intake = self.cfg.max_batch;
+        let outcome = r.map(|r| self.step_metrics(r)).map_err(|e| e.to_string());
+        let effects = self.core(Input::StepDone { outcome });
+        self.apply(effects).await;
+    }
+
+    /// Waits until the engine holds no step the core has not been told of (and so, with the
+    /// log written in line, none it has not released).
+    async fn settle(&mut self) {
+        while let Some(p) = self.running.pop_front() {
+            let r = p.wait().await;
+            self.step_reported(r).await;
+        }
+    }
+
+    /// Sends the Snapshots that had to wait for the engine to settle.
+    async fn send_due_snapshots(&mut self) {
+        if self.snapshots_due.is_empty() {
+            return;
+        }
+        self.settle().await;
+        for session in std::mem::take(&mut self.snapshots_due) {
+            self.send_snapshot(session).await;
         }
     }
 
@@ -237,13 +333,15 @@ impl Coordinator {
                 effects
             }
             Inbound::Replica { reply } => {
+                self.settle().await;
                 let v = self.machine.replica_version();
-                let r = self.with_engine(|e| e.read_replica()).await;
+                let r = self.engine.call(|e| e.read_replica()).await;
                 let _ = reply.send(r.map(|values| (v, values)).map_err(|e| e.to_string()));
                 return false;
             }
             Inbound::State { reply } => {
-                let r = self.with_engine(|e| e.read_state()).await;
+                self.settle().await;
+                let r = self.engine.call(|e| e.read_state()).await;
                 let _ = reply.send(r.map_err(|e| e.to_string()));
                 return false;
             }
@@ -258,9 +356,13 @@ impl Coordinator {
     }
 
     async fn join(&mut self, hello: Hello, proven: bool, outbox: Arc<Outbox>) -> JoinReply {
-        // The Snapshot that follows the Welcome is read before the machine admits the session.
-        if let Err(e) = self.snapshot_frame().await {
-            return Err(("server", format!("engine failed to read the model: {e}")));
+        // The Snapshot that follows the Welcome is read before the machine admits the session,
+        // at the replica version the Welcome names: the engine settles first.
+        self.settle().await;
+        match self.snapshot_frame().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(("server", "the model replica is not settled; try again".into())),
+            Err(e) => return Err(("server", format!("engine failed to read the model: {e}"))),
         }
         let secret = match resume_secret() {
             Ok(s) => s,
@@ -324,10 +426,7 @@ impl Coordinator {
                         o.close_with(code, reason);
                     }
                 }
-                Effect::Step(job) => {
-                    let outcome = self.run_step(job).await;
-                    queue.extend(self.core(Input::StepDone { outcome }));
-                }
+                Effect::Step(job) => self.dispatch(job),
                 Effect::Append { seq, op } => {
                     let more = self.append(seq, &op);
                     queue.extend(more);
@@ -345,25 +444,9 @@ impl Coordinator {
         self.metrics.core(self.machine.counters());
     }
 
-    /// Runs one aggregation step (and its broadcast) on the engine's blocking thread.
-    async fn run_step(&mut self, job: StepJob) -> Result<StepOutcome, String> {
-        let StepJob { updates, broadcast } = job;
-        let result = self
-            .with_engine(move |e| {
-                let refs: Vec<UpdateRef<'_>> =
-                    updates.iter().map(|(p, w)| UpdateRef::from_push(&p.view(), *w)).collect();
-                let t0 = std::time::Instant::now();
-                e.aggregate(&refs)?;
-                let agg = t0.elapsed();
-                let t1 = std::time::Instant::now();
-                let bc = match broadcast {
-                    Some(selection) => Some(e.broadcast(selection)?),
-                    None => None,
-                };
-                Ok((bc, agg, t1.elapsed(), e.take_stage_times(), e.info(), e.counters()))
-            })
-            .await;
-        let (broadcast, agg, topk, parts, info, counters) = result.map_err(|e| e.to_string())?;
+    /// Exports what the engine reported for a step as metrics; the step's outcome for the core.
+    fn step_metrics(&mut self, r: StepReport) -> StepOutcome {
+        let StepReport { broadcast, agg, topk, parts, info, counters } = r;
         if info != self.engine_info {
             tracing::info!(engine = %info.kind, adapter = %info.adapter, "engine changed");
             self.engine_info = info;
@@ -371,49 +454,56 @@ impl Coordinator {
             self.last_status = None;
         }
         self.metrics.engine(&counters);
+        self.metrics.engine_busy(self.engine.busy());
         self.metrics.stage("upload", parts.upload);
         self.metrics.stage("aggregate", agg.saturating_sub(parts.upload));
         self.metrics.stage("topk", topk.saturating_sub(parts.encode));
         self.metrics.stage("encode", parts.encode);
-        Ok(StepOutcome { broadcast, agg_seconds: agg.as_secs_f64(), topk_seconds: topk.as_secs_f64() })
+        StepOutcome { broadcast, agg_seconds: agg.as_secs_f64(), topk_seconds: topk.as_secs_f64() }
     }
 
-    async fn with_engine<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut dyn Aggregator) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, EngineError> {
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
-            f(e.as_mut())
-        })
-        .await
-        .unwrap_or_else(|join| Err(EngineError::Gpu(format!("engine task failed: {join}"))))
-    }
-
-    /// The snapshot of x̂ at the replica version, encoded once per version.
-    async fn snapshot_frame(&mut self) -> Result<(u64, Bytes), EngineError> {
+    /// The snapshot of x̂ at the replica version, encoded once per version (on the engine's
+    /// thread). `None` while the engine holds steps the core has not released: x̂ there may be
+    /// ahead of the replica version, with steps a resumed server would not replay.
+    async fn snapshot_frame(&mut self) -> Result<Option<(u64, Bytes)>, EngineError> {
         let v = self.machine.replica_version();
         if let Some((sv, f)) = &self.snapshot
             && *sv == v
         {
-            return Ok((v, f.clone()));
+            return Ok(Some((v, f.clone())));
         }
-        let values = self.with_engine(|e| e.read_replica()).await?;
-        let frame = Bytes::from(encode_snapshot(v, &values));
+        if !self.running.is_empty() {
+            return Ok(None);
+        }
+        let (engine_v, frame) = self
+            .engine
+            .call(|e| {
+                let values = e.read_replica()?;
+                let v = e.replica_version();
+                Ok((v, Bytes::from(encode_snapshot(v, &values))))
+            })
+            .await?;
+        if engine_v != v {
+            return Ok(None);
+        }
         self.snapshot = Some((v, frame.clone()));
-        Ok((v, frame))
+        Ok(Some((v, frame)))
     }
 
     /// Queues a Snapshot of x̂ to a session (the Deltas queued before it are dropped; those
-    /// after it follow from it).
+    /// after it follow from it). It waits for the engine to settle when it must.
     async fn send_snapshot(&mut self, session: SessionId) {
         let Some(outbox) = self.outboxes.get(&session).cloned() else { return };
         match self.snapshot_frame().await {
-            Ok((v, f)) => {
+            Ok(Some((v, f))) => {
                 self.core(Input::Sent { session, bytes: f.len() as u64 });
                 outbox.push_snapshot(v, f);
             }
+            Ok(None) if !self.running.is_empty() => self.snapshots_due.push(session),
+            Ok(None) => tracing::error!(
+                replica_version = self.machine.replica_version(),
+                "snapshot skipped: the engine's x̂ is at another version than the core's with no step running"
+            ),
             Err(e) => tracing::error!(error = %e, "snapshot failed"),
         }
     }
@@ -422,6 +512,7 @@ impl Coordinator {
         // Everything accepted is applied and acknowledged before the state is taken.
         let effects = self.core(Input::Shutdown);
         self.apply(effects).await;
+        self.settle().await;
         if self.durable.is_some() {
             match self.checkpoint().await {
                 Ok(path) => tracing::info!(path = %path.display(), "final checkpoint written"),
@@ -430,7 +521,8 @@ impl Coordinator {
         }
         let effects = self.core(Input::Farewell { reason: reason.into() });
         self.apply(effects).await;
-        self.with_engine(|e| e.read_state()).await
+        self.settle().await;
+        self.engine.call(|e| e.read_state()).await
     }
 
     /// Publishes the status at most every [`STATUS_PERIOD`]; a change inside the period is
@@ -462,6 +554,47 @@ fn resume_secret() -> Result<String, getrandom::Error> {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// One step on the engine's thread: aggregate, then the broadcast if the step has one.
+fn run_step(
+    e: &mut dyn Aggregator,
+    updates: &[(crate::protocol::frame::ValidatedPush, f32)],
+    broadcast: Option<crate::engine::Selection>,
+) -> Result<StepReport, EngineError> {
+    let refs: Vec<UpdateRef<'_>> = updates.iter().map(|(p, w)| UpdateRef::from_push(&p.view(), *w)).collect();
+    let t0 = std::time::Instant::now();
+    e.aggregate(&refs)?;
+    let agg = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    let broadcast = match broadcast {
+        Some(selection) => Some(e.broadcast(selection)?),
+        None => None,
+    };
+    let topk = t1.elapsed();
+    Ok(StepReport {
+        broadcast,
+        agg,
+        topk,
+        parts: e.take_stage_times(),
+        info: e.info(),
+        counters: e.counters(),
+    })
+}
+
+/// What woke the coordinator's loop.
+enum Woke {
+    Step(Result<StepReport, EngineError>),
+    Message(Inbound),
+    Time,
+}
+
+/// The report of the oldest step on the engine (never, when none is).
+async fn next_report(running: &mut VecDeque<Pending<StepReport>>) -> Result<StepReport, EngineError> {
+    let Some(p) = running.front_mut() else { return std::future::pending().await };
+    let r = p.wait_mut().await;
+    running.pop_front();
+    r
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -123,8 +123,16 @@ fn quick_e2e_report_is_complete_and_consistent() {
             f(secs, "aggregate") > 0.0 && f(secs, "topk") > 0.0 && f(secs, "decode") > 0.0,
             "{ctx}: {secs}"
         );
+        // Busy fractions are measured time over the window: the engine's covers its stages.
         let busy = f(r, "coordinator_busy");
         assert!(busy > 0.0 && busy < 1.5, "{ctx}: busy {busy}");
+        let engine = f(r, "engine_busy");
+        let engine_stages = f(secs, "aggregate") + f(secs, "topk");
+        assert!(engine > 0.0 && engine < 1.5, "{ctx}: engine busy {engine}");
+        assert!(
+            engine * w >= 0.9 * engine_stages,
+            "{ctx}: engine busy {engine} < its stages {engine_stages} s"
+        );
         assert!(f(r, "queue_depth_max") >= f(r, "queue_depth_mean"), "{ctx}");
         assert!(f(r, "server_peak_mb") > 1.0, "{ctx}");
     }

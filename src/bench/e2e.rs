@@ -20,9 +20,9 @@ use tokio::io::AsyncBufReadExt;
 
 use super::load::{self, LoadReport, LoadSpec, Quantiles, ServerCounters};
 
-/// Coordinator stages (serial: their shares of the window add up with idle time to 1).
-pub const COORDINATOR_STAGES: [&str; 7] =
-    ["policy", "wal", "upload", "aggregate", "topk", "encode", "fanout"];
+/// Stages of a step on the server: the coordinator's (policy, wal, fanout) and the engine
+/// thread's (upload, aggregate, topk, encode), which overlap when steps are pipelined.
+pub const SERVER_STAGES: [&str; 7] = ["policy", "wal", "upload", "aggregate", "topk", "encode", "fanout"];
 
 /// What to measure.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +48,9 @@ pub struct E2eSpec {
     pub raw_baseline: bool,
     /// GPU adapter the servers choose (`--adapter`), when set.
     pub adapter: Option<String>,
+    /// More flags for the servers (`sparsync serve`), after the bench's own.
+    #[serde(default)]
+    pub server_args: Vec<String>,
 }
 
 /// One configuration's figures.
@@ -84,10 +87,15 @@ pub struct E2eRow {
     pub pending_max: f64,
     /// Seconds per stage over the window (`sparsync_stage_seconds_total`).
     pub stage_seconds: BTreeMap<String, f64>,
-    /// Coordinator stages as shares of the window (the rest is idle), and the sessions'
-    /// decode and send time as shares of the window summed over sessions.
+    /// Server stages as shares of the window, and the sessions' decode and send time as
+    /// shares of the window summed over sessions.
     pub stage_share: BTreeMap<String, f64>,
+    /// Fraction of the window the coordinator was busy (the rest it waited for messages or
+    /// step reports).
     pub coordinator_busy: f64,
+    /// Fraction of the window the engine's thread was busy (steps, snapshot and state reads).
+    #[serde(default)]
+    pub engine_busy: f64,
     /// Largest resident memory of the server sampled while the clients pushed, MB.
     pub server_peak_mb: f64,
     pub raw_tcp_mb_per_s: Option<f64>,
@@ -190,6 +198,7 @@ async fn start_server(
         .arg((clients + 64).to_string())
         // Staleness is not what this measures: accept every update.
         .args(["--max-staleness", "1000000000", "--record-events", "4000000"])
+        .args(&spec.server_args)
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::null())
@@ -319,11 +328,8 @@ fn row(
     let w = r.window_s.max(1e-9);
     let s = &r.server;
     let mut share = BTreeMap::new();
-    let mut busy = 0.0;
-    for stage in COORDINATOR_STAGES {
-        let v = s.stages.get(stage).copied().unwrap_or(0.0) / w;
-        busy += v;
-        share.insert(stage.to_string(), v);
+    for stage in SERVER_STAGES {
+        share.insert(stage.to_string(), s.stages.get(stage).copied().unwrap_or(0.0) / w);
     }
     for stage in ["decode", "send"] {
         share.insert(stage.to_string(), s.stages.get(stage).copied().unwrap_or(0.0) / w);
@@ -360,7 +366,8 @@ fn row(
         pending_max: samples.iter().map(|c| c.pending).fold(0.0, f64::max),
         stage_seconds: s.stages.clone(),
         stage_share: share,
-        coordinator_busy: busy,
+        coordinator_busy: s.coordinator_busy / w,
+        engine_busy: s.engine_busy / w,
         server_peak_mb: peak_mb,
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
@@ -513,6 +520,7 @@ pub fn table(rows: &[E2eRow]) -> String {
                 format!("{:.1}", r.delta_latency_s.p99 * 1e3),
                 format!("{:.1}", r.queue_depth_mean),
                 format!("{:.0}%", 100.0 * r.coordinator_busy),
+                format!("{:.0}%", 100.0 * r.engine_busy),
                 top_stages(r),
                 format!("{:.0}", r.server_peak_mb),
             ]
@@ -536,18 +544,19 @@ pub fn table(rows: &[E2eRow]) -> String {
             "delta p50 ms",
             "delta p99 ms",
             "queue",
-            "busy",
-            "coordinator time",
+            "coord busy",
+            "engine busy",
+            "largest stages",
             "peak MB",
         ],
         &body,
     )
 }
 
-/// The coordinator's three largest stages, as "topk 40% aggregate 20% fanout 5%".
+/// The server's three largest stages, as "topk 40% aggregate 20% fanout 5%".
 fn top_stages(r: &E2eRow) -> String {
     let mut v: Vec<(&String, &f64)> =
-        r.stage_share.iter().filter(|(k, _)| COORDINATOR_STAGES.contains(&k.as_str())).collect();
+        r.stage_share.iter().filter(|(k, _)| SERVER_STAGES.contains(&k.as_str())).collect();
     v.sort_by(|a, b| b.1.total_cmp(a.1));
     v.iter().take(3).map(|(k, s)| format!("{k} {:.0}%", 100.0 * **s)).collect::<Vec<_>>().join(" ")
 }

@@ -150,6 +150,12 @@ pub struct ServerCounters {
     pub pending: f64,
     /// `sparsync_stage_seconds_total` by stage.
     pub stages: BTreeMap<String, f64>,
+    /// Seconds the coordinator spent handling messages, step reports and timers.
+    #[serde(default)]
+    pub coordinator_busy: f64,
+    /// Seconds the engine's thread spent running steps and reads.
+    #[serde(default)]
+    pub engine_busy: f64,
 }
 
 impl ServerCounters {
@@ -166,6 +172,8 @@ impl ServerCounters {
                 "sparsync_model_version" => c.version = v,
                 "sparsync_queue_depth" => c.queue_depth = v,
                 "sparsync_pending_updates" => c.pending = v,
+                "sparsync_coordinator_busy_seconds_total" => c.coordinator_busy = v,
+                "sparsync_engine_busy_seconds_total" => c.engine_busy = v,
                 k if k.starts_with("sparsync_updates_rejected_total{") => c.rejected += v,
                 k => {
                     if let Some(stage) = k
@@ -195,6 +203,8 @@ impl ServerCounters {
                 .iter()
                 .map(|(k, v)| (k.clone(), v - before.stages.get(k).copied().unwrap_or(0.0)))
                 .collect(),
+            coordinator_busy: self.coordinator_busy - before.coordinator_busy,
+            engine_busy: self.engine_busy - before.engine_busy,
         }
     }
 }

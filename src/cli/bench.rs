@@ -88,6 +88,10 @@ struct E2eArgs {
     /// Skip the raw loopback TCP baseline.
     #[arg(long)]
     no_raw: bool,
+    /// A flag of `sparsync serve` for the servers, as one argument (repeatable), e.g.
+    /// `--server-arg=--steps-in-flight=1` or `--server-arg=--broadcast-every=4`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -278,6 +282,7 @@ fn e2e_spec(args: &BenchArgs, e: &E2eArgs) -> anyhow::Result<e2e::E2eSpec> {
         duration_s: e.duration_s.unwrap_or(if q { 2.0 } else { 10.0 }),
         raw_baseline: !e.no_raw,
         adapter: args.adapter.clone(),
+        server_args: e.server_args.clone(),
     })
 }
 

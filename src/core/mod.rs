@@ -309,12 +309,16 @@ impl Machine {
         self.in_flight.len()
     }
 
-    /// A step could be handed to the engine now: fewer than the limit are in flight and the
-    /// engine has not failed. The policy is polled only then ([`Input::Poll`] answers nothing
-    /// otherwise), so that the pushes arriving while the engine is full form one batch
-    /// instead of many queued small ones.
+    /// The policy may start a step now: the engine has not failed, and either no step is in
+    /// flight, or fewer than the limit are and a full batch (`max_batch` pushes) is pending.
+    /// The policy is polled only then ([`Input::Poll`] answers nothing otherwise): a second
+    /// step is queued behind a running one only when it is as large as a step can be, so the
+    /// pushes that arrive while the engine works form one batch instead of many small ones
+    /// (every step costs the engine a pass over the model).
     pub fn can_step(&self) -> bool {
-        self.in_flight.len() < self.steps_in_flight && !self.failed
+        !self.failed
+            && (self.in_flight.is_empty()
+                || (self.in_flight.len() < self.steps_in_flight && self.pending.len() >= self.cfg.max_batch))
     }
 
     /// The model version (aggregation steps applied).

@@ -302,6 +302,17 @@ pub async fn start_with(
     start_inner(cfg, listener, layout, engine, None, None).await
 }
 
+/// [`start_with`], keeping every input to the core and its effects on `tape`.
+pub async fn start_with_tape(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    layout: ModelLayout,
+    engine: Box<dyn Aggregator>,
+    tape: Tape,
+) -> Result<ServerHandle, ServerError> {
+    start_inner(cfg, listener, layout, engine, None, Some(tape)).await
+}
+
 /// The default frame limit of a model of `n` parameters: a Push of every parameter (a 40-byte
 /// header and 6 bytes per entry) plus 64 KiB, the most a control message may take. For `mlp`
 /// (101,770 parameters) that is 0.67 MB, instead of the 64 MiB every session could be made to

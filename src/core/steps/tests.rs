@@ -179,9 +179,11 @@ fn steps(fx: &[Effect]) -> Vec<&StepJob> {
 /// step per group), on a machine that lets `in_flight` steps run at once: the engine finishes
 /// the oldest step only when no more may start. Returns the jobs in order and the log.
 fn run_groups(in_flight: usize, groups: &[&[(&str, u64, u64)]]) -> (Vec<JobSummary>, KeepLog) {
+    // max_batch 2: a group of two may start while a step runs, a group of one waits for it.
     let cfg = config(PolicyKind::Asp, |c| {
         c.weighting = crate::policy::staleness::WeightingKind::Polynomial;
         c.broadcast_every = 2;
+        c.max_batch = 2;
     });
     let mut m = machine(&cfg).with_steps_in_flight(in_flight);
     let ids: Vec<(String, SessionId)> =
@@ -190,6 +192,7 @@ fn run_groups(in_flight: usize, groups: &[&[(&str, u64, u64)]]) -> (Vec<JobSumma
     let mut log = KeepLog::default();
     let mut jobs: Vec<JobSummary> = Vec::new();
     let mut running: std::collections::VecDeque<StepOutcome> = Default::default();
+    let mut most = 0;
     let finish_oldest =
         |m: &mut Machine, running: &mut std::collections::VecDeque<StepOutcome>, log: &mut KeepLog| {
             let r = running.pop_front().expect("a step is running");
@@ -200,11 +203,17 @@ fn run_groups(in_flight: usize, groups: &[&[(&str, u64, u64)]]) -> (Vec<JobSumma
             let fx = m.push_logged(t(1), session(c), push(seq, base), &mut log);
             assert!(rejects(&fx).is_empty(), "{fx:?}");
         }
-        while m.steps_in_flight() >= in_flight {
+        // As the shell does: poll; when no step may start now, wait for the oldest one.
+        let fx = loop {
+            if let Some(fx) = m.poll(t(2)) {
+                break fx;
+            }
+            assert!(m.steps_in_flight() > 0, "the policy has the group and nothing runs");
             let fx = finish_oldest(&mut m, &mut running, &mut log);
             assert!(steps(&fx).is_empty(), "nothing new starts before the poll");
-        }
-        for job in steps(&m.poll(t(2)).unwrap_or_default()) {
+        };
+        most = most.max(m.steps_in_flight());
+        for job in steps(&fx) {
             jobs.push(summary(job));
             // The Delta the engine would send: versions follow the steps in order.
             let v = m.version() + running.len() as u64 + 1;
@@ -216,6 +225,7 @@ fn run_groups(in_flight: usize, groups: &[&[(&str, u64, u64)]]) -> (Vec<JobSumma
             running.push_back(StepOutcome { broadcast, agg_seconds: 0.0, topk_seconds: 0.0 });
         }
     }
+    assert!(in_flight == 1 || most > 1, "{in_flight} in flight: no two steps ever overlapped");
     while !running.is_empty() {
         finish_oldest(&mut m, &mut running, &mut log);
     }
@@ -267,7 +277,7 @@ fn steps_in_flight_give_the_batches_weights_and_records_of_the_serial_path() {
 
 #[test]
 fn an_engine_failure_with_steps_in_flight_keeps_every_unapplied_push() {
-    let cfg = config(PolicyKind::Asp, |_| {});
+    let cfg = config(PolicyKind::Asp, |c| c.max_batch = 1);
     let mut m = machine(&cfg).with_steps_in_flight(2);
     let a = join(&mut m, "a");
     m.push_logged(t(1), a, push(1, 0), &mut NoLog);

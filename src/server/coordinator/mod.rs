@@ -117,8 +117,8 @@ pub struct Coordinator {
     /// A step failed on the engine: the steps queued behind it are not run (the core keeps
     /// their pushes pending, so a checkpoint must not find them applied).
     engine_failed: Arc<std::sync::atomic::AtomicBool>,
-    /// Messages that may still be taken from sessions while the engine has steps (refilled
-    /// to `max_batch` by every finished step); unlimited while it has none.
+    /// Messages that may still be taken from sessions while the engine has steps: `max_batch`
+    /// after every finished step, less those taken since (unlimited while it has none).
     intake: usize,
     /// Sessions owed a Snapshot that could not be read yet (the engine held steps the core
     /// had not released); sent once it settles.
@@ -225,11 +225,15 @@ impl Coordinator {
                 Woke::Message(m) => stop = self.take(m).await,
                 Woke::Time => {}
             }
-            // Everything that queued meanwhile is handled before the policy is polled (with
-            // ASP, the pushes that arrived while the engine was busy form one batch), within
-            // the intake allowance while the engine has steps.
-            while !stop && (self.running.is_empty() || self.intake > 0) {
+            // What queued meanwhile is handled before the policy is polled (with ASP, the
+            // pushes that arrived while the engine was busy form one batch): at most max_batch
+            // messages, and within the intake allowance while the engine has steps. Without
+            // the first bound an idle engine would wait for a queue that never runs dry: ASP
+            // acknowledges on admission, and clients answer every Ack with a push.
+            let mut round = self.cfg.max_batch;
+            while !stop && round > 0 && (self.running.is_empty() || self.intake > 0) {
                 let Ok(m) = self.rx.try_recv() else { break };
+                round -= 1;
                 stop = self.take(m).await;
             }
             if stop {
@@ -245,12 +249,10 @@ impl Coordinator {
         self.publish_status(true);
     }
 
-    /// Handles a message from a session, counting it against the intake allowance while the
-    /// engine has steps; returns true when the coordinator must stop.
+    /// Handles a message from a session, counting it against the intake allowance; returns
+    /// true when the coordinator must stop.
     async fn take(&mut self, m: Inbound) -> bool {
-        if !self.running.is_empty() {
-            self.intake = self.intake.saturating_sub(1);
-        }
+        self.intake = self.intake.saturating_sub(1);
         self.handle(m).await
     }
 

@@ -231,20 +231,31 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
     let mut per_period: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut clients = HashSet::new();
     let mut active = 0usize;
+    // A step's weights are fixed when it is formed: with two steps in flight, after the
+    // Aggregate event of the step two before it. M is any count of active clients since then.
+    let mut counts_since: std::collections::VecDeque<Vec<usize>> = vec![vec![0]; 2].into();
     for e in &events {
         match e {
-            Event::Join { .. } => active += 1,
-            Event::Leave { .. } => active -= 1,
+            Event::Join { .. } | Event::Leave { .. } => {
+                active = if matches!(e, Event::Join { .. }) { active + 1 } else { active - 1 };
+                counts_since.iter_mut().for_each(|c| c.push(active));
+            }
             Event::Accept { t, session: client, .. } => {
                 *per_period.entry(((t - origin) / period) as u64).or_default().entry(*client).or_default() +=
                     1;
                 clients.insert(*client);
             }
             Event::Aggregate { items, .. } => {
+                let possible = &counts_since[0];
                 for i in items {
-                    let want = 1.0 / active as f32;
-                    assert!((i.weight - want).abs() < 1e-6, "w = 1/M with M = {active}, got {}", i.weight);
+                    assert!(
+                        possible.iter().any(|&m| (i.weight - 1.0 / m as f32).abs() < 1e-6),
+                        "w = 1/M with M among {possible:?}, got {}",
+                        i.weight
+                    );
                 }
+                counts_since.pop_front();
+                counts_since.push_back(vec![active]);
             }
             _ => {}
         }
@@ -287,9 +298,17 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
         );
     }
     // w_i = (1/L_i) / Σ_j 1/L_j over the active clients' latest losses (pushes and skips; a
-    // client without one yet counts as the mean of the others), replayed from the record.
+    // client without one yet counts as the mean of the others), replayed from the record. A
+    // step is weighted when it is formed: with two steps in flight, after the Aggregate event
+    // of the step two before it. Σ is then one of the values it took since.
     let mut latest: BTreeMap<u64, Option<f64>> = BTreeMap::new();
     let mut push_loss: HashMap<u64, f64> = HashMap::new();
+    let total = |latest: &BTreeMap<u64, Option<f64>>| {
+        let known: Vec<f64> = latest.values().flatten().map(|l| 1.0 / l).collect();
+        let mean = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+        known.iter().sum::<f64>() + mean * (latest.len() - known.len()) as f64
+    };
+    let mut totals_since: std::collections::VecDeque<Vec<f64>> = vec![Vec::new(); 2].into();
     let mut checked = 0;
     for e in &events {
         match e {
@@ -311,33 +330,23 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
                 }
             }
             Event::Aggregate { items, .. } => {
-                // The step was weighted when it was formed; pushes accepted while it ran on the
-                // engine are recorded before this event, so the normaliser cannot be rebuilt
-                // exactly from the record (the rebuild is printed on failure). Checked: the
-                // weights are inverse to the losses, with a normaliser in its possible range.
-                let known: Vec<f64> = latest.values().flatten().map(|l| 1.0 / l).collect();
-                let mean =
-                    if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
-                let total = known.iter().sum::<f64>() + mean * (latest.len() - known.len()) as f64;
-                // w_i · L_i = 1 / Σ_j 1/L_j: the same for every push of the step.
-                let norms: Vec<f64> = items
-                    .iter()
-                    .filter(|i| i.weight < 1.0)
-                    .map(|i| i.weight as f64 * push_loss[&i.push])
-                    .collect();
-                for n in &norms {
-                    assert!((n - norms[0]).abs() < 1e-5, "inverse-loss weights of one step: {norms:?}");
-                    // Losses are 0.5..2, four clients: Σ 1/L_j within [4/2, 4/0.5].
+                let possible = &totals_since[0];
+                for i in items {
+                    let l = push_loss[&i.push];
                     assert!(
-                        (1.0 / 8.0 - 1e-6..=1.0 / 2.0 + 1e-6).contains(n),
-                        "1/Σ 1/L = {n}, rebuilt {}",
-                        1.0 / total
+                        possible.iter().any(|t| (i.weight as f64 - (1.0 / l / t).min(1.0)).abs() < 1e-5),
+                        "weight {} of a push with loss {l}; Σ 1/L since its step could form: {possible:?}",
+                        i.weight
                     );
                     checked += 1;
                 }
+                totals_since.pop_front();
+                totals_since.push_back(Vec::new());
             }
             _ => {}
         }
+        let t = total(&latest);
+        totals_since.iter_mut().for_each(|v| v.push(t));
     }
     assert!(checked > 0);
     let _ = &names;

@@ -42,7 +42,8 @@ pub enum Input {
         seq: u64,
         reason: String,
     },
-    /// The engine finished the step of the last [`Effect::Step`].
+    /// The engine finished the oldest [`Effect::Step`] not yet reported (steps finish in the
+    /// order they were emitted).
     StepDone {
         outcome: Result<StepOutcome, String>,
     },
@@ -77,7 +78,8 @@ pub enum Input {
         bytes: u64,
     },
     /// Time passed (at [`Machine::next_wakeup`], or after a round of messages): the policy
-    /// may decide. No effects: it decided nothing.
+    /// may decide. No effects: it decided nothing, or no step may start now
+    /// ([`Machine::can_step`]; the shell polls only when one may).
     Poll,
     /// Stop: apply and acknowledge everything accepted.
     Shutdown,

@@ -31,6 +31,9 @@ impl Machine {
         proven: bool,
         secret: String,
     ) -> Result<(SessionId, Vec<Effect>), JoinRefusal> {
+        if self.failed {
+            return Err(("server", "the server's engine failed; it is stopping".into()));
+        }
         if let Some(&old) = self.by_client_id.get(&hello.client_id) {
             let held = self.clients.get(&hello.client_id).and_then(|c| c.secret.as_deref()).unwrap_or("");
             let same = proven

@@ -27,8 +27,8 @@ impl Machine {
         Some(self.finish(now))
     }
 
-    /// Carries out queued work until it is done or a step is handed to the engine (or waits
-    /// for its log record).
+    /// Carries out queued work until it is done or `steps_in_flight` steps are with the engine
+    /// (or wait for their log records).
     pub(super) fn run(&mut self, now: Duration) {
         while self.in_flight.len() < self.steps_in_flight && !self.failed {
             let Some(w) = self.work.pop_front() else { break };
@@ -50,6 +50,12 @@ impl Machine {
                     for (i, a) in actions.into_iter().enumerate() {
                         self.work.insert(i, Work::Action(a));
                     }
+                }
+                // Every step the flush formed must be applied (and logged) first, so that each
+                // Ack names the version and staleness of its push's step.
+                Work::AckAll if !self.in_flight.is_empty() => {
+                    self.work.push_front(Work::AckAll);
+                    break;
                 }
                 Work::AckAll => {
                     let mut ids: Vec<PushId> = self.unacked.keys().copied().collect();

@@ -7,7 +7,8 @@
 //! coordinator keeps decoding, ordering and logging what arrives and forms step n + 1.
 //!
 //! A job that panics does not take the thread down: its caller gets
-//! [`EngineError::Stopped`], and the next job runs.
+//! [`EngineError::Stopped`], and the next job runs (a caller whose later jobs must not run
+//! after a failure says so itself, as the coordinator's steps do).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -33,15 +34,12 @@ impl EngineWorker {
     pub fn spawn(mut engine: Box<dyn Aggregator>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let busy_ns = Arc::new(AtomicU64::new(0));
-        let busy = busy_ns.clone();
         std::thread::Builder::new().name("sparsync-engine".into()).spawn(move || {
             // Ends when every sender is gone (the coordinator stopped).
             while let Ok(job) = rx.recv() {
-                let t0 = Instant::now();
                 if catch_unwind(AssertUnwindSafe(|| job(engine.as_mut()))).is_err() {
                     tracing::error!("an engine job panicked; its caller gets an error");
                 }
-                busy.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         })?;
         Ok(Self { tx, busy_ns })
@@ -54,8 +52,13 @@ impl EngineWorker {
         f: impl FnOnce(&mut dyn Aggregator) -> Result<T, EngineError> + Send + 'static,
     ) -> Pending<T> {
         let (reply, rx) = oneshot::channel();
+        let busy = self.busy_ns.clone();
         let job: Job = Box::new(move |e| {
-            let _ = reply.send(f(e));
+            let t0 = Instant::now();
+            let r = f(e);
+            // Counted before the reply, so that a caller reading `busy` after it sees this job.
+            busy.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let _ = reply.send(r);
         });
         // A send error means the thread is gone: the dropped reply tells the caller.
         let _ = self.tx.send(job);

@@ -240,9 +240,11 @@ impl Coordinator {
                 break;
             }
             self.send_due_snapshots().await;
-            self.poll_policy().await;
+            // A checkpoint settles the engine: before the poll, so that a step can start after.
             self.maybe_checkpoint().await;
+            self.poll_policy().await;
             self.publish_status(false);
+            self.metrics.engine_busy(self.engine.busy());
             self.metrics.coordinator_busy(busy_from.elapsed());
         }
         self.settle().await;
@@ -276,7 +278,11 @@ impl Coordinator {
             if failed.load(Ordering::Acquire) {
                 return Err(EngineError::Stopped("an earlier step failed; this one was not run".into()));
             }
-            let r = run_step(e, &updates, broadcast);
+            // A step that fails or panics stops the ones behind it (the worker catches the
+            // panic; the flag must be set before it does).
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_step(e, &updates, broadcast)))
+                    .unwrap_or_else(|_| Err(EngineError::Stopped("the aggregation step panicked".into())));
             if r.is_err() {
                 failed.store(true, Ordering::Release);
             }
@@ -465,8 +471,9 @@ impl Coordinator {
     }
 
     /// The snapshot of x̂ at the replica version, encoded once per version (on the engine's
-    /// thread). `None` while the engine holds steps the core has not released: x̂ there may be
-    /// ahead of the replica version, with steps a resumed server would not replay.
+    /// thread). `None` when it is not cached and the engine holds steps the core has not
+    /// released: x̂ there may be ahead of the replica version, with steps a resumed server
+    /// would not replay.
     async fn snapshot_frame(&mut self) -> Result<Option<(u64, Bytes)>, EngineError> {
         let v = self.machine.replica_version();
         if let Some((sv, f)) = &self.snapshot

@@ -223,7 +223,8 @@ pub trait SyncPolicy: Send + Sync {
     }
     /// A sample of the global loss.
     fn on_loss(&mut self, _now: Duration, _source: LossSource, _loss: f64) {}
-    /// Timers: called after every event and at [`SyncPolicy::next_wakeup`].
+    /// Timers: called after every round of events and at [`SyncPolicy::next_wakeup`], whenever
+    /// a step may start (`Machine::can_step` in `crate::core`).
     fn poll(&mut self, now: Duration) -> Vec<Action>;
     /// When `poll` next needs to run, if a timer is pending.
     fn next_wakeup(&self) -> Option<Duration> {

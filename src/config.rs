@@ -17,6 +17,77 @@ pub use crate::policy::PolicyKind;
 use crate::policy::staleness::WeightingKind;
 use crate::settings::{Settings, settings};
 
+/// How often steps broadcast a Delta, in time (`broadcast_interval_ms`). A step that does not
+/// broadcast leaves its change in x − x̂ for the next one that does (docs/algorithms.md §3).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum BroadcastInterval {
+    /// Every step that `broadcast_every` allows.
+    #[default]
+    EveryStep,
+    /// At most one broadcasting step per this many milliseconds.
+    Millis(f64),
+    /// Keep the bytes sent within [`BroadcastInterval::AUTO_DOWNLINK_RATIO`] × the bytes
+    /// received, and the time between broadcasts within [`BroadcastInterval::AUTO_MAX_PERIOD`].
+    Auto,
+}
+
+impl BroadcastInterval {
+    /// `auto`: bytes sent per byte received that a broadcast may bring the downlink to.
+    pub const AUTO_DOWNLINK_RATIO: u64 = 2;
+    /// `auto`: the longest time between two broadcasts while steps run.
+    pub const AUTO_MAX_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+}
+
+impl std::str::FromStr for BroadcastInterval {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            t => match t.parse::<f64>() {
+                Ok(0.0) => Ok(Self::EveryStep),
+                Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(Self::Millis(ms)),
+                _ => Err(format!("{s:?} is not a number of milliseconds ≥ 0 or \"auto\"")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BroadcastInterval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EveryStep => write!(f, "0"),
+            Self::Millis(ms) => write!(f, "{ms}"),
+            Self::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+impl Serialize for BroadcastInterval {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::EveryStep => s.serialize_f64(0.0),
+            Self::Millis(ms) => s.serialize_f64(*ms),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BroadcastInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Which engine aggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +177,7 @@ settings! {
     rho_down: val f64 = "0.01", "Download density ρ_down of each Delta";
     selection: val SelectionMode = "exact", "Delta selection: exact (Top-k) or gaussiank (approximate)";
     broadcast_every: val u64 = "1", "Broadcast a Delta every this many aggregation steps";
+    broadcast_interval_ms: val BroadcastInterval = "0", "Broadcast a Delta at most every this many milliseconds (0: every step that broadcast_every allows; auto: keep the downlink within 2x the uplink, and broadcast at least every 100 ms while steps run)";
     max_delta_chain: val u64 = "32", "Clients further behind than this get a snapshot instead of Deltas";
 
     ["Limits"]
@@ -290,6 +362,27 @@ mod tests {
         let cli = Cli::parse_from(["x", "--init", "w.safetensors"]);
         c.apply(cli.flags);
         assert_eq!(c.init, Some(PathBuf::from("w.safetensors")));
+    }
+
+    #[test]
+    fn broadcast_intervals_parse_from_files_and_flags() {
+        for (text, want) in [
+            ("broadcast_interval_ms = 20", BroadcastInterval::Millis(20.0)),
+            ("broadcast_interval_ms = 0", BroadcastInterval::EveryStep),
+            ("broadcast_interval_ms = \"auto\"", BroadcastInterval::Auto),
+            ("broadcast_interval_ms = \"12.5\"", BroadcastInterval::Millis(12.5)),
+        ] {
+            let c: ServerConfig = toml::from_str(text).unwrap();
+            assert_eq!(c.broadcast_interval_ms, want, "{text}");
+            // What a config file written from it holds reads back the same.
+            let back: ServerConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back.broadcast_interval_ms, want, "{text}");
+        }
+        for bad in ["-1", "soon", "NaN", "inf"] {
+            let e = bad.parse::<BroadcastInterval>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(toml::from_str::<ServerConfig>("broadcast_interval_ms = -3").is_err());
     }
 
     #[test]

@@ -134,6 +134,9 @@ fn quick_e2e_report_is_complete_and_consistent() {
             "{ctx}: engine busy {engine} < its stages {engine_stages} s"
         );
         assert!(f(r, "queue_depth_max") >= f(r, "queue_depth_mean"), "{ctx}");
+        // Broadcasts happened (one per step by default) and the byte ratio is out over in.
+        assert!(f(r, "broadcasts_per_s") > 0.0, "{ctx}");
+        assert!(close(f(r, "out_per_in"), f(r, "bytes_out") / f(r, "bytes_in")), "{ctx}");
         assert!(f(r, "server_peak_mb") > 1.0, "{ctx}");
     }
 }

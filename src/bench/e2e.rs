@@ -96,6 +96,11 @@ pub struct E2eRow {
     /// Fraction of the window the engine's thread was busy (steps, snapshot and state reads).
     #[serde(default)]
     pub engine_busy: f64,
+    /// Delta broadcasts per second, and bytes sent per byte received (downlink / uplink).
+    #[serde(default)]
+    pub broadcasts_per_s: f64,
+    #[serde(default)]
+    pub out_per_in: f64,
     /// Largest resident memory of the server sampled while the clients pushed, MB.
     pub server_peak_mb: f64,
     pub raw_tcp_mb_per_s: Option<f64>,
@@ -368,6 +373,8 @@ fn row(
         stage_share: share,
         coordinator_busy: s.coordinator_busy / w,
         engine_busy: s.engine_busy / w,
+        broadcasts_per_s: s.broadcasts / w,
+        out_per_in: if s.bytes_in > 0.0 { s.bytes_out / s.bytes_in } else { 0.0 },
         server_peak_mb: peak_mb,
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
@@ -511,6 +518,8 @@ pub fn table(rows: &[E2eRow]) -> String {
                 format!("{:.0}", r.updates_per_s),
                 format!("{:.1}", r.mb_in_per_s),
                 format!("{:.1}", r.mb_out_per_s),
+                format!("{:.1}", r.out_per_in),
+                format!("{:.0}", r.broadcasts_per_s),
                 r.raw_tcp_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_raw.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
                 r.client_ceiling_updates_per_s.map_or("-".into(), |v| format!("{v:.0}")),
@@ -536,6 +545,8 @@ pub fn table(rows: &[E2eRow]) -> String {
             "updates/s",
             "MB/s in",
             "MB/s out",
+            "out/in",
+            "bcast/s",
             "raw MB/s",
             "of raw",
             "ceiling upd/s",

@@ -156,6 +156,9 @@ pub struct ServerCounters {
     /// Seconds the engine's thread spent running steps and reads.
     #[serde(default)]
     pub engine_busy: f64,
+    /// Broadcasts the engine made (`sparsync_engine_total{what="broadcasts"}`).
+    #[serde(default)]
+    pub broadcasts: f64,
 }
 
 impl ServerCounters {
@@ -174,6 +177,7 @@ impl ServerCounters {
                 "sparsync_pending_updates" => c.pending = v,
                 "sparsync_coordinator_busy_seconds_total" => c.coordinator_busy = v,
                 "sparsync_engine_busy_seconds_total" => c.engine_busy = v,
+                "sparsync_engine_total{what=\"broadcasts\"}" => c.broadcasts = v,
                 k if k.starts_with("sparsync_updates_rejected_total{") => c.rejected += v,
                 k => {
                     if let Some(stage) = k
@@ -205,6 +209,7 @@ impl ServerCounters {
                 .collect(),
             coordinator_busy: self.coordinator_busy - before.coordinator_busy,
             engine_busy: self.engine_busy - before.engine_busy,
+            broadcasts: self.broadcasts - before.broadcasts,
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct LoadgenArgs {
 }
 
 pub async fn run(a: LoadgenArgs) -> anyhow::Result<()> {
+    sparsync::server::raise_file_limit(a.spec.clients);
     if let Some(addr) = &a.raw {
         let bytes = load::raw_blast(addr, a.spec.clients, a.frame_bytes, a.spec.duration_s)
             .await

@@ -245,6 +245,9 @@ pub struct Machine {
     replica_version: u64,
     /// Recent Deltas (base, version, frame), for resynchronising lagging sessions.
     deltas: VecDeque<(u64, u64, Bytes)>,
+    /// When the last broadcasting step was formed, and the bytes received by then
+    /// (`broadcast_interval_ms`).
+    last_broadcast: Option<(Duration, u64)>,
     counters: Counters,
     /// The evaluator's reports over the whole run (bounded, see [`History`]).
     evals: History<EvalPoint>,
@@ -285,6 +288,7 @@ impl Machine {
             version,
             replica_version,
             deltas: VecDeque::new(),
+            last_broadcast: None,
             counters: Counters::default(),
             evals: History::default(),
             work: VecDeque::new(),

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::event::{AggregatedPush, Event};
 use super::log::{LoggedStep, WalOp};
 use super::{Applied, Effect, InFlight, Machine, StepJob, StepOutcome, Weights, Work};
+use crate::config::BroadcastInterval;
 use crate::policy::staleness::{Normalization, WeightInput, batch_weights};
 use crate::policy::{Action, PushId, SessionId};
 use crate::protocol::message::{Ack, ServerMessage};
@@ -119,10 +120,10 @@ impl Machine {
 
     /// Takes the pushes of a step out of `pending`, weighs them and hands the step to the
     /// engine. Weights are computed by the weighting rule, or given (a logged step replayed);
-    /// `broadcast` is given when replayed, else it follows `broadcast_every`.
+    /// `broadcast` is given when replayed, else [`Machine::broadcast_due`] decides.
     pub(super) fn start_step(
         &mut self,
-        _now: Duration,
+        now: Duration,
         ids: Vec<PushId>,
         w: Weights,
         broadcast: Option<bool>,
@@ -160,7 +161,10 @@ impl Machine {
             }
             Weights::Logged(_) => weights = logged,
         }
-        let broadcast = broadcast.unwrap_or_else(|| (t + 1).is_multiple_of(self.cfg.broadcast_every));
+        let broadcast = broadcast.unwrap_or_else(|| self.broadcast_due(now, t));
+        if broadcast {
+            self.last_broadcast = Some((now, self.counters.bytes_in));
+        }
         let k = crate::protocol::select::k_for_density(self.cfg.rho_down, self.layout.num_params());
         let job = StepJob {
             updates: items.iter().zip(&weights).map(|(p, &w)| (p.push.clone(), w)).collect(),
@@ -176,6 +180,30 @@ impl Machine {
             applied: None,
         });
         self.emit(Effect::Step(job));
+    }
+
+    /// Whether the step that yields version `t + 1`, formed now, broadcasts: every
+    /// `broadcast_every`-th step, and of those, per `broadcast_interval_ms`, at most one per
+    /// interval, or (auto) one whose Delta to every session stays within
+    /// `AUTO_DOWNLINK_RATIO` × the bytes received since the last broadcast, or any once
+    /// `AUTO_MAX_PERIOD` has passed. The size of a Delta is taken from the last one sent.
+    fn broadcast_due(&self, now: Duration, t: u64) -> bool {
+        if !(t + 1).is_multiple_of(self.cfg.broadcast_every) {
+            return false;
+        }
+        let Some((at, bytes_in)) = self.last_broadcast else { return true };
+        let since = now.saturating_sub(at);
+        match self.cfg.broadcast_interval_ms {
+            BroadcastInterval::EveryStep => true,
+            BroadcastInterval::Millis(ms) => since.as_secs_f64() * 1e3 >= ms,
+            BroadcastInterval::Auto => {
+                let up = self.counters.bytes_in.saturating_sub(bytes_in);
+                let delta = self.deltas.back().map_or(0, |(_, _, f)| f.len() as u64);
+                let down = delta * self.sessions.len() as u64;
+                since >= BroadcastInterval::AUTO_MAX_PERIOD
+                    || up.saturating_mul(BroadcastInterval::AUTO_DOWNLINK_RATIO) >= down
+            }
+        }
     }
 
     /// The engine finished the oldest step it was given and not yet reported (or failed:

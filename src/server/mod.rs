@@ -302,6 +302,27 @@ pub async fn start_with(
     start_inner(cfg, listener, layout, engine, None, None).await
 }
 
+/// File descriptors the server needs beyond one per connection (files, the listener, the
+/// GPU driver, the runtime).
+const SPARE_FILES: u64 = 256;
+
+/// Raises this process's open-file limit towards its hard limit so that `max_clients`
+/// connections fit; says so, with the fix, when the operating system does not allow it.
+pub fn raise_file_limit(max_clients: usize) {
+    let want = max_clients as u64 + SPARE_FILES;
+    match rlimit::increase_nofile_limit(want.max(65_536)) {
+        Ok(got) if got >= want => tracing::debug!(limit = got, "open-file limit"),
+        Ok(got) => tracing::warn!(
+            limit = got,
+            max_clients,
+            "the open-file limit {got} is below max_clients + {SPARE_FILES}: connections past it will be \
+             refused by the operating system; raise the hard limit (`ulimit -Hn`, or LimitNOFILE= in \
+             a systemd unit) or lower --max-clients"
+        ),
+        Err(e) => tracing::warn!(error = %e, max_clients, "could not read or raise the open-file limit"),
+    }
+}
+
 /// [`start_with`], keeping every input to the core and its effects on `tape`.
 pub async fn start_with_tape(
     cfg: ServerConfig,
@@ -339,6 +360,7 @@ async fn start_inner(
         engine = %info.kind, adapter = %info.adapter, backend = %info.backend, mode = %info.mode,
         model = %layout.name, params = layout.num_params(), "engine ready"
     );
+    raise_file_limit(cfg.max_clients);
     let mut auth = Auth::new(&cfg.token.0);
     if let Some(f) = &cfg.token_file {
         auth.load_file(f)?;

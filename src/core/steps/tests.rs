@@ -290,3 +290,59 @@ fn an_engine_failure_with_steps_in_flight_keeps_every_unapplied_push() {
     assert_eq!((m.version(), m.steps_in_flight()), (0, 0));
     assert_eq!(m.checkpoint_parts().pending.len(), 2, "both steps' pushes stay for the final checkpoint");
 }
+
+/// One push and its step at each time (ms), under ASP; whether each step broadcast.
+fn broadcasts_at(
+    cfg: &std::sync::Arc<crate::config::ServerConfig>,
+    sessions: usize,
+    times: &[u64],
+) -> Vec<bool> {
+    let mut m = machine(cfg);
+    let ids: Vec<SessionId> = (0..sessions).map(|i| join(&mut m, &format!("c{i}"))).collect();
+    let mut out = Vec::new();
+    for (seq, &ms) in (1..).zip(times) {
+        let mut fx = m.push_logged(t(ms), ids[0], push(seq, m.replica_version()), &mut NoLog);
+        assert!(rejects(&fx).is_empty(), "{fx:?}");
+        fx.extend(m.poll(t(ms)).unwrap_or_default());
+        let job = step_of(&fx).expect("a step");
+        out.push(job.broadcast.is_some());
+        done(&mut m, job, &mut NoLog);
+    }
+    out
+}
+
+#[test]
+fn a_broadcast_interval_lets_at_most_one_step_per_interval_broadcast() {
+    use crate::config::BroadcastInterval;
+    let cfg = config(PolicyKind::Asp, |c| c.broadcast_interval_ms = BroadcastInterval::Millis(20.0));
+    let got = broadcasts_at(&cfg, 1, &[0, 5, 10, 25, 30, 44, 45, 90]);
+    assert_eq!(got, [true, false, false, true, false, false, true, true]);
+    // broadcast_every still applies: of the steps it allows (every 2nd), one per interval.
+    let cfg = config(PolicyKind::Asp, |c| {
+        c.broadcast_interval_ms = BroadcastInterval::Millis(20.0);
+        c.broadcast_every = 2;
+    });
+    let got = broadcasts_at(&cfg, 1, &[0, 1, 2, 3, 30, 31, 32, 33]);
+    assert_eq!(got, [false, true, false, false, false, true, false, false]);
+}
+
+#[test]
+fn auto_broadcasts_keep_the_downlink_near_twice_the_uplink_and_within_100_ms() {
+    use crate::config::BroadcastInterval;
+    let cfg = config(PolicyKind::Asp, |c| c.broadcast_interval_ms = BroadcastInterval::Auto);
+    // One session: a 24-byte Delta to one session never outweighs twice a push.
+    assert!(broadcasts_at(&cfg, 1, &[0, 1, 2, 3, 4]).iter().all(|&b| b));
+    // 40 sessions, a step every millisecond: a Delta to all costs 40 × 24 bytes.
+    let times: Vec<u64> = (0..60).collect();
+    let got = broadcasts_at(&cfg, 40, &times);
+    let push_bytes = push(1, 0).frame().len() as u64;
+    let (up, down) = (60 * push_bytes, got.iter().filter(|&&b| b).count() as u64 * 40 * 24);
+    assert!(got[0], "the first step broadcasts");
+    assert!(got.iter().filter(|&&b| b).count() < 60, "not every step: {got:?}");
+    // Within twice the uplink, give or take the first broadcast (made before any uplink).
+    assert!(down <= 2 * up + 40 * 24, "down {down} B for up {up} B: {got:?}");
+    assert!(2 * down >= up, "hardly any broadcast: down {down} B for up {up} B");
+    // Sparse steps: the 100 ms bound makes each one broadcast.
+    let got = broadcasts_at(&cfg, 40, &[0, 150, 300, 301]);
+    assert_eq!(got[..3], [true, true, true]);
+}

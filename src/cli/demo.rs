@@ -24,6 +24,10 @@ pub struct DemoArgs {
     /// Aggregation engine.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineChoice,
+    /// Broadcast a Delta at most every this many milliseconds (0: every step; auto: keep the
+    /// downlink within twice the uplink), as `sparsync serve --broadcast-interval-ms`.
+    #[arg(long, default_value = "0")]
+    broadcast_interval_ms: sparsync::config::BroadcastInterval,
     /// Address of the server (and its dashboard).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: std::net::SocketAddr,
@@ -58,6 +62,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         engine: a.engine,
         policy: a.policy,
         weighting: a.weighting,
+        broadcast_interval_ms: a.broadcast_interval_ms,
         ..ServerConfig::default()
     };
     let cfg = demo::DemoConfig {

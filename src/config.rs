@@ -150,6 +150,7 @@ settings! {
     gpu_mode: val GpuMode = "deterministic", "GPU aggregation mode: deterministic (bit-identical to CPU) or fast (atomics)";
     chunk_elems: opt usize = "adapter limit", "GPU storage chunk size in elements";
     cpu_threads: opt usize = "available cores from 2^19 parameters, else 1", "Threads of the CPU engine (results are the same for any count)";
+    shards: val usize = "1", "Split the model by key range across this many CPU engines, each on cpu_threads / shards threads (results are the same for any count; --engine cpu and --selection exact only)";
     inject_gpu_fault: opt crate::engine::gpu::Fault = "none", "Testing: make the GPU engine fail (shader or alloc: while it is set up; step-alloc:N or broadcast-alloc:N: in aggregation step or broadcast N)";
     momentum: val f32 = "0", "Server momentum μ (FedAvgM when > 0)";
     server_lr: val f32 = "1", "Server learning rate η_s";
@@ -254,6 +255,18 @@ impl ServerConfig {
         }
         if self.max_batch == 0 {
             return bad("max_batch", "must be at least 1");
+        }
+        if !(1..=256).contains(&self.shards) {
+            return bad("shards", "must be in 1..=256");
+        }
+        if self.shards > 1 && self.engine != EngineChoice::Cpu {
+            return bad("shards", "several shards need --engine cpu (GPU shards are not built yet)");
+        }
+        if self.shards > 1 && self.selection != SelectionMode::Exact {
+            return bad(
+                "shards",
+                "several shards need --selection exact (GaussianK's global threshold cannot be split exactly)",
+            );
         }
         if !(1..=64).contains(&self.steps_in_flight) {
             return bad("steps_in_flight", "must be in 1..=64");
@@ -386,6 +399,17 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         assert!(toml::from_str::<ServerConfig>("broadcast_interval_ms = -3").is_err());
+    }
+
+    #[test]
+    fn several_shards_need_the_cpu_engine_and_exact_selection() {
+        let base = ServerConfig { shards: 3, engine: EngineChoice::Cpu, ..Default::default() };
+        assert!(base.validate().is_ok());
+        let gpu = ServerConfig { engine: EngineChoice::Auto, ..base.clone() };
+        assert!(gpu.validate().unwrap_err().to_string().contains("--engine cpu"));
+        let gk = ServerConfig { selection: SelectionMode::Gaussiank, ..base.clone() };
+        assert!(gk.validate().unwrap_err().to_string().contains("GaussianK"));
+        assert!(ServerConfig { shards: 0, ..base }.validate().is_err());
     }
 
     #[test]

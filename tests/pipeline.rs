@@ -3,6 +3,7 @@
 //! engine, give bit-identical models, Delta streams (the frames the engine made, in order)
 //! and write-ahead log records, on the CPU engine and on the GPU engine (lavapipe in CI).
 //! The pipelined run is checked to have had steps overlapping, else it would prove nothing.
+//! The same holds for a model split in key ranges across engines (`--shards`).
 
 mod common;
 
@@ -145,4 +146,21 @@ async fn pipelined_steps_give_the_serial_models_deltas_and_log_on_the_gpu_engine
         )
     })
     .await;
+}
+
+/// A server whose engine is split in key ranges (`--shards`) sends the serial one-engine
+/// server's bits, pipelined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_engine_pipelined_gives_the_serial_single_engines_bits() {
+    use sparsync::engine::sharded::ShardedAggregator;
+    let (serial, _) = run(1, Box::new(CpuAggregator::new(vec![0.0; N], Default::default()))).await;
+    for shards in [2, 3] {
+        let (sharded, most) =
+            run(3, Box::new(ShardedAggregator::new(vec![0.0; N], Default::default(), shards, 1))).await;
+        assert!(most >= 2, "{shards} shards: the run never had two steps on the engine");
+        assert!(sharded.model == serial.model, "{shards} shards: models differ");
+        assert!(sharded.replica == serial.replica, "{shards} shards: replicas differ");
+        assert!(sharded.deltas == serial.deltas, "{shards} shards: Delta streams differ");
+        assert_eq!(sharded.steps, serial.steps, "{shards} shards: step records differ");
+    }
 }

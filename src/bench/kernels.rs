@@ -14,6 +14,7 @@ use crate::engine::gpu::device::GpuContext;
 use crate::engine::gpu::topk::{GpuTopk, TopkChunk};
 use crate::engine::gpu::util::{self, Readback, Timer, UniformSlots};
 use crate::engine::gpu::{GpuAggregator, GpuOptions, shaders};
+use crate::engine::sharded::ShardedAggregator;
 use crate::engine::{
     Aggregator, EngineError, KernelProbe, OptimizerSettings, SelectProbe, Selection, UpdateRef,
 };
@@ -424,6 +425,15 @@ pub fn aggregate(
                     let ratio = Some(step_s / floor_s);
                     row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
                 }
+                // The same cores as key-range shards of one thread each (`serve --shards`).
+                if cores > 1 {
+                    progress(&format!("aggregate n={n} batch={b} cpu {cores} shards"));
+                    let mut e = ShardedAggregator::new(x0.clone(), OptimizerSettings::default(), cores, 1);
+                    let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
+                    let name = format!("cpu ({cores} shards × 1 thread)");
+                    let ratio = Some(step_s / floor_s);
+                    row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
+                }
             }
         }
     }
@@ -570,6 +580,18 @@ pub fn topk(
                     replica_version: 0,
                 })
                 .map_err(|e| EngineError::Gpu(e.to_string()))?;
+            let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+            let mut sharded =
+                ShardedAggregator::new(d.clone(), OptimizerSettings::default(), cores.max(2), 1);
+            sharded
+                .load_state(&crate::engine::ModelState {
+                    x: d.clone(),
+                    momentum: Vec::new(),
+                    replica: vec![0.0; n],
+                    version: 1,
+                    replica_version: 0,
+                })
+                .map_err(|e| EngineError::Gpu(e.to_string()))?;
             for &rho in &spec.densities {
                 let k = crate::protocol::select::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} cpu"));
@@ -580,6 +602,31 @@ pub fn topk(
                 })?;
                 let c1 = engine.counters();
                 let passes = (c1.topk_input_passes - c0.topk_input_passes) as f64 / spec.reps.max(1) as f64;
+                // The same selection across key-range shards, one thread each, and their merge.
+                let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+                if cores > 1 {
+                    progress(&format!("topk n={n} k={k} cpu {cores} shards"));
+                    let sharded_s = median_time(spec.reps, || {
+                        std::hint::black_box(sharded.select_only(k));
+                        Ok(())
+                    })?;
+                    rows.push(TopkRow {
+                        engine: format!("cpu-exact ({cores} shards × 1 thread)"),
+                        n,
+                        k,
+                        density: rho,
+                        time_s: sharded_s,
+                        wall_s: sharded_s,
+                        cold_s: sharded_s,
+                        elements_per_s: n as f64 / sharded_s,
+                        copy_s,
+                        passes_equivalent: sharded_s / copy_s,
+                        cold_passes_equivalent: sharded_s / copy_s,
+                        input_passes: f64::NAN,
+                        cold_input_passes: 0,
+                        timing: "wall".into(),
+                    });
+                }
                 rows.push(TopkRow {
                     engine: "cpu-exact".into(),
                     n,

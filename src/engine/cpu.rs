@@ -38,6 +38,9 @@ pub struct CpuAggregator {
     version: u64,
     replica_version: u64,
     opt: OptimizerSettings,
+    /// The global index of `x[0]`: a shard holds the key range [offset, offset + len) and
+    /// reads pushes with global indices (0 for a whole model).
+    offset: usize,
     /// Worker threads (None: the calling thread does everything).
     pool: Option<rayon::ThreadPool>,
     threads: usize,
@@ -263,6 +266,7 @@ impl CpuAggregator {
             version: 0,
             replica_version: 0,
             opt,
+            offset: 0,
             pool,
             threads,
             keys: Vec::new(),
@@ -280,6 +284,47 @@ impl CpuAggregator {
     /// Threads the engine works on.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// This engine holds the key range [offset, offset + len) of a larger model: pushes keep
+    /// their global indices, and only the entries in the range are applied (a shard of
+    /// [`super::sharded::ShardedAggregator`]).
+    pub fn at_offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// The exact Top-k of |d| in this engine's range, as (magnitude key, global index), in
+    /// ascending index order: a shard's candidates for the global selection.
+    pub fn top_candidates(&mut self, k: usize) -> Vec<(u32, u32)> {
+        let k = k.min(self.x.len());
+        if k == 0 {
+            return Vec::new();
+        }
+        self.exact_selection(k);
+        self.selected
+            .iter()
+            .map(|&i| {
+                (d_key(self.x[i as usize], self.replica[i as usize]), (self.offset + i as usize) as u32)
+            })
+            .collect()
+    }
+
+    /// Applies the broadcast of the given global indices (ascending, all in this engine's
+    /// range) to x̂ and returns their f16 values: the second half of
+    /// [`Aggregator::broadcast`], after a selection made across shards.
+    pub fn apply_selection(&mut self, global: &[u32]) -> Vec<f16> {
+        self.counters.broadcasts += 1;
+        let mut values = Vec::with_capacity(global.len());
+        for &g in global {
+            let i = g as usize - self.offset;
+            let h: f16 = numerics::to_f16_sat(self.d(i));
+            let r = &mut self.replica[i];
+            *r = numerics::apply_delta_entry(*r, h);
+            values.push(h);
+        }
+        self.replica_version = self.version;
+        values
     }
 
     fn d(&self, i: usize) -> f32 {
@@ -355,10 +400,10 @@ impl Aggregator for CpuAggregator {
     }
 
     fn aggregate(&mut self, batch: &[UpdateRef<'_>]) -> Result<(), EngineError> {
-        let opt = self.opt;
+        let (opt, offset) = (self.opt, self.offset);
         let (acc, x, m) = (&mut self.acc, &mut self.x, &mut self.momentum);
         let tile = |(i, (acc, x)): (usize, (&mut [f32], &mut [f32])), m: &mut [f32], v: &mut Vec<f32>| {
-            step_tile(batch, i * TILE, acc, x, m, opt, v)
+            step_tile(batch, offset + i * TILE, acc, x, m, opt, v)
         };
         // A small batch is not worth waking the workers for.
         let entries: usize = batch.iter().map(|u| u.nnz()).sum();

@@ -10,6 +10,7 @@
 pub mod cpu;
 pub mod fallback;
 pub mod gpu;
+pub mod sharded;
 pub mod worker;
 
 use crate::protocol::frame::DeltaHeader;
@@ -158,6 +159,8 @@ pub enum EngineError {
     Gpu(String),
     #[error("engine stopped: {0}")]
     Stopped(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 /// An aggregation engine (docs/algorithms.md §2–3). Implementations must agree bit for bit with

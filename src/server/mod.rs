@@ -114,6 +114,10 @@ pub fn build_engine(cfg: &ServerConfig, values: Vec<f32>) -> Result<Box<dyn Aggr
     let opt = OptimizerSettings { momentum: cfg.momentum, server_lr: cfg.server_lr };
     let threads = cfg.cpu_threads.unwrap_or_else(|| CpuAggregator::default_threads(values.len()));
     let cpu = move |values: Vec<f32>| CpuAggregator::with_threads(values, opt, threads);
+    if cfg.shards > 1 {
+        let per = (threads / cfg.shards).max(1);
+        return Ok(Box::new(crate::engine::sharded::ShardedAggregator::new(values, opt, cfg.shards, per)));
+    }
     match cfg.engine {
         EngineChoice::Cpu => Ok(Box::new(cpu(values))),
         EngineChoice::Gpu | EngineChoice::Auto => {

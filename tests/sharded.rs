@@ -87,7 +87,7 @@ fn same_on_every_shard_count(n: usize, opt: OptimizerSettings, run: &Run) {
 
 #[test]
 fn random_steps_give_one_engines_bits_on_1_2_3_and_5_shards() {
-    // Five whole tiles and a bit: every shard of 5 owns keys; 3 shards split mid-model.
+    // Five whole tiles and a bit: every shard of 5 owns keys (one or two tiles each).
     let n = 5 * TILE + 1_234;
     same_on_every_shard_count(n, OptimizerSettings::default(), &random_run(n, 1, 6, 5, n / 100));
     let momentum = OptimizerSettings { momentum: 0.9, server_lr: 0.5 };

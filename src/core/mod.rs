@@ -245,9 +245,11 @@ pub struct Machine {
     replica_version: u64,
     /// Recent Deltas (base, version, frame), for resynchronising lagging sessions.
     deltas: VecDeque<(u64, u64, Bytes)>,
-    /// When the last broadcasting step was formed, and the bytes received by then
-    /// (`broadcast_interval_ms`).
-    last_broadcast: Option<(Duration, u64)>,
+    /// When the last broadcasting step was formed, the bytes received by then, and the
+    /// version it yields (`broadcast_interval_ms`).
+    last_broadcast: Option<(Duration, u64, u64)>,
+    /// The size of the last Delta released (what `auto` expects the next one to cost).
+    last_delta_len: u64,
     counters: Counters,
     /// The evaluator's reports over the whole run (bounded, see [`History`]).
     evals: History<EvalPoint>,
@@ -289,6 +291,7 @@ impl Machine {
             replica_version,
             deltas: VecDeque::new(),
             last_broadcast: None,
+            last_delta_len: 0,
             counters: Counters::default(),
             evals: History::default(),
             work: VecDeque::new(),

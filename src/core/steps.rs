@@ -163,7 +163,7 @@ impl Machine {
         }
         let broadcast = broadcast.unwrap_or_else(|| self.broadcast_due(now, t));
         if broadcast {
-            self.last_broadcast = Some((now, self.counters.bytes_in));
+            self.last_broadcast = Some((now, self.counters.bytes_in, t + 1));
         }
         let k = crate::protocol::select::k_for_density(self.cfg.rho_down, self.layout.num_params());
         let job = StepJob {
@@ -187,19 +187,25 @@ impl Machine {
     /// interval, or (auto) one whose Delta to every session stays within
     /// `AUTO_DOWNLINK_RATIO` × the bytes received since the last broadcast, or any once
     /// `AUTO_MAX_PERIOD` has passed. The size of a Delta is taken from the last one sent.
+    /// Under any rule a step broadcasts once `max_staleness / 2` versions have passed since
+    /// the last broadcast, so that pushes built on x̂ are never all refused as too stale.
     fn broadcast_due(&self, now: Duration, t: u64) -> bool {
         if !(t + 1).is_multiple_of(self.cfg.broadcast_every) {
             return false;
         }
-        let Some((at, bytes_in)) = self.last_broadcast else { return true };
+        let Some((at, bytes_in, version)) = self.last_broadcast else { return true };
+        // Whatever the time rule, x̂ may not fall so far behind that a push built on it is
+        // refused as too stale: with no push accepted, no step would form to broadcast.
+        if (t + 1).saturating_sub(version) >= (self.cfg.max_staleness / 2).max(1) {
+            return true;
+        }
         let since = now.saturating_sub(at);
         match self.cfg.broadcast_interval_ms {
             BroadcastInterval::EveryStep => true,
             BroadcastInterval::Millis(ms) => since.as_secs_f64() * 1e3 >= ms,
             BroadcastInterval::Auto => {
                 let up = self.counters.bytes_in.saturating_sub(bytes_in);
-                let delta = self.deltas.back().map_or(0, |(_, _, f)| f.len() as u64);
-                let down = delta * self.sessions.len() as u64;
+                let down = self.last_delta_len.saturating_mul(self.sessions.len() as u64);
                 since >= BroadcastInterval::AUTO_MAX_PERIOD
                     || up.saturating_mul(BroadcastInterval::AUTO_DOWNLINK_RATIO) >= down
             }
@@ -300,6 +306,7 @@ impl Machine {
         let Some(Applied { version, delta, .. }) = step.applied else { return };
         if let Some((base, version, frame)) = delta {
             self.replica_version = version;
+            self.last_delta_len = frame.len() as u64;
             self.deltas.push_back((base, version, frame.clone()));
             while self.deltas.len() as u64 > self.cfg.max_delta_chain {
                 self.deltas.pop_front();

@@ -289,7 +289,9 @@ impl CpuAggregator {
     /// This engine holds the key range [offset, offset + len) of a larger model: pushes keep
     /// their global indices, and only the entries in the range are applied (a shard of
     /// [`super::sharded::ShardedAggregator`]).
-    pub fn at_offset(mut self, offset: usize) -> Self {
+    /// Only the shard methods below know the offset: `Aggregator::broadcast` on such an
+    /// engine would send local indices.
+    pub(crate) fn at_offset(mut self, offset: usize) -> Self {
         self.offset = offset;
         self
     }

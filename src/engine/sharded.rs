@@ -41,12 +41,13 @@ pub struct ShardedAggregator {
     merge_time: std::time::Duration,
 }
 
-/// The range boundaries of `n` parameters over `shards` shards: equal parts rounded to
-/// [`ALIGN`] (trailing shards are empty when the model has fewer tiles than shards).
+/// The range boundaries of `n` parameters over `shards` shards: the model's [`ALIGN`]-sized
+/// tiles dealt out as evenly as whole tiles allow (some shards are empty when the model has
+/// fewer tiles than shards).
 pub fn bounds(n: usize, shards: usize) -> Vec<usize> {
     let shards = shards.max(1);
-    let per = n.div_ceil(shards).div_ceil(ALIGN) * ALIGN;
-    (0..=shards).map(|s| (s * per).min(n)).collect()
+    let tiles = n.div_ceil(ALIGN);
+    (0..=shards).map(|s| (s * tiles / shards * ALIGN).min(n)).collect()
 }
 
 impl ShardedAggregator {
@@ -174,10 +175,14 @@ impl Aggregator for ShardedAggregator {
         let chosen = merge_top_k(&candidates, k);
         self.merge_time += t0.elapsed();
         let values: Vec<Vec<f16>> = self.each(|i, s| s.apply_selection(&chosen[i]));
-        let header = DeltaHeader { version: self.version, base_version: self.replica_version, nnz: k as u32 };
+        let indices: Vec<u32> = chosen.into_iter().flatten().collect();
+        let header = DeltaHeader {
+            version: self.version,
+            base_version: self.replica_version,
+            nnz: indices.len() as u32,
+        };
         self.replica_version = self.version;
         let t1 = std::time::Instant::now();
-        let indices: Vec<u32> = chosen.into_iter().flatten().collect();
         let values: Vec<f16> = values.into_iter().flatten().collect();
         let frame = encode_delta(&header, &indices, &values);
         self.encode_time += t1.elapsed();
@@ -275,8 +280,11 @@ mod tests {
     fn bounds_cover_the_model_in_whole_tiles_and_leave_trailing_shards_empty() {
         assert_eq!(bounds(4 * ALIGN, 2), [0, 2 * ALIGN, 4 * ALIGN]);
         assert_eq!(bounds(3 * ALIGN + 5, 2), [0, 2 * ALIGN, 3 * ALIGN + 5]);
-        // Fewer tiles than shards: the last shards own nothing.
-        assert_eq!(bounds(100, 3), [0, 100, 100, 100]);
+        // Six tiles (the last one short) over five shards: every shard owns keys.
+        let n = 5 * ALIGN + 1_234;
+        assert_eq!(bounds(n, 5), [0, ALIGN, 2 * ALIGN, 3 * ALIGN, 4 * ALIGN, n]);
+        // Fewer tiles than shards: some shards own nothing.
+        assert_eq!(bounds(100, 3), [0, 0, 0, 100]);
         assert_eq!(bounds(0, 2), [0, 0, 0]);
     }
 

@@ -324,6 +324,14 @@ fn a_broadcast_interval_lets_at_most_one_step_per_interval_broadcast() {
     });
     let got = broadcasts_at(&cfg, 1, &[0, 1, 2, 3, 30, 31, 32, 33]);
     assert_eq!(got, [false, true, false, false, false, true, false, false]);
+    // Steps faster than the interval: x̂ may fall at most max_staleness / 2 versions behind,
+    // else pushes built on it would be refused as too stale and no step would form again.
+    let cfg = config(PolicyKind::Asp, |c| {
+        c.broadcast_interval_ms = BroadcastInterval::Millis(1000.0);
+        c.max_staleness = 6;
+    });
+    let got = broadcasts_at(&cfg, 1, &(0..10).collect::<Vec<_>>());
+    assert_eq!(got, [true, false, false, true, false, false, true, false, false, true]);
 }
 
 #[test]

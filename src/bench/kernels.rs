@@ -570,28 +570,19 @@ pub fn topk(
                 Ok(())
             })?;
             // The engine's selection: d = x − x̂ with x̂ = 0, so d is the vector above.
+            let state = crate::engine::ModelState {
+                x: d.clone(),
+                momentum: Vec::new(),
+                replica: vec![0.0; n],
+                version: 1,
+                replica_version: 0,
+            };
             let mut engine = CpuAggregator::new(d.clone(), OptimizerSettings::default());
-            engine
-                .load_state(&crate::engine::ModelState {
-                    x: d.clone(),
-                    momentum: Vec::new(),
-                    replica: vec![0.0; n],
-                    version: 1,
-                    replica_version: 0,
-                })
-                .map_err(|e| EngineError::Gpu(e.to_string()))?;
+            engine.load_state(&state).map_err(|e| EngineError::Gpu(e.to_string()))?;
             let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
             let mut sharded =
                 ShardedAggregator::new(d.clone(), OptimizerSettings::default(), cores.max(2), 1);
-            sharded
-                .load_state(&crate::engine::ModelState {
-                    x: d.clone(),
-                    momentum: Vec::new(),
-                    replica: vec![0.0; n],
-                    version: 1,
-                    replica_version: 0,
-                })
-                .map_err(|e| EngineError::Gpu(e.to_string()))?;
+            sharded.load_state(&state).map_err(|e| EngineError::Gpu(e.to_string()))?;
             for &rho in &spec.densities {
                 let k = crate::protocol::select::k_for_density(rho, n);
                 progress(&format!("topk n={n} k={k} cpu"));

@@ -218,6 +218,20 @@ fn collect_tile(start: usize, x: &[f32], replica: &[f32], t: u32) -> (Vec<u32>, 
     (idx, keys)
 }
 
+/// A pool of `threads` workers named `name-i`, or None for one thread (or when the system
+/// gives none; the caller then does the work itself).
+pub(crate) fn worker_pool(threads: usize, name: &'static str) -> Option<rayon::ThreadPool> {
+    if threads <= 1 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| tracing::warn!(error = %e, "no worker threads for {name}: running on one"))
+        .ok()
+}
+
 /// Models smaller than this run on one thread by default (see [`CpuAggregator::default_threads`]).
 pub const PARALLEL_MODEL_MIN: usize = 1 << 19;
 
@@ -247,16 +261,7 @@ impl CpuAggregator {
         let x: Vec<f32> = initial.into_iter().map(canon).collect();
         let n = x.len();
         let threads = threads.max(1);
-        let pool = (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("sparsync-cpu-{i}"))
-                    .build()
-                    .map_err(|e| tracing::warn!(error = %e, "no CPU worker threads: running on one"))
-                    .ok()
-            })
-            .flatten();
+        let pool = worker_pool(threads, "sparsync-cpu");
         let threads = if pool.is_some() { threads } else { 1 };
         Self {
             replica: x.clone(),

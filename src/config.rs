@@ -91,6 +91,112 @@ impl<'de> Deserialize<'de> for BroadcastInterval {
     }
 }
 
+/// Where acknowledged updates are logged (`wal`): nowhere, a local file, or a JetStream stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum WalTarget {
+    #[default]
+    Off,
+    /// The file WAL in `checkpoint_dir`.
+    File,
+    Nats(NatsTarget),
+}
+
+impl WalTarget {
+    pub fn is_on(&self) -> bool {
+        !matches!(self, Self::Off)
+    }
+}
+
+/// A JetStream stream: `nats://HOST:PORT[,HOST:PORT…]/STREAM` (each server may repeat the
+/// `nats://`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsTarget {
+    /// `host:port` of each server given (the client learns the rest of the cluster).
+    pub servers: Vec<String>,
+    pub stream: String,
+}
+
+impl std::str::FromStr for NatsTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("nats://").ok_or_else(|| format!("{s:?} does not start with nats://"))?;
+        let (servers, stream) = rest
+            .rsplit_once('/')
+            .ok_or_else(|| format!("{s:?} names no stream (nats://HOST:PORT/STREAM)"))?;
+        if stream.is_empty() || !stream.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("stream name {stream:?} must be letters, digits, '-' or '_'"));
+        }
+        let servers: Vec<String> = servers
+            .split(',')
+            .map(|h| h.trim().trim_start_matches("nats://").to_string())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(format!("{s:?} names no server"));
+        }
+        for h in &servers {
+            let port = h.rsplit_once(':').map(|(_, p)| p);
+            if port.and_then(|p| p.parse::<u16>().ok()).is_none() {
+                return Err(format!("server {h:?} is not HOST:PORT"));
+            }
+        }
+        Ok(Self { servers, stream: stream.to_string() })
+    }
+}
+
+impl std::fmt::Display for NatsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nats://{}/{}", self.servers.join(","), self.stream)
+    }
+}
+
+impl std::str::FromStr for WalTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "false" | "0" | "no" | "off" | "none" => Ok(Self::Off),
+            "true" | "1" | "yes" | "on" | "file" => Ok(Self::File),
+            t if t.starts_with("nats://") => Ok(Self::Nats(t.parse()?)),
+            _ => Err(format!("expected false, true, file or nats://HOST:PORT/STREAM, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for WalTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => write!(f, "false"),
+            Self::File => write!(f, "file"),
+            Self::Nats(t) => t.fmt(f),
+        }
+    }
+}
+
+impl Serialize for WalTarget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::File => s.serialize_bool(true),
+            Self::Nats(t) => s.serialize_str(&t.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WalTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(if b { Self::File } else { Self::Off }),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Which engine aggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -208,7 +314,9 @@ settings! {
     checkpoint_every_s: val f64 = "0", "Checkpoint every this many seconds (0: only at shutdown)";
     checkpoint_every_versions: val u64 = "0", "Checkpoint every this many versions (0: off)";
     resume: opt PathBuf = "none", "Resume from the newest valid checkpoint in this directory";
-    wal: flag bool = "false", "Write-ahead log of acknowledged updates (needs --checkpoint-dir): a crash loses none";
+    wal: switch WalTarget = "false", "Log of acknowledged updates: false (none), true or file (a local file in --checkpoint-dir: a crashed process loses none), or nats://HOST:PORT[,HOST:PORT…]/STREAM (a JetStream stream made by `sparsync nats-init`, with checkpoints in its object store: a lost machine loses none, and a --standby server takes over)";
+    keep_log: flag bool = "false", "With --wal nats://…: keep every record in the stream (by default a checkpoint lets the records before the previous checkpoint go): the whole run stays in the log, for audit or replay";
+    standby: flag bool = "false", "With --wal nats://…: wait until the leader's lease lapses, then take over (replay the stream, listen, serve)";
 }
 
 /// Errors reading a config file.
@@ -283,8 +391,18 @@ impl ServerConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "--tls-cert and --tls-key go together");
         }
-        if self.wal && self.checkpoint_dir.is_none() {
-            return bad("wal", "needs --checkpoint-dir");
+        match &self.wal {
+            WalTarget::File if self.checkpoint_dir.is_none() => return bad("wal", "needs --checkpoint-dir"),
+            WalTarget::Nats(_) if self.checkpoint_dir.is_some() || self.resume.is_some() => {
+                return bad(
+                    "wal",
+                    "a nats:// log keeps its checkpoints in the stream's object store: drop --checkpoint-dir and --resume",
+                );
+            }
+            WalTarget::Off | WalTarget::File if self.standby => {
+                return bad("standby", "needs --wal nats://…: a standby follows a JetStream stream");
+            }
+            _ => {}
         }
         if self.max_frame_bytes != 0 && self.max_frame_bytes < 64 {
             return bad("max_frame_bytes", "must be 0 (derived from the model) or at least 64");

@@ -42,8 +42,8 @@ pub fn bool_value(s: &str) -> Result<bool, String> {
 /// Declares a group of settings: the settings struct, its flags struct and [`Settings`].
 ///
 /// Each setting is `name: kind Type = "default", "help";` where kind is `val` (a value),
-/// `flag` (a bool that `--name` alone turns on) or `opt` (an `Option`; the default text is
-/// only shown). Sections start with their `--help` heading; a section may open with
+/// `flag` (a bool that `--name` alone turns on), `switch` (a value that `--name` alone sets to
+/// what `"true"` parses to) or `opt` (an `Option`; the default text is only shown). Sections start with their `--help` heading; a section may open with
 /// `..field: Group;`, another group flattened in there (its settings keep their own headings).
 macro_rules! settings {
     (
@@ -121,10 +121,12 @@ macro_rules! settings {
     (@field val $ty:ty) => { $ty };
     (@field flag $ty:ty) => { bool };
     (@field opt $ty:ty) => { Option<$ty> };
+    (@field switch $ty:ty) => { $ty };
 
     (@inner val $ty:ty) => { $ty };
     (@inner flag $ty:ty) => { bool };
     (@inner opt $ty:ty) => { $ty };
+    (@inner switch $ty:ty) => { $ty };
 
     (@default val $ty:ty, $name:ident, $d:literal) => {
         $crate::settings::parse_default::<$ty>(stringify!($name), $d)
@@ -133,10 +135,15 @@ macro_rules! settings {
         $crate::settings::parse_default::<bool>(stringify!($name), $d)
     };
     (@default opt $ty:ty, $name:ident, $d:literal) => { None };
+    (@default switch $ty:ty, $name:ident, $d:literal) => {
+        $crate::settings::parse_default::<$ty>(stringify!($name), $d)
+    };
 
     (@nargs flag) => { 0..=1 };
+    (@nargs switch) => { 0..=1 };
     (@nargs $k:ident) => { 1 };
     (@missing flag) => { Some("true") };
+    (@missing switch) => { Some("true") };
     (@missing $k:ident) => { None::<&'static str> };
     (@parser flag $ty:ty) => { $crate::settings::bool_value };
     (@parser $k:ident $ty:ty) => { clap::value_parser!($ty) };

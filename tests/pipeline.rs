@@ -33,7 +33,7 @@ fn cfg(in_flight: usize, dir: &std::path::Path) -> ServerConfig {
         rho_down: 0.01,
         steps_in_flight: in_flight,
         checkpoint_dir: Some(dir.join("ckpt")),
-        wal: true,
+        wal: sparsync::config::WalTarget::File,
         max_frame_bytes: sparsync::server::derived_frame_limit(N),
         ..Default::default()
     };

@@ -29,7 +29,7 @@ fn cfg(policy: PolicyKind, dir: &std::path::Path) -> ServerConfig {
         engine: EngineChoice::Cpu,
         rho_down: 0.02,
         checkpoint_dir: Some(dir.join("ckpt")),
-        wal: true,
+        wal: sparsync::config::WalTarget::File,
         // What the server derives when it is 0: the replay's Welcomes must say the same.
         max_frame_bytes: sparsync::server::derived_frame_limit(N),
         ..Default::default()

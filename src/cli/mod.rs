@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod experiment;
 mod loadgen;
+mod nats_init;
 mod serve;
 
 use std::path::Path;
@@ -37,6 +38,9 @@ pub enum Command {
     /// List the GPU adapters wgpu finds and describe the one `--engine gpu` opens (name,
     /// backend, driver, limits, features).
     Adapters(adapters::AdaptersArgs),
+    /// Make the JetStream stream, object store and lease bucket that `serve --wal nats://…`
+    /// needs (on a running NATS cluster).
+    NatsInit(nats_init::NatsInitArgs),
 }
 
 impl Command {
@@ -48,6 +52,7 @@ impl Command {
             Command::Demo(args) => runtime()?.block_on(demo::run(args)),
             Command::Experiment(args) => runtime()?.block_on(experiment::run(args)),
             Command::Adapters(args) => adapters::run(args),
+            Command::NatsInit(args) => runtime()?.block_on(nats_init::run(args)),
         }
     }
 }

@@ -209,6 +209,10 @@ struct InFlight {
     weights: Vec<f32>,
     broadcast: bool,
     follow_up: bool,
+    /// A logged step replayed by a recovery: the log holds it already, so it is released
+    /// without a new record (the steps a recovery forms for pushes no logged step applied are
+    /// new, and are logged like any other).
+    replayed: bool,
     /// Once the engine is done: the log record that must be appended before the step's
     /// Delta and Acks go out.
     applied: Option<Applied>,

@@ -144,8 +144,10 @@ impl Machine {
         if items.is_empty() {
             return;
         }
-        // The version this step will be applied to: after the steps still in flight.
-        let t = self.version + self.in_flight.len() as u64;
+        // The version this step will be applied to: after the steps the engine has not
+        // finished (those it finished already count in `version`, even while their records
+        // wait for the log).
+        let t = self.version + self.in_flight.iter().filter(|s| s.applied.is_none()).count() as u64;
         let inputs: Vec<WeightInput> = items
             .iter()
             .map(|p| WeightInput {
@@ -155,6 +157,7 @@ impl Machine {
             })
             .collect();
         let mut weights = Vec::with_capacity(items.len());
+        let replayed = matches!(w, Weights::Logged(_));
         match w {
             Weights::Computed(normalization) => {
                 batch_weights(&self.weighting, normalization, &inputs, &mut weights)
@@ -177,6 +180,7 @@ impl Machine {
             weights,
             broadcast,
             follow_up,
+            replayed,
             applied: None,
         });
         self.emit(Effect::Step(job));
@@ -285,8 +289,15 @@ impl Machine {
                 .collect(),
             broadcast: step.broadcast,
         };
-        let record = self.append(WalOp::Step(logged));
         let delta = r.broadcast.map(|bc| (bc.header.base_version, bc.header.version, Bytes::from(bc.frame)));
+        if step.replayed {
+            // Its record is in the log already (record 0: held by every log).
+            step.applied = Some(Applied { record: 0, version: self.version, delta });
+            self.in_flight.insert(at, step);
+            self.step_logged(now, 0);
+            return self.finish(now);
+        }
+        let record = self.append(WalOp::Step(logged));
         step.applied = Some(Applied { record, version: self.version, delta });
         // Until the log holds the record, the step stays in flight.
         self.in_flight.insert(at, step);

@@ -105,7 +105,9 @@ impl Checkpoint {
         Ok(path)
     }
 
-    fn to_bytes(&self) -> Result<Vec<u8>, DurabilityError> {
+    /// The checkpoint as one safetensors file's bytes (what [`Checkpoint::write`] stores and
+    /// the JetStream log puts in its object store).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, DurabilityError> {
         let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let x = f32s(&self.state.x);
         let r = f32s(&self.state.replica);
@@ -158,10 +160,15 @@ impl Checkpoint {
     /// Reads and verifies a checkpoint file.
     pub fn read(path: &Path) -> Result<Self, DurabilityError> {
         let bytes = std::fs::read(path).map_err(io("reading", path))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses and verifies a checkpoint's bytes; `path` names where they came from in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, DurabilityError> {
         let invalid = |reason: String| DurabilityError::Invalid { path: path.to_path_buf(), reason };
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
         let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| invalid(e.to_string()))?;
         let meta = header.metadata().clone().ok_or_else(|| invalid("no metadata".into()))?;
         let get = |k: &str| meta.get(k).cloned().ok_or_else(|| invalid(format!("metadata {k} missing")));
         let data = |name: &str| st.tensor(name).map(|t| t.data().to_vec()).unwrap_or_default();
@@ -288,54 +295,11 @@ impl Wal {
         wal_files(dir).last().map_or(1, |(v, _)| v + 1)
     }
 
-    /// Appends one accepted push; returns once the operating system has it.
-    pub fn append(&mut self, client_id: &str, frame: &[u8]) -> Result<(), DurabilityError> {
-        let name = client_id.as_bytes();
-        let mut payload = Vec::with_capacity(2 + name.len() + frame.len());
-        payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        payload.extend_from_slice(name);
-        payload.extend_from_slice(frame);
-        self.write_record(WAL_MAGIC, &payload)
-    }
-
-    /// Appends an applied aggregation step: the pushes it took (by client id and seq), their
-    /// weights, and whether a Delta was broadcast after it. Written before the step's Delta is
-    /// sent and its Acks released, so no client has seen a step the log lacks.
-    pub fn append_step(
-        &mut self,
-        items: &[(&str, u64, f32)],
-        broadcast: bool,
-    ) -> Result<(), DurabilityError> {
-        let mut payload = Vec::with_capacity(5 + items.len() * 24);
-        payload.push(broadcast as u8);
-        payload.extend_from_slice(&(items.len() as u32).to_le_bytes());
-        for (name, seq, w) in items {
-            payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            payload.extend_from_slice(name.as_bytes());
-            payload.extend_from_slice(&seq.to_le_bytes());
-            payload.extend_from_slice(&w.to_bits().to_le_bytes());
-        }
-        self.write_record(WAL_STEP_MAGIC, &payload)
-    }
-
-    /// Appends one record the core asked the log to keep.
+    /// Appends one record the core asked the log to keep; returns once the operating system
+    /// has it.
     pub fn append_op(&mut self, op: &WalOp) -> Result<(), DurabilityError> {
-        match op {
-            WalOp::Push(p) => self.append(&p.client_id, &p.frame),
-            WalOp::Step(s) => {
-                let items: Vec<(&str, u64, f32)> =
-                    s.items.iter().map(|(c, q, w)| (c.as_str(), *q, *w)).collect();
-                self.append_step(&items, s.broadcast)
-            }
-        }
-    }
-
-    fn write_record(&mut self, magic: &[u8; 4], payload: &[u8]) -> Result<(), DurabilityError> {
-        let mut rec = Vec::with_capacity(16 + payload.len());
-        rec.extend_from_slice(magic);
-        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&fnv64(&[payload]).to_le_bytes());
-        rec.extend_from_slice(payload);
+        let mut rec = Vec::new();
+        encode_record(op, &mut rec);
         self.file.write_all(&rec).map_err(io("appending to", &self.path))
     }
 
@@ -350,6 +314,96 @@ fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     numbered_files(dir, "wal-", ".log")
 }
 
+/// Appends one log record to `out`: `SPWL` (an accepted push: client id, u16 length + bytes,
+/// then the Push frame) or `SPWS` (an applied step: broadcast flag, u32 count, then each push's
+/// client id, seq and weight bits), the payload's length (u32) and FNV-1a 64, then the payload.
+/// The file WAL and the JetStream log hold the same records.
+pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
+    let (magic, payload) = match op {
+        WalOp::Push(p) => {
+            let name = p.client_id.as_bytes();
+            let mut payload = Vec::with_capacity(2 + name.len() + p.frame.len());
+            payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            payload.extend_from_slice(name);
+            payload.extend_from_slice(&p.frame);
+            (WAL_MAGIC, payload)
+        }
+        WalOp::Step(s) => {
+            let mut payload = Vec::with_capacity(5 + s.items.len() * 24);
+            payload.push(s.broadcast as u8);
+            payload.extend_from_slice(&(s.items.len() as u32).to_le_bytes());
+            for (name, seq, w) in &s.items {
+                payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                payload.extend_from_slice(name.as_bytes());
+                payload.extend_from_slice(&seq.to_le_bytes());
+                payload.extend_from_slice(&w.to_bits().to_le_bytes());
+            }
+            (WAL_STEP_MAGIC, payload)
+        }
+    };
+    out.reserve(16 + payload.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&fnv64(&[&payload]).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// Why [`decode_records`] stopped before the end of its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Torn {
+    /// A record is cut short or its header is not one (a write the process died in).
+    Torn { offset: usize },
+    /// A record's checksum does not match, or a step record does not parse.
+    Corrupt { offset: usize },
+}
+
+/// The records in `b`, in order, up to the first torn or corrupt one (reported).
+pub fn decode_records(b: &[u8]) -> (Vec<WalOp>, Option<Torn>) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < b.len() {
+        let step = b.len() >= at + 16 && &b[at..at + 4] == WAL_STEP_MAGIC;
+        let ok = b.len() >= at + 16 && (&b[at..at + 4] == WAL_MAGIC || step);
+        let len =
+            if ok { u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize } else { 0 };
+        let end = at + 16 + len;
+        if !ok || end > b.len() || len < 2 {
+            return (out, Some(Torn::Torn { offset: at }));
+        }
+        let sum = u64::from_le_bytes([
+            b[at + 8],
+            b[at + 9],
+            b[at + 10],
+            b[at + 11],
+            b[at + 12],
+            b[at + 13],
+            b[at + 14],
+            b[at + 15],
+        ]);
+        let payload = &b[at + 16..end];
+        if fnv64(&[payload]) != sum {
+            return (out, Some(Torn::Corrupt { offset: at }));
+        }
+        if step {
+            match parse_step(payload) {
+                Some(s) => out.push(WalOp::Step(s)),
+                None => return (out, Some(Torn::Corrupt { offset: at })),
+            }
+        } else {
+            let nlen = u16::from_le_bytes([payload[0], payload[1]]) as usize;
+            if 2 + nlen > payload.len() {
+                return (out, Some(Torn::Corrupt { offset: at }));
+            }
+            out.push(WalOp::Push(PendingPush {
+                client_id: String::from_utf8_lossy(&payload[2..2 + nlen]).to_string(),
+                frame: Bytes::copy_from_slice(&payload[2 + nlen..]),
+            }));
+        }
+        at = end;
+    }
+    (out, None)
+}
+
 /// The records of WAL files numbered `seq` and later, in order. A torn tail is reported and
 /// dropped.
 pub fn replay(dir: &Path, seq: u64) -> Result<Vec<WalOp>, DurabilityError> {
@@ -359,46 +413,16 @@ pub fn replay(dir: &Path, seq: u64) -> Result<Vec<WalOp>, DurabilityError> {
             continue;
         }
         let b = std::fs::read(&path).map_err(io("reading", &path))?;
-        let mut at = 0;
-        while at < b.len() {
-            let step = b.len() >= at + 16 && &b[at..at + 4] == WAL_STEP_MAGIC;
-            let ok = b.len() >= at + 16 && (&b[at..at + 4] == WAL_MAGIC || step);
-            let len = if ok {
-                u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize
-            } else {
-                0
-            };
-            let end = at + 16 + len;
-            if !ok || end > b.len() || len < 2 {
-                tracing::warn!(file = %path.display(), offset = at, "torn WAL record ignored (written when the process died, never acknowledged)");
-                break;
+        let (ops, torn) = decode_records(&b);
+        out.extend(ops);
+        match torn {
+            Some(Torn::Torn { offset }) => {
+                tracing::warn!(file = %path.display(), offset, "torn WAL record ignored (written when the process died, never acknowledged)")
             }
-            let sum = u64::from_le_bytes(b[at + 8..at + 16].try_into().expect("8 bytes"));
-            let payload = &b[at + 16..end];
-            if fnv64(&[payload]) != sum {
-                tracing::warn!(file = %path.display(), offset = at, "corrupt WAL record ignored");
-                break;
+            Some(Torn::Corrupt { offset }) => {
+                tracing::warn!(file = %path.display(), offset, "corrupt WAL record ignored")
             }
-            if step {
-                match parse_step(payload) {
-                    Some(s) => out.push(WalOp::Step(s)),
-                    None => {
-                        tracing::warn!(file = %path.display(), offset = at, "malformed WAL step record ignored");
-                        break;
-                    }
-                }
-                at = end;
-                continue;
-            }
-            let nlen = u16::from_le_bytes([payload[0], payload[1]]) as usize;
-            if 2 + nlen > payload.len() {
-                break;
-            }
-            out.push(WalOp::Push(PendingPush {
-                client_id: String::from_utf8_lossy(&payload[2..2 + nlen]).to_string(),
-                frame: Bytes::copy_from_slice(&payload[2 + nlen..]),
-            }));
-            at = end;
+            None => {}
         }
     }
     Ok(out)
@@ -473,10 +497,14 @@ mod tests {
     #[test]
     fn wal_replays_in_order_and_drops_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
+        let push = |c: &str, f: &'static [u8]| {
+            WalOp::Push(PendingPush { client_id: c.into(), frame: Bytes::from_static(f) })
+        };
         let mut w = Wal::start(dir.path(), 3).unwrap();
-        w.append("a", b"one").unwrap();
-        w.append("bb", b"two").unwrap();
-        w.append_step(&[("a", 7, 0.25), ("bb", 1, -0.0)], true).unwrap();
+        w.append_op(&push("a", b"one")).unwrap();
+        w.append_op(&push("bb", b"two")).unwrap();
+        let step = LoggedStep { items: vec![("a".into(), 7, 0.25), ("bb".into(), 1, -0.0)], broadcast: true };
+        w.append_op(&WalOp::Step(step)).unwrap();
         let got = replay(dir.path(), 3).unwrap();
         let pushes: Vec<_> = got
             .iter()
@@ -501,7 +529,7 @@ mod tests {
         assert_eq!(replay(dir.path(), 3).unwrap().len(), 3);
         // Rotation at a checkpoint starts a fresh log and drops older ones.
         w.rotate(8).unwrap();
-        w.append("c", b"three").unwrap();
+        w.append_op(&push("c", b"three")).unwrap();
         assert!(!path.exists());
         assert_eq!(replay(dir.path(), 8).unwrap().len(), 1);
     }

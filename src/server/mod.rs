@@ -8,7 +8,9 @@ pub(crate) mod coordinator;
 pub mod durability;
 pub(crate) mod http;
 pub(crate) mod listener;
+pub mod log;
 pub(crate) mod metrics;
+pub mod nats;
 pub(crate) mod outbox;
 pub mod record;
 pub(crate) mod session;
@@ -25,7 +27,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{EngineChoice, ServerConfig};
+use crate::config::{EngineChoice, ServerConfig, WalTarget};
 use crate::engine::cpu::CpuAggregator;
 use crate::engine::fallback::FallbackEngine;
 use crate::engine::{Aggregator, ModelState, OptimizerSettings};
@@ -34,6 +36,7 @@ use crate::protocol::model::ModelLayout;
 use auth::Auth;
 use coordinator::{Coordinator, CoordinatorParts, Inbound};
 pub use coordinator::{Tape, TapeEntry};
+use log::RecordLog;
 use metrics::Metrics;
 use record::Event;
 use status::Status;
@@ -88,6 +91,13 @@ pub enum ServerError {
     Policy(String),
     #[error("resume: {0}")]
     Resume(String),
+    #[error("log: {0}")]
+    Log(String),
+    /// Another server leads the JetStream log (a standby waits and tries again).
+    #[error("log: {0}")]
+    LeaseHeld(String),
+    #[error("this server stopped leading the log (another server leads it now)")]
+    Deposed,
     #[error("the coordinator stopped: {0}")]
     Stopped(String),
 }
@@ -254,13 +264,44 @@ pub async fn start_taped(
 ) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
     let (layout, values) = load_model(&cfg)?;
-    let resume = match &cfg.resume {
-        Some(dir) => Some(resume_from(dir, &layout)?),
-        None => None,
+    let (checkpoint, records, log): (
+        Option<durability::Checkpoint>,
+        Vec<durability::WalOp>,
+        Box<dyn RecordLog>,
+    ) = match &cfg.wal {
+        WalTarget::Nats(target) => {
+            let holder = format!("sparsync (pid {}) at {}", std::process::id(), listener.local_addr()?);
+            let start = nats::start(target, &holder).await.map_err(|e| match e {
+                nats::StartError::LeaseHeld(m) => ServerError::LeaseHeld(m),
+                nats::StartError::Other(m) => ServerError::Log(m),
+            })?;
+            let (log, c, ops) =
+                nats::NatsLog::open(start, holder, cfg.keep_log).await.map_err(ServerError::Log)?;
+            if let Some(c) = &c {
+                same_layout(c, &layout, &format!("{target}"))?;
+                tracing::info!(%target, version = c.state.version, pending = c.pending.len(), records = ops.len(), "resuming from the JetStream log");
+            } else if !ops.is_empty() {
+                tracing::info!(%target, records = ops.len(), "replaying the JetStream log (no checkpoint yet)");
+            }
+            (c, ops, Box::new(log))
+        }
+        _ => {
+            let (c, ops) = match &cfg.resume {
+                Some(dir) => {
+                    let mut c = resume_from(dir, &layout)?;
+                    let ops = std::mem::take(&mut c.wal);
+                    (Some(c), ops)
+                }
+                None => (None, Vec::new()),
+            };
+            (c, ops, local_log(&cfg))
+        }
     };
+    let resume = (checkpoint.is_some() || !records.is_empty())
+        .then(|| coordinator::Resume::from_checkpoint(checkpoint.as_ref(), records));
     let engine = {
         let cfg = cfg.clone();
-        let state = resume.as_ref().map(|c| c.state.clone());
+        let state = checkpoint.map(|c| c.state);
         tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
             let mut e = build_engine(&cfg, values)?;
             if let Some(s) = state {
@@ -271,7 +312,26 @@ pub async fn start_taped(
         .await
         .map_err(|e| ServerError::Stopped(e.to_string()))??
     };
-    start_inner(cfg, listener, layout, engine, resume, tape).await
+    start_inner(cfg, listener, layout, engine, resume, log, tape).await
+}
+
+/// The log of a server without a JetStream log: checkpoints (and with `--wal`, the file WAL)
+/// in `--checkpoint-dir`, or nothing.
+fn local_log(cfg: &ServerConfig) -> Box<dyn RecordLog> {
+    match &cfg.checkpoint_dir {
+        Some(dir) => Box::new(log::FileLog::new(dir.clone(), cfg.wal == WalTarget::File)),
+        None => Box::new(log::NoLog),
+    }
+}
+
+fn same_layout(c: &durability::Checkpoint, layout: &ModelLayout, at: &str) -> Result<(), ServerError> {
+    if c.layout != layout.tensors {
+        return Err(ServerError::Resume(format!(
+            "{at} holds model {:?} with another layout than the one configured ({:?})",
+            c.model, layout.name
+        )));
+    }
+    Ok(())
 }
 
 /// The newest valid checkpoint in `dir`, with the WAL records written after it appended to its
@@ -279,14 +339,7 @@ pub async fn start_taped(
 fn resume_from(dir: &Path, layout: &ModelLayout) -> Result<durability::Checkpoint, ServerError> {
     let (path, mut c) =
         durability::Checkpoint::newest(dir).map_err(|e| ServerError::Resume(e.to_string()))?;
-    if c.layout != layout.tensors {
-        return Err(ServerError::Resume(format!(
-            "{} holds model {:?} with another layout than the one configured ({:?})",
-            path.display(),
-            c.model,
-            layout.name
-        )));
-    }
+    same_layout(&c, layout, &path.display().to_string())?;
     let wal = durability::replay(dir, c.wal_seq).map_err(|e| ServerError::Resume(e.to_string()))?;
     tracing::info!(
         path = %path.display(), version = c.state.version, pending = c.pending.len(), wal_records = wal.len(),
@@ -303,7 +356,8 @@ pub async fn start_with(
     layout: ModelLayout,
     engine: Box<dyn Aggregator>,
 ) -> Result<ServerHandle, ServerError> {
-    start_inner(cfg, listener, layout, engine, None, None).await
+    let log = local_log(&cfg);
+    start_inner(cfg, listener, layout, engine, None, log, None).await
 }
 
 /// File descriptors the server needs beyond one per connection (files, the listener, the
@@ -335,7 +389,8 @@ pub async fn start_with_tape(
     engine: Box<dyn Aggregator>,
     tape: Tape,
 ) -> Result<ServerHandle, ServerError> {
-    start_inner(cfg, listener, layout, engine, None, Some(tape)).await
+    let log = local_log(&cfg);
+    start_inner(cfg, listener, layout, engine, None, log, Some(tape)).await
 }
 
 /// The default frame limit of a model of `n` parameters: a Push of every parameter (a 40-byte
@@ -351,7 +406,8 @@ async fn start_inner(
     listener: TcpListener,
     layout: ModelLayout,
     engine: Box<dyn Aggregator>,
-    resume: Option<durability::Checkpoint>,
+    resume: Option<coordinator::Resume>,
+    log: Box<dyn RecordLog>,
     tape: Option<Tape>,
 ) -> Result<ServerHandle, ServerError> {
     cfg.validate()?;
@@ -387,6 +443,7 @@ async fn start_inner(
         status_tx,
         metrics: metrics.clone(),
         resume,
+        log,
         record: record.clone(),
         tape,
     })?;
@@ -440,7 +497,16 @@ pub async fn run<E: From<ServerError>>(
     until: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<ModelState, E> {
     let handle = start(cfg, listener).await?;
-    let outcome = until.await;
+    // The coordinator stops by itself only when another server took over the log.
+    let mut status = handle.shared.status.clone();
+    let stopped = async move { while status.changed().await.is_ok() {} };
+    let outcome = tokio::select! {
+        o = until => o,
+        _ = stopped => {
+            let _ = handle.shutdown("deposed").await;
+            return Err(ServerError::Deposed.into());
+        }
+    };
     tracing::info!("shutting down: applying accepted updates");
     let state = handle.shutdown("server shutting down").await;
     outcome?;

@@ -42,3 +42,39 @@ fn recovery_replays_logged_steps_exactly_then_the_rest_in_order() {
     let s = join(&mut m, "a");
     assert_eq!(rejects(&m.push_logged(t(1), s, push(8, 3), &mut NoLog)), [(8, "seq".to_string())]);
 }
+
+#[test]
+fn a_replayed_step_appends_no_record_and_a_step_for_unapplied_pushes_does() {
+    let cfg = config(PolicyKind::Asp, |c| c.max_batch = 2);
+    let mut m = machine(&cfg);
+    let frame = |seq| PendingPush { client_id: "a".into(), frame: push(seq, 0).frame().clone() };
+    let ops = vec![
+        WalOp::Push(frame(4)),
+        WalOp::Push(frame(5)),
+        WalOp::Step(LoggedStep { items: vec![("a".into(), 5, 0.5), ("a".into(), 4, 0.5)], broadcast: true }),
+        WalOp::Push(frame(6)),
+    ];
+    let (_, fx) = m.recover(t(0), BTreeMap::new(), ops);
+    let appends = |fx: &[Effect]| {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Append { op: WalOp::Step(s), .. } => Some(s.items.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let job = step_of(&fx).unwrap();
+    let fx = m.step_done(t(0), Ok(outcome(&m, job)));
+    assert!(appends(&fx).is_empty(), "the log holds the replayed step already: {fx:?}");
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Broadcast { .. })),
+        "its Delta goes out without waiting for a record"
+    );
+    // Recovery goes on at once: the push no logged step applied gets a step of its own, and
+    // that step is new to the log.
+    let job = step_of(&fx).unwrap();
+    let fx = m.step_done(t(0), Ok(outcome(&m, job)));
+    assert_eq!(appends(&fx).len(), 1);
+    assert_eq!(appends(&fx)[0].iter().map(|i| (i.0.as_str(), i.1)).collect::<Vec<_>>(), [("a", 6)]);
+    assert_eq!(m.version(), 2);
+}

@@ -1,5 +1,7 @@
-//! Durability in the shell: the write-ahead log the core's [`Effect::Append`]s go to, and
-//! checkpoints (with `--checkpoint-dir`).
+//! Durability in the shell: the log the core's [`Effect::Append`]s go to ([`RecordLog`]), and
+//! checkpoints.
+//!
+//! [`RecordLog`]: crate::server::log::RecordLog
 
 use std::time::Duration;
 
@@ -7,57 +9,113 @@ use tokio::time::Instant;
 
 use super::Coordinator;
 use crate::core::{Effect, Input};
-use crate::server::durability::{Checkpoint, Wal, WalOp};
+use crate::protocol::message::ServerMessage;
+use crate::server::durability::{Checkpoint, WalOp};
+use crate::server::log::LogDone;
+use crate::server::outbox::Outbound;
 
-/// Checkpoint and WAL state (with `--checkpoint-dir`).
+/// When the last checkpoint was written (with a log that keeps checkpoints).
 pub(super) struct Durable {
-    pub(super) dir: std::path::PathBuf,
-    pub(super) wal: Option<Wal>,
-    pub(super) wal_seq: u64,
     pub(super) last_at: Instant,
     pub(super) last_version: u64,
 }
 
+/// What a resuming server replays before it serves: each client id's last accepted seq (from
+/// the checkpoint), then the checkpoint's pending pushes and the log's records, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    pub last_seqs: std::collections::BTreeMap<String, u64>,
+    pub ops: Vec<WalOp>,
+}
+
+impl Resume {
+    /// What `c` and the records after it (`log`) hold.
+    pub fn from_checkpoint(c: Option<&Checkpoint>, log: Vec<WalOp>) -> Self {
+        let mut ops: Vec<WalOp> =
+            c.map(|c| c.pending.iter().cloned().map(WalOp::Push).collect()).unwrap_or_default();
+        ops.extend(log);
+        Self { last_seqs: c.map(|c| c.registry.clone()).unwrap_or_default(), ops }
+    }
+}
+
 impl Coordinator {
-    /// Keeps a record the core asked for in the write-ahead log (when one is open), then tells
-    /// the core it is held (or that it is not).
+    /// Hands a record the core asked for to the log, and tells the core when it is held (at
+    /// once for a local file; a log that settles later reports through [`Coordinator::log_done`]).
     pub(super) fn append(&mut self, seq: u64, op: &WalOp) -> Vec<Effect> {
-        let written = match self.durable.as_mut().and_then(|d| d.wal.as_mut()) {
-            Some(wal) => {
-                let t0 = std::time::Instant::now();
-                let r = wal.append_op(op);
-                self.metrics.stage("wal", t0.elapsed());
-                r
-            }
-            None => Ok(()),
-        };
+        let t0 = std::time::Instant::now();
+        let written = self.log.append(seq, op);
+        self.metrics.stage("wal", t0.elapsed());
         match written {
-            Ok(()) => {
+            None => Vec::new(),
+            Some(Ok(())) => {
                 // Admitting the push (the policy, its Ack) is the policy stage's time.
                 let t0 = std::time::Instant::now();
                 let effects = self.core(Input::Appended { upto: seq });
                 self.metrics.stage("policy", t0.elapsed());
                 effects
             }
-            Err(e) => {
-                let step = matches!(op, WalOp::Step(_));
-                if step {
+            Some(Err(e)) => {
+                if matches!(op, WalOp::Step(_)) {
                     tracing::error!(error = %e, "write-ahead log failed: a crash now would replay this step differently");
                 } else {
                     tracing::error!(error = %e, "write-ahead log failed");
                 }
-                self.core(Input::AppendFailed { seq, reason: e.to_string() })
+                self.core(Input::AppendFailed { seq, reason: e })
             }
         }
     }
 
-    /// Applies what a checkpoint and its WAL hold (see [`Machine::recover`]), writes a fresh
-    /// checkpoint and opens a WAL, before any client is served.
+    /// A log that settles records later reported: the core learns what is held. Returns true
+    /// when this server must stop (deposed: another server leads the log).
+    pub(super) async fn log_done(&mut self, d: LogDone) -> bool {
+        match d {
+            LogDone::Held { upto } => {
+                let effects = self.core(Input::Appended { upto });
+                self.apply(effects).await;
+                false
+            }
+            LogDone::Deposed { reason } => {
+                tracing::error!(%reason, "this server no longer leads the log: it stops serving, acknowledging nothing more");
+                self.deposed = true;
+                for (_, o) in self.outboxes.drain() {
+                    o.push(Outbound::Text(
+                        ServerMessage::error(
+                            "server",
+                            format!("this server stopped leading: {reason}; reconnect to another"),
+                            true,
+                        )
+                        .to_json(),
+                    ));
+                    o.close_with(1012, "another server leads");
+                }
+                self.rx.close();
+                true
+            }
+        }
+    }
+
+    /// Ends this round's group of records and waits until the log holds every record handed to
+    /// it. Returns false when the server was deposed meanwhile.
+    pub(super) async fn drain_log(&mut self) -> bool {
+        self.log.commit();
+        while self.log.backlog() > 0 && !self.deposed {
+            let d = self.log.done().await;
+            if self.log_done(d).await {
+                return false;
+            }
+            self.log.commit();
+        }
+        !self.deposed
+    }
+
+    /// Applies what a checkpoint and its log hold (see [`Machine::recover`]), writes a fresh
+    /// checkpoint, before any client is served.
     pub(super) async fn start_durability(&mut self) -> Result<(), String> {
-        if let Some(c) = self.resume.take() {
-            let mut ops: Vec<WalOp> = c.pending.into_iter().map(WalOp::Push).collect();
-            ops.extend(c.wal);
-            let mut effects = self.core(Input::Recover { last_seqs: c.registry, ops });
+        if let Some(r) = self.resume.take() {
+            // Replayed steps are in the log already; the steps formed for pushes no logged
+            // step applied are appended like any other (a local file WAL opens only with the
+            // checkpoint below, which holds them).
+            let mut effects = self.core(Input::Recover { last_seqs: r.last_seqs, ops: r.ops });
             let found = match effects.first() {
                 Some(Effect::Recovered(found)) => *found,
                 _ => Default::default(),
@@ -71,7 +129,7 @@ impl Coordinator {
                     steps = found.steps,
                     not_yet_aggregated = found.not_yet_aggregated,
                     version = self.machine.version(),
-                    "replayed the checkpoint and WAL"
+                    "replayed the checkpoint and its log"
                 );
             }
         }
@@ -96,12 +154,17 @@ impl Coordinator {
         }
     }
 
-    /// Writes a checkpoint of everything accepted so far, then starts a new WAL file.
-    pub(super) async fn checkpoint(&mut self) -> Result<std::path::PathBuf, String> {
-        // The state must hold exactly the steps the log holds: no step may be in flight.
+    /// Writes a checkpoint of everything accepted so far; the log may then drop older records.
+    pub(super) async fn checkpoint(&mut self) -> Result<String, String> {
+        // The state must hold exactly the steps the log holds: no step may be in flight, and
+        // the log must hold every record handed to it.
         self.settle().await;
-        let Some(d) = &self.durable else { return Err("no checkpoint directory".into()) };
-        let (dir, wal_seq) = (d.dir.clone(), d.wal_seq);
+        if self.deposed {
+            return Err("deposed: another server leads the log".into());
+        }
+        if self.durable.is_none() {
+            return Err("no checkpoint directory".into());
+        }
         let state = self.engine.call(|e| e.read_state()).await.map_err(|e| e.to_string())?;
         let parts = self.machine.checkpoint_parts();
         let layout = self.machine.layout();
@@ -112,27 +175,17 @@ impl Coordinator {
             pending: parts.pending,
             policy: parts.policy,
             policy_state: parts.policy_state,
-            wal_seq,
+            wal_seq: 0,
             state,
             wal: Vec::new(),
         };
         let version = ckpt.state.version;
-        let written = tokio::task::spawn_blocking(move || ckpt.write(&dir, 3))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let Some(d) = self.durable.as_mut() else { return Err("no checkpoint directory".into()) };
-        if self.cfg.wal {
-            // The checkpoint naming this WAL file is durable: records before it can go.
-            match &mut d.wal {
-                Some(w) => w.rotate(wal_seq).map_err(|e| e.to_string())?,
-                None => d.wal = Some(Wal::start(&d.dir, wal_seq).map_err(|e| e.to_string())?),
-            }
+        let written = self.log.checkpoint(ckpt).await?;
+        if let Some(d) = self.durable.as_mut() {
+            d.last_at = Instant::now();
+            d.last_version = version;
         }
-        d.wal_seq = wal_seq + 1;
-        d.last_at = Instant::now();
-        d.last_version = version;
-        tracing::info!(version, path = %written.display(), "checkpoint written");
+        tracing::info!(version, at = %written, "checkpoint written");
         Ok(written)
     }
 }

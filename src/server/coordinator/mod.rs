@@ -32,7 +32,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::durability::{Checkpoint, Wal};
+use super::log::RecordLog;
 use super::metrics::Metrics;
 use super::outbox::{Outbound, Outbox};
 use super::record::SharedRecord;
@@ -49,10 +49,14 @@ use crate::protocol::frame::encode_snapshot;
 use crate::protocol::message::Hello;
 use crate::protocol::model::ModelLayout;
 use durable::Durable;
+pub use durable::Resume;
 pub use tape::{Tape, TapeEntry};
 
 /// Shortest time between two status publications.
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
+/// Groups of records a log may hold unsettled before no more messages are taken from sessions
+/// (a JetStream log whose cluster is unreachable: pushes wait in the sessions' sockets).
+const LOG_BACKLOG: usize = 64;
 /// An idle server still republishes its status this often (uptime, connection times).
 const STATUS_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -88,8 +92,10 @@ pub struct CoordinatorParts {
     pub rx: mpsc::Receiver<Inbound>,
     pub status_tx: watch::Sender<Arc<Status>>,
     pub metrics: Arc<Metrics>,
-    /// A checkpoint to continue from: its client ids' seqs, its pending pushes and its log.
-    pub resume: Option<Checkpoint>,
+    /// What to replay before serving: a checkpoint's client ids' seqs, pending pushes and log.
+    pub resume: Option<Resume>,
+    /// Where records and checkpoints go.
+    pub log: Box<dyn RecordLog>,
     /// Where events are recorded (shared with `/api/record`).
     pub record: SharedRecord,
     /// Keeps every input to the core and the effects it gave (tests replay it).
@@ -134,9 +140,13 @@ pub struct Coordinator {
     /// Something changed since the last status publication.
     status_dirty: bool,
     metrics: Arc<Metrics>,
+    /// Checkpoint times (when the log keeps checkpoints).
     durable: Option<Durable>,
-    /// A checkpoint (and its WAL) to apply before serving.
-    resume: Option<Checkpoint>,
+    log: Box<dyn RecordLog>,
+    /// Another server leads the log: nothing more is appended or acknowledged.
+    deposed: bool,
+    /// What to replay before serving.
+    resume: Option<Resume>,
     tape: Option<Tape>,
 }
 
@@ -145,13 +155,8 @@ impl Coordinator {
         let version = p.engine.version();
         let engine_info = p.engine.info();
         let machine = Machine::new(p.cfg.clone(), p.layout, p.policy, version, p.engine.replica_version());
-        let durable = p.cfg.checkpoint_dir.clone().map(|dir| Durable {
-            wal_seq: Wal::next_seq(&dir),
-            dir,
-            wal: None,
-            last_at: Instant::now(),
-            last_version: version,
-        });
+        let durable =
+            p.log.keeps_checkpoints().then(|| Durable { last_at: Instant::now(), last_version: version });
         let intake = p.cfg.max_batch;
         Ok(Self {
             cfg: p.cfg,
@@ -172,6 +177,8 @@ impl Coordinator {
             status_dirty: false,
             metrics: p.metrics,
             durable,
+            log: p.log,
+            deposed: false,
             resume: p.resume,
             tape: p.tape,
         })
@@ -207,9 +214,11 @@ impl Coordinator {
             let wake = if slot_free { self.machine.next_wakeup().map(|d| self.started + d) } else { None };
             let period = if self.status_dirty { STATUS_PERIOD } else { STATUS_HEARTBEAT };
             let status_due = self.last_status.map(|t| t + period);
-            let open = self.running.is_empty() || self.intake > 0;
+            // Records wait for the log in groups; past LOG_BACKLOG of them no more is taken.
+            let open = (self.running.is_empty() || self.intake > 0) && self.log.backlog() < LOG_BACKLOG;
             let woke = tokio::select! {
                 biased;
+                d = self.log.done() => Woke::Log(d),
                 r = next_report(&mut self.running) => Woke::Step(r),
                 m = self.rx.recv(), if open => match m {
                     Some(m) => Woke::Message(m),
@@ -221,6 +230,7 @@ impl Coordinator {
             let busy_from = std::time::Instant::now();
             let mut stop = false;
             match woke {
+                Woke::Log(d) => stop = self.log_done(d).await,
                 Woke::Step(r) => self.step_reported(r).await,
                 Woke::Message(m) => stop = self.take(m).await,
                 Woke::Time => {}
@@ -243,11 +253,15 @@ impl Coordinator {
             // A checkpoint settles the engine: before the poll, so that a step can start after.
             self.maybe_checkpoint().await;
             self.poll_policy().await;
+            // What this round appended is written as one group.
+            self.log.commit();
             self.publish_status(false);
             self.metrics.engine_busy(self.engine.busy());
             self.metrics.coordinator_busy(busy_from.elapsed());
         }
-        self.settle().await;
+        if !self.deposed {
+            self.settle().await;
+        }
         self.metrics.engine_busy(self.engine.busy());
         self.publish_status(true);
     }
@@ -301,12 +315,17 @@ impl Coordinator {
         self.apply(effects).await;
     }
 
-    /// Waits until the engine holds no step the core has not been told of (and so, with the
-    /// log written in line, none it has not released).
+    /// Waits until the engine holds no step the core has not been told of, and the log holds
+    /// every record handed to it (so the core has released every step the engine ran).
     async fn settle(&mut self) {
-        while let Some(p) = self.running.pop_front() {
-            let r = p.wait().await;
-            self.step_reported(r).await;
+        loop {
+            while let Some(p) = self.running.pop_front() {
+                let r = p.wait().await;
+                self.step_reported(r).await;
+            }
+            if !self.drain_log().await || self.running.is_empty() {
+                return;
+            }
         }
     }
 
@@ -518,13 +537,17 @@ impl Coordinator {
     }
 
     async fn shutdown(&mut self, reason: &str) -> Result<ModelState, EngineError> {
+        if self.deposed {
+            // Another server leads: nothing more may be logged or acknowledged from here.
+            return self.engine.call(|e| e.read_state()).await;
+        }
         // Everything accepted is applied and acknowledged before the state is taken.
         let effects = self.core(Input::Shutdown);
         self.apply(effects).await;
         self.settle().await;
         if self.durable.is_some() {
             match self.checkpoint().await {
-                Ok(path) => tracing::info!(path = %path.display(), "final checkpoint written"),
+                Ok(at) => tracing::info!(%at, "final checkpoint written"),
                 Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
             }
         }
@@ -593,6 +616,7 @@ fn run_step(
 
 /// What woke the coordinator's loop.
 enum Woke {
+    Log(crate::server::log::LogDone),
     Step(Result<StepReport, EngineError>),
     Message(Inbound),
     Time,

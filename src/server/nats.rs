@@ -1,0 +1,773 @@
+//! The JetStream log (`--wal nats://HOST:PORT[,…]/STREAM`): the core's records in a replicated
+//! NATS JetStream stream, checkpoints in its object store, and a lease in its key-value store
+//! that says which server leads.
+//!
+//! `sparsync nats-init` makes the three (stream `STREAM` on subject `sparsync.STREAM.log`,
+//! object store `STREAM-checkpoints`, key-value bucket `STREAM-leader` whose entries live as
+//! long as the lease). A server refuses to start on a stream that lacks them.
+//!
+//! Writes: the records the coordinator appends during one round of work are one *group*,
+//! published as one message (or, past the server's `max_payload`, as consecutive chunks with
+//! the header `Sparsync-More`). Every message carries `Nats-Expected-Last-Sequence` (so a
+//! deposed leader's write is refused by the stream, never appended), a message id (so a
+//! retried publish whose first try was stored is not stored twice) and the writer's epoch (the
+//! lease revision it holds). A group is acknowledged to the core once the stream acknowledged
+//! its last chunk; several groups are in flight. A publish that fails for want of NATS is
+//! retried, in order, until it succeeds: nothing is acknowledged meanwhile, and the
+//! coordinator stops taking pushes once groups pile up.
+//!
+//! Reads (a server starting or taking over): the checkpoint, then every message after the
+//! position it names. A group whose chunks stop before its last (its writer died mid-group,
+//! so none of its records were acknowledged) is dropped.
+//!
+//! Leadership: the leader creates the lease key and renews it every third of its lifetime; a
+//! standby waits until it lapses, creates it, replays, writes one empty message that fences
+//! the stream at the position it read, and serves. A leader that fails to renew, or whose write
+//! is refused, stops serving at once.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::durability::{Checkpoint, Torn, WalOp, decode_records, encode_record};
+use super::log::{LogDone, LogFuture, RecordLog};
+use crate::config::NatsTarget;
+
+const HEADER_EPOCH: &str = "Sparsync-Epoch";
+const HEADER_MORE: &str = "Sparsync-More";
+const LEASE_KEY: &str = "leader";
+const CHECKPOINT_OBJECT: &str = "latest";
+/// Headroom under `max_payload` for a chunk's headers.
+const HEADER_ROOM: usize = 1024;
+/// Groups a leader may have published and not yet seen acknowledged.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// The names `sparsync nats-init` gives, derived from the stream's.
+pub struct Names {
+    pub stream: String,
+    pub subject: String,
+    pub checkpoints: String,
+    pub lease: String,
+}
+
+impl Names {
+    pub fn of(target: &NatsTarget) -> Self {
+        Self {
+            stream: target.stream.clone(),
+            subject: format!("sparsync.{}.log", target.stream),
+            checkpoints: format!("{}-checkpoints", target.stream),
+            lease: format!("{}-leader", target.stream),
+        }
+    }
+}
+
+/// A connection to the cluster and the names in it.
+#[derive(Clone)]
+pub struct Nats {
+    pub target: NatsTarget,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+fn init_hint(target: &NatsTarget) -> String {
+    format!("make it with: sparsync nats-init {target} --replicas 3")
+}
+
+impl Nats {
+    /// Connects to the servers `target` names (within `timeout`).
+    pub async fn connect(target: &NatsTarget, timeout: Duration) -> Result<Self, String> {
+        let addrs: Vec<async_nats::ServerAddr> = target
+            .servers
+            .iter()
+            .map(|h| format!("nats://{h}").parse().map_err(|e| format!("NATS server {h:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(timeout)
+            .request_timeout(Some(Duration::from_secs(5)))
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .map_err(|e| format!("cannot reach NATS at {}: {e}", target.servers.join(",")))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(5));
+        Ok(Self { target: target.clone(), client, js })
+    }
+
+    fn names(&self) -> Names {
+        Names::of(&self.target)
+    }
+
+    /// Makes the stream, the object store and the lease bucket (`sparsync nats-init`).
+    pub async fn init(&self, replicas: usize, lease: Duration) -> Result<String, String> {
+        let n = self.names();
+        let stream = jetstream::stream::Config {
+            name: n.stream.clone(),
+            subjects: vec![n.subject.clone()],
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            retention: jetstream::stream::RetentionPolicy::Limits,
+            discard: jetstream::stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            description: Some("sparsync: records of accepted pushes and applied steps".into()),
+            ..Default::default()
+        };
+        self.js.get_or_create_stream(stream).await.map_err(|e| format!("stream {}: {e}", n.stream))?;
+        self.js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: n.checkpoints.clone(),
+                description: Some("sparsync: the latest checkpoint".into()),
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("object store {}: {e}", n.checkpoints))?;
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: n.lease.clone(),
+                description: "sparsync: which server leads".into(),
+                history: 1,
+                max_age: lease,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("key-value bucket {}: {e}", n.lease))?;
+        Ok(format!(
+            "stream {} (subject {}), object store {}, lease bucket {} ({} ms), {replicas} replica(s)",
+            n.stream,
+            n.subject,
+            n.checkpoints,
+            n.lease,
+            lease.as_millis()
+        ))
+    }
+
+    /// The stream, refused with what to run when it, its object store or its lease bucket is
+    /// missing or not set up for this.
+    pub async fn check(&self) -> Result<(jetstream::stream::Stream, jetstream::kv::Store, Duration), String> {
+        let n = self.names();
+        let hint = init_hint(&self.target);
+        let mut stream = self
+            .js
+            .get_stream(&n.stream)
+            .await
+            .map_err(|e| format!("JetStream stream {:?}: {e}; {hint}", n.stream))?;
+        let info = stream.info().await.map_err(|e| format!("stream {:?}: {e}", n.stream))?;
+        if !info.config.subjects.iter().any(|s| s == &n.subject) {
+            return Err(format!(
+                "stream {:?} does not take subject {:?} (it takes {:?}): not a sparsync log; {hint}",
+                n.stream, n.subject, info.config.subjects
+            ));
+        }
+        if info.config.storage != jetstream::stream::StorageType::File {
+            return Err(format!("stream {:?} keeps its messages in memory, not on disk; {hint}", n.stream));
+        }
+        if info.config.max_age != Duration::ZERO || info.config.max_messages > 0 || info.config.max_bytes > 0
+        {
+            return Err(format!(
+                "stream {:?} drops messages by age or size (max_age {:?}, max_msgs {}, max_bytes {}): acknowledged pushes could be lost; {hint}",
+                n.stream, info.config.max_age, info.config.max_messages, info.config.max_bytes
+            ));
+        }
+        if info.config.num_replicas < 3 {
+            tracing::warn!(
+                stream = %n.stream,
+                replicas = info.config.num_replicas,
+                "the stream has fewer than 3 replicas: losing a NATS node can lose acknowledged pushes"
+            );
+        }
+        self.js
+            .get_object_store(&n.checkpoints)
+            .await
+            .map_err(|e| format!("object store {:?}: {e}; {hint}", n.checkpoints))?;
+        let mut kv = self
+            .js
+            .get_key_value(&n.lease)
+            .await
+            .map_err(|e| format!("key-value bucket {:?}: {e}; {hint}", n.lease))?;
+        let lease = kv.status().await.map_err(|e| format!("key-value bucket {:?}: {e}", n.lease))?.max_age();
+        if lease.is_zero() {
+            return Err(format!(
+                "key-value bucket {:?} keeps entries forever: a lease must lapse; {hint}",
+                n.lease
+            ));
+        }
+        let _ = &mut kv;
+        Ok((stream, kv, lease))
+    }
+
+    /// The newest checkpoint in the object store, if any.
+    pub async fn load_checkpoint(&self) -> Result<Option<Checkpoint>, String> {
+        let n = self.names();
+        let store = self.js.get_object_store(&n.checkpoints).await.map_err(|e| e.to_string())?;
+        let mut obj = match store.get(CHECKPOINT_OBJECT).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading the checkpoint from {}: {e}", n.checkpoints)),
+        };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes)
+            .await
+            .map_err(|e| format!("reading the checkpoint from {}: {e}", n.checkpoints))?;
+        let name = format!("{}/{CHECKPOINT_OBJECT}", n.checkpoints);
+        Checkpoint::from_bytes(&bytes, Path::new(&name)).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// The records in the stream after position `after`, and the stream's last position.
+    pub async fn read_log(&self, after: u64) -> Result<(Vec<WalOp>, u64), String> {
+        let n = self.names();
+        let mut stream = self.js.get_stream(&n.stream).await.map_err(|e| e.to_string())?;
+        let state = stream.info().await.map_err(|e| e.to_string())?.state.clone();
+        let last = state.last_sequence;
+        if last <= after {
+            return Ok((Vec::new(), last));
+        }
+        if state.first_sequence > after + 1 {
+            return Err(format!(
+                "stream {:?} starts at {} but the checkpoint needs every record after {after}: records were removed",
+                n.stream, state.first_sequence
+            ));
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
+        let mut messages =
+            consumer.messages().await.map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
+        let mut groups = Groups::default();
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
+            let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            groups.take(seq, m.headers.as_ref(), &m.payload)?;
+            if seq >= last {
+                break;
+            }
+        }
+        Ok((groups.finish(), last))
+    }
+}
+
+/// Reassembles groups from messages in stream order.
+#[derive(Default)]
+struct Groups {
+    ops: Vec<WalOp>,
+    open: Option<(u64, BytesMut)>,
+}
+
+impl Groups {
+    fn take(&mut self, seq: u64, headers: Option<&HeaderMap>, payload: &[u8]) -> Result<(), String> {
+        let header = |k: &str| headers.and_then(|h| h.get(k)).map(|v| v.as_str().to_string());
+        let epoch: u64 = header(HEADER_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(0);
+        let more = header(HEADER_MORE).is_some();
+        if let Some((e, _)) = &self.open
+            && *e != epoch
+        {
+            tracing::warn!(
+                seq,
+                "a group its writer did not finish was dropped (none of it was acknowledged)"
+            );
+            self.open = None;
+        }
+        let (_, buf) = self.open.get_or_insert_with(|| (epoch, BytesMut::new()));
+        buf.extend_from_slice(payload);
+        if !more {
+            let (_, buf) = self.open.take().unwrap_or_default();
+            let (ops, torn) = decode_records(&buf);
+            if let Some(t) = torn {
+                let offset = match t {
+                    Torn::Torn { offset } | Torn::Corrupt { offset } => offset,
+                };
+                return Err(format!("the group ending at stream message {seq} is corrupt at byte {offset}"));
+            }
+            self.ops.extend(ops);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Vec<WalOp> {
+        if self.open.is_some() {
+            tracing::warn!(
+                "the stream ends in a group its writer did not finish: dropped (none of it was acknowledged)"
+            );
+        }
+        self.ops
+    }
+}
+
+/// The lease a leader holds.
+pub struct Lease {
+    kv: jetstream::kv::Store,
+    revision: u64,
+    lifetime: Duration,
+}
+
+impl Lease {
+    /// Takes the lease when nobody holds it. `holder` names this server (shown to others).
+    pub async fn acquire(
+        kv: jetstream::kv::Store,
+        lifetime: Duration,
+        holder: &str,
+    ) -> Result<Self, StartError> {
+        match kv.create(LEASE_KEY, Bytes::from(holder.to_string())).await {
+            Ok(revision) => Ok(Self { kv, revision, lifetime }),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                let who = kv
+                    .get(LEASE_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).to_string())
+                    .unwrap_or_else(|| "another server".into());
+                Err(StartError::LeaseHeld(format!(
+                    "{who} leads this stream (its lease lasts {lifetime:?} after its last renewal); start this server with --standby to take over when it stops"
+                )))
+            }
+            Err(e) => Err(StartError::Other(format!("taking the lease: {e}"))),
+        }
+    }
+
+    /// Waits until nobody holds the lease (a standby).
+    pub async fn wait_until_free(kv: &jetstream::kv::Store, lifetime: Duration) {
+        let mut said = false;
+        loop {
+            match kv.entry(LEASE_KEY).await {
+                Ok(None) => return,
+                Ok(Some(e))
+                    if matches!(
+                        e.operation,
+                        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge
+                    ) =>
+                {
+                    return;
+                }
+                Ok(Some(e)) => {
+                    if !said {
+                        tracing::info!(leader = %String::from_utf8_lossy(&e.value), "standing by");
+                        said = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the lease"),
+            }
+            tokio::time::sleep(lifetime / 10).await;
+        }
+    }
+
+    /// The epoch this lease gives its writes.
+    pub fn epoch(&self) -> u64 {
+        self.revision
+    }
+
+    /// Renews the lease every third of its lifetime. Reports on `lost` when another server
+    /// holds it. A renewal that fails for want of NATS is retried: the stream's fencing, not the
+    /// lease, keeps two leaders from both writing, and with no NATS no standby can take over.
+    fn keep(self, holder: String, lost: mpsc::UnboundedSender<LogDone>) {
+        tokio::spawn(async move {
+            let Lease { kv, mut revision, lifetime } = self;
+            let period = lifetime / 3;
+            let value = Bytes::from(holder);
+            loop {
+                tokio::time::sleep(period).await;
+                if lost.is_closed() {
+                    return;
+                }
+                match tokio::time::timeout(period, kv.update(LEASE_KEY, value.clone(), revision)).await {
+                    Ok(Ok(r)) => revision = r,
+                    Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                        // Lapsed while NATS was away, and nobody took it: take it again.
+                        let retaken = match kv.entry(LEASE_KEY).await {
+                            Ok(None) => kv.create(LEASE_KEY, value.clone()).await.ok(),
+                            _ => None,
+                        };
+                        match retaken {
+                            Some(r) => {
+                                tracing::warn!("the lease lapsed (NATS was unreachable) and was taken again");
+                                revision = r;
+                            }
+                            None => {
+                                let _ = lost.send(LogDone::Deposed {
+                                    reason: "another server took the lease".into(),
+                                });
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease failed; retrying"),
+                    Err(_) => tracing::warn!("renewing the lease timed out; retrying"),
+                }
+            }
+        });
+    }
+}
+
+/// What a starting leader read from the stream.
+pub struct Start {
+    pub nats: Nats,
+    pub checkpoint: Option<Checkpoint>,
+    pub ops: Vec<WalOp>,
+    pub last: u64,
+    pub lease: Lease,
+}
+
+/// Why a leader could not start on the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another server holds the lease.
+    #[error("{0}")]
+    LeaseHeld(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Connects, checks, takes the lease and reads the checkpoint and the stream after it.
+pub async fn start(target: &NatsTarget, holder: &str) -> Result<Start, StartError> {
+    let nats = Nats::connect(target, Duration::from_secs(5)).await.map_err(StartError::Other)?;
+    let (_, kv, lifetime) = nats.check().await.map_err(StartError::Other)?;
+    let lease = Lease::acquire(kv, lifetime, holder).await?;
+    let checkpoint = nats.load_checkpoint().await.map_err(StartError::Other)?;
+    let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
+    let (ops, last) = nats.read_log(after).await.map_err(StartError::Other)?;
+    Ok(Start { nats, checkpoint, ops, last, lease })
+}
+
+/// A standby: waits until the leader's lease lapses (checking the stream first, so a
+/// misconfigured standby fails at once rather than at takeover).
+pub async fn stand_by(target: &NatsTarget) -> Result<(), String> {
+    let nats = Nats::connect(target, Duration::from_secs(5)).await?;
+    let (_, kv, lifetime) = nats.check().await?;
+    Lease::wait_until_free(&kv, lifetime).await;
+    Ok(())
+}
+
+/// One message to publish.
+struct Chunk {
+    payload: Bytes,
+    /// The stream's last sequence before it.
+    expected: u64,
+    more: bool,
+    /// The core's last record in it (on a group's last chunk).
+    upto: Option<u64>,
+}
+
+/// The JetStream log of a leader.
+pub struct NatsLog {
+    buf: Vec<u8>,
+    upto: Option<u64>,
+    backlog: usize,
+    groups: mpsc::UnboundedSender<(Vec<u8>, u64)>,
+    done: mpsc::UnboundedReceiver<LogDone>,
+    /// The stream's last sequence this leader saw acknowledged.
+    position: Arc<AtomicU64>,
+    /// The position of the checkpoint in the object store.
+    checkpointed: u64,
+    /// Never purge (`--keep-log`).
+    keep: bool,
+    nats: Nats,
+}
+
+impl NatsLog {
+    /// Fences the stream at `start.last` (one empty message in this leader's epoch) and starts
+    /// the writer and the lease's renewal.
+    pub async fn open(
+        start: Start,
+        holder: String,
+        keep: bool,
+    ) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
+        let Start { nats, checkpoint, ops, last, lease } = start;
+        let names = nats.names();
+        let epoch = lease.epoch();
+        let fence = message(Bytes::new(), last, epoch, false);
+        let ack = nats
+            .js
+            .send_publish(names.subject.clone(), fence)
+            .await
+            .map_err(|e| format!("writing to stream {}: {e}", names.stream))?
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => format!(
+                    "stream {} moved on while it was read (another server writes it): not taking over",
+                    names.stream
+                ),
+                _ => format!("writing to stream {}: {e}", names.stream),
+            })?;
+        let position = Arc::new(AtomicU64::new(ack.sequence));
+        let (groups, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = mpsc::unbounded_channel();
+        lease.keep(holder, done_tx.clone());
+        let max = nats.client.server_info().max_payload.saturating_sub(HEADER_ROOM).max(4096);
+        let writer = Writer {
+            js: nats.js.clone(),
+            stream: names.stream.clone(),
+            subject: names.subject,
+            epoch,
+            expected: ack.sequence,
+            max_chunk: max,
+            position: position.clone(),
+            done: done_tx,
+        };
+        tokio::spawn(writer.run(rx));
+        let checkpointed = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
+        tracing::info!(stream = %names.stream, epoch, position = ack.sequence, "leading the JetStream log");
+        let log = Self {
+            buf: Vec::new(),
+            upto: None,
+            backlog: 0,
+            groups,
+            done,
+            position,
+            checkpointed,
+            keep,
+            nats,
+        };
+        Ok((log, checkpoint, ops))
+    }
+}
+
+fn message(payload: Bytes, expected: u64, epoch: u64, more: bool) -> PublishMessage {
+    let mut m = PublishMessage::build()
+        .payload(payload)
+        .expected_last_sequence(expected)
+        .message_id(format!("{epoch}-{}", expected + 1))
+        .header(HEADER_EPOCH, epoch.to_string().as_str());
+    if more {
+        m = m.header(HEADER_MORE, "1");
+    }
+    m
+}
+
+impl RecordLog for NatsLog {
+    fn append(&mut self, seq: u64, op: &WalOp) -> Option<Result<(), String>> {
+        encode_record(op, &mut self.buf);
+        self.upto = Some(seq);
+        None
+    }
+
+    fn commit(&mut self) {
+        let Some(upto) = self.upto.take() else { return };
+        let buf = std::mem::take(&mut self.buf);
+        tracing::debug!(upto, bytes = buf.len(), "log group committed");
+        if self.groups.send((buf, upto)).is_ok() {
+            self.backlog += 1;
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog
+    }
+
+    fn done(&mut self) -> LogFuture<'_, LogDone> {
+        Box::pin(async move {
+            let d = match self.done.recv().await {
+                Some(d) => d,
+                None => LogDone::Deposed { reason: "the JetStream writer stopped".into() },
+            };
+            if matches!(d, LogDone::Held { .. }) {
+                self.backlog = self.backlog.saturating_sub(1);
+            }
+            d
+        })
+    }
+
+    fn keeps_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn checkpoint(&mut self, mut c: Checkpoint) -> LogFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let names = self.nats.names();
+            let position = self.position.load(Ordering::Acquire);
+            c.wal_seq = position;
+            let bytes = tokio::task::spawn_blocking(move || c.to_bytes())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let store = self.nats.js.get_object_store(&names.checkpoints).await.map_err(|e| e.to_string())?;
+            store
+                .put(CHECKPOINT_OBJECT, &mut bytes.as_slice())
+                .await
+                .map_err(|e| format!("putting the checkpoint into {}: {e}", names.checkpoints))?;
+            // What the previous checkpoint held is not needed any more (what came after it is
+            // kept, for one checkpoint's slack).
+            if self.checkpointed > 0 && !self.keep {
+                let stream = self.nats.js.get_stream(&names.stream).await.map_err(|e| e.to_string())?;
+                if let Err(e) = stream.purge().sequence(self.checkpointed + 1).await {
+                    tracing::warn!(error = %e, "purging records before the previous checkpoint failed");
+                }
+            }
+            self.checkpointed = position;
+            Ok(format!("{}/{CHECKPOINT_OBJECT} at stream position {position}", names.checkpoints))
+        })
+    }
+}
+
+/// The task that publishes groups in order and reports them held.
+struct Writer {
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+    epoch: u64,
+    /// The stream's last sequence after the chunks published so far.
+    expected: u64,
+    max_chunk: usize,
+    position: Arc<AtomicU64>,
+    done: mpsc::UnboundedSender<LogDone>,
+}
+
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+            > + Send,
+    >,
+>;
+
+impl Writer {
+    async fn run(mut self, mut groups: mpsc::UnboundedReceiver<(Vec<u8>, u64)>) {
+        let mut in_flight: VecDeque<(Chunk, Option<AckFuture>)> = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                r = async { in_flight.front_mut().expect("guarded").1.as_mut().expect("sent").await }, if in_flight.front().is_some_and(|f| f.1.is_some()) => {
+                    match r {
+                        Ok(ack) => {
+                            let (chunk, _) = in_flight.pop_front().expect("front");
+                            self.confirmed(&chunk, ack.sequence);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, stream = %self.stream, "a JetStream write failed; retrying in order");
+                            if !self.resend(&mut in_flight).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+                g = groups.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                    let Some((buf, upto)) = g else { return };
+                    for chunk in self.split(buf, upto) {
+                        let fut = self.send(&chunk).await;
+                        in_flight.push_back((chunk, fut));
+                    }
+                    if in_flight.iter().any(|f| f.1.is_none()) && !self.resend(&mut in_flight).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn split(&mut self, buf: Vec<u8>, upto: u64) -> Vec<Chunk> {
+        let buf = Bytes::from(buf);
+        let n = buf.len().div_ceil(self.max_chunk).max(1);
+        (0..n)
+            .map(|i| {
+                let payload = buf.slice(i * self.max_chunk..((i + 1) * self.max_chunk).min(buf.len()));
+                let last = i + 1 == n;
+                let chunk =
+                    Chunk { payload, expected: self.expected, more: !last, upto: last.then_some(upto) };
+                self.expected += 1;
+                chunk
+            })
+            .collect()
+    }
+
+    /// Publishes a chunk; `None` when it could not even be sent.
+    async fn send(&self, c: &Chunk) -> Option<AckFuture> {
+        let m = message(c.payload.clone(), c.expected, self.epoch, c.more);
+        match self.js.send_publish(self.subject.clone(), m).await {
+            Ok(f) => Some(Box::pin(f.into_future())),
+            Err(e) => {
+                tracing::warn!(error = %e, stream = %self.stream, "a JetStream publish could not be sent");
+                None
+            }
+        }
+    }
+
+    fn confirmed(&self, c: &Chunk, sequence: u64) {
+        tracing::debug!(sequence, upto = ?c.upto, "log chunk held");
+        self.position.store(sequence, Ordering::Release);
+        if let Some(upto) = c.upto {
+            let _ = self.done.send(LogDone::Held { upto });
+        }
+    }
+
+    /// After a failure: publishes the unconfirmed chunks again, one at a time and in order,
+    /// until each is stored (a chunk whose first try was stored is recognised by its message
+    /// id). Returns false when the stream holds another writer's message where the next chunk
+    /// belongs (this server is deposed).
+    async fn resend(&mut self, in_flight: &mut VecDeque<(Chunk, Option<AckFuture>)>) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        while let Some((chunk, _)) = in_flight.front() {
+            let outcome = match self.send(chunk).await {
+                Some(f) => f.await.map_err(|e| (e.kind(), e.to_string())),
+                None => Err((PublishErrorKind::Other, "not sent".into())),
+            };
+            match outcome {
+                Ok(ack) => {
+                    let (chunk, _) = in_flight.pop_front().expect("front");
+                    self.confirmed(&chunk, ack.sequence);
+                    backoff = Duration::from_millis(50);
+                }
+                Err((PublishErrorKind::WrongLastSequence, _)) => match self.stored_as_ours(chunk).await {
+                    Some(true) => {
+                        let (chunk, _) = in_flight.pop_front().expect("front");
+                        self.confirmed(&chunk, chunk.expected + 1);
+                    }
+                    Some(false) => {
+                        let _ = self.done.send(LogDone::Deposed {
+                            reason: format!(
+                                "stream {} holds another writer's message at {}: another server leads",
+                                self.stream,
+                                chunk.expected + 1
+                            ),
+                        });
+                        return false;
+                    }
+                    None => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                },
+                Err((_, e)) => {
+                    tracing::warn!(error = %e, stream = %self.stream, "a JetStream write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+            if self.done.is_closed() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the stream's message after `c.expected` is this chunk (`None`: cannot tell now).
+    async fn stored_as_ours(&self, c: &Chunk) -> Option<bool> {
+        let stream = self.js.get_stream(&self.stream).await.ok()?;
+        match stream.get_raw_message(c.expected + 1).await {
+            Ok(m) => {
+                let id = m.headers.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str().to_string());
+                Some(id.as_deref() == Some(format!("{}-{}", self.epoch, c.expected + 1).as_str()))
+            }
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                // Nothing there, yet the stream refused the expected sequence: another
+                // writer's messages were purged or the stream was reset.
+                Some(false)
+            }
+            Err(_) => None,
+        }
+    }
+}

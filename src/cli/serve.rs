@@ -47,6 +47,12 @@ async fn standby(cfg: ServerConfig, ready_file: Option<PathBuf>) -> anyhow::Resu
             Err(e) if matches!(e.downcast_ref(), Some(ServerError::LeaseHeld(_))) => {
                 tracing::info!(error = %e, "another server took the lease first; standing by again");
             }
+            // Taking over failed (NATS went away while reading, another server wrote first):
+            // stand by again; the lease this server may hold lapses unrenewed.
+            Err(e) if matches!(e.downcast_ref(), Some(ServerError::Log(_))) => {
+                tracing::warn!(error = %e, "taking over failed; standing by again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
             other => return other,
         }
     }

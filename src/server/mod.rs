@@ -275,8 +275,7 @@ pub async fn start_taped(
                 nats::StartError::LeaseHeld(m) => ServerError::LeaseHeld(m),
                 nats::StartError::Other(m) => ServerError::Log(m),
             })?;
-            let (log, c, ops) =
-                nats::NatsLog::open(start, holder, cfg.keep_log).await.map_err(ServerError::Log)?;
+            let (log, c, ops) = nats::NatsLog::open(start, cfg.keep_log).await.map_err(ServerError::Log)?;
             if let Some(c) = &c {
                 same_layout(c, &layout, &format!("{target}"))?;
                 tracing::info!(%target, version = c.state.version, pending = c.pending.len(), records = ops.len(), "resuming from the JetStream log");

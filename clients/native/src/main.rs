@@ -16,7 +16,8 @@ use sparsync_client::run::{self, Config, Gate, Mode};
 #[derive(Parser, Debug)]
 #[command(name = "sparsync-client", version, about = "Train with burn against a sparsync parameter server")]
 struct Cli {
-    /// The server's WebSocket address.
+    /// The server's WebSocket address; several, comma-separated (a leader and its standby),
+    /// are tried in turn when joining fails.
     #[arg(long, default_value_t = Config::default().server)]
     server: String,
     /// This client's id (letters, digits, '.', '_', '-'); its sequence numbers survive reconnects.

@@ -365,6 +365,10 @@ const GIVE_UP_HELD: Duration = Duration::from_secs(400);
 /// (with the resume secret of the last Welcome) and the retry state.
 struct Link {
     opts: ClientOptions,
+    /// The server addresses (`--server a,b`: a leader and its standby); a failed join moves on
+    /// to the next.
+    servers: Vec<String>,
+    next: usize,
     reconnect: bool,
     retry: Duration,
     /// Since when joining has failed or the connection was lost (None: connected). A join that
@@ -374,13 +378,14 @@ struct Link {
 
 impl Link {
     fn new(cfg: &Config) -> Self {
-        let mut opts = ClientOptions::new(cfg.server.clone(), cfg.client_id.clone(), cfg.model.clone());
+        let servers = server_list(&cfg.server);
+        let mut opts = ClientOptions::new(servers[0].clone(), cfg.client_id.clone(), cfg.model.clone());
         opts.token = cfg.token.clone();
         opts.kind = ClientKind::Native;
         opts.role = cfg.role;
         opts.ca = cfg.ca.clone();
         opts.device = Some(format!("native ({})", std::env::consts::ARCH));
-        Self { opts, reconnect: cfg.reconnect, retry: RETRY_START, down_since: None }
+        Self { opts, servers, next: 1, reconnect: cfg.reconnect, retry: RETRY_START, down_since: None }
     }
 
     /// Joins, retrying failures that may pass when reconnecting is allowed. Returns the
@@ -410,6 +415,16 @@ impl Link {
             if since.elapsed() > give_up {
                 return Err(RunError::GaveUp(since.elapsed()));
             }
+            if self.servers.len() > 1 {
+                // Another address may serve (a standby that took over): try each in turn,
+                // waiting only after a full round.
+                self.opts.url = self.servers[self.next % self.servers.len()].clone();
+                self.next += 1;
+                if !(self.next - 1).is_multiple_of(self.servers.len()) {
+                    tracing::warn!(error = %e, next = %self.opts.url, "cannot join the server; trying the next address");
+                    continue;
+                }
+            }
             tracing::warn!(error = %e, retry_in = ?self.retry, "cannot join the server; retrying");
             tokio::time::sleep(self.retry).await;
             self.retry = (self.retry * 2).min(RETRY_MAX);
@@ -420,6 +435,12 @@ impl Link {
     fn lost(&mut self) {
         self.down_since = Some(Instant::now());
     }
+}
+
+/// The addresses of `--server`: comma-separated, in the order tried.
+pub fn server_list(s: &str) -> Vec<String> {
+    let list: Vec<String> = s.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+    if list.is_empty() { vec![s.to_string()] } else { list }
 }
 
 /// Steps per training job: the loop handles messages between jobs.
@@ -880,6 +901,12 @@ mod tests {
     use super::*;
 
     /// H4: the threshold relaxes at the λ-th miss in a row, and a push keeps it relaxed.
+    #[test]
+    fn server_addresses_are_comma_separated() {
+        assert_eq!(server_list("ws://a:1/ws"), ["ws://a:1/ws"]);
+        assert_eq!(server_list("ws://a:1/ws, ws://b:2/ws,"), ["ws://a:1/ws", "ws://b:2/ws"]);
+    }
+
     #[test]
     fn the_hermes_gate_keeps_its_relaxed_threshold_after_a_push() {
         let gate = Gate { z_start: -1.2, window: 10, lambda: 2, beta: 0.5 };

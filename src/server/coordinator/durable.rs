@@ -97,6 +97,9 @@ impl Coordinator {
     /// Ends this round's group of records and waits until the log holds every record handed to
     /// it. Returns false when the server was deposed meanwhile.
     pub(super) async fn drain_log(&mut self) -> bool {
+        if self.deposed {
+            return false;
+        }
         self.log.commit();
         while self.log.backlog() > 0 && !self.deposed {
             let d = self.log.done().await;

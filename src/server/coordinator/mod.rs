@@ -241,12 +241,17 @@ impl Coordinator {
             // the first bound an idle engine would wait for a queue that never runs dry: ASP
             // acknowledges on admission, and clients answer every Ack with a push.
             let mut round = self.cfg.max_batch;
-            while !stop && round > 0 && (self.running.is_empty() || self.intake > 0) {
+            while !stop
+                && round > 0
+                && (self.running.is_empty() || self.intake > 0)
+                && self.log.backlog() < LOG_BACKLOG
+            {
                 let Ok(m) = self.rx.try_recv() else { break };
                 round -= 1;
                 stop = self.take(m).await;
             }
-            if stop {
+            // Deposed (reported while settling, say): nothing more is taken or acknowledged.
+            if stop || self.deposed {
                 break;
             }
             self.send_due_snapshots().await;
@@ -254,7 +259,9 @@ impl Coordinator {
             self.maybe_checkpoint().await;
             self.poll_policy().await;
             // What this round appended is written as one group.
-            self.log.commit();
+            if !self.deposed {
+                self.log.commit();
+            }
             self.publish_status(false);
             self.metrics.engine_busy(self.engine.busy());
             self.metrics.coordinator_busy(busy_from.elapsed());
@@ -387,6 +394,9 @@ impl Coordinator {
         // The Snapshot that follows the Welcome is read before the machine admits the session,
         // at the replica version the Welcome names: the engine settles first.
         self.settle().await;
+        if self.deposed {
+            return Err(("server", "this server no longer leads the log; join another".into()));
+        }
         match self.snapshot_frame().await {
             Ok(Some(_)) => {}
             Ok(None) => return Err(("server", "the model replica is not settled; try again".into())),

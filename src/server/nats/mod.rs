@@ -37,6 +37,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+pub mod local;
+
 use super::durability::{Checkpoint, Torn, WalOp, decode_records, encode_record};
 use super::log::{LogDone, LogFuture, RecordLog};
 use crate::config::NatsTarget;
@@ -44,7 +46,11 @@ use crate::config::NatsTarget;
 const HEADER_EPOCH: &str = "Sparsync-Epoch";
 const HEADER_MORE: &str = "Sparsync-More";
 const LEASE_KEY: &str = "leader";
-const CHECKPOINT_OBJECT: &str = "latest";
+/// Checkpoint objects are named by the stream position they hold (`checkpoint-<position>`):
+/// the newest valid one wins, so a stale put by a deposed leader is never the one read.
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+/// Checkpoint objects kept (older ones are deleted).
+const CHECKPOINTS_KEPT: usize = 2;
 /// Headroom under `max_payload` for a chunk's headers.
 const HEADER_ROOM: usize = 1024;
 /// Groups a leader may have published and not yet seen acknowledged.
@@ -206,21 +212,59 @@ impl Nats {
         Ok((stream, kv, lease))
     }
 
-    /// The newest checkpoint in the object store, if any.
+    /// Checkpoint objects by position, newest first.
+    async fn checkpoint_names(
+        &self,
+        store: &jetstream::object_store::ObjectStore,
+    ) -> Result<Vec<(u64, String)>, String> {
+        let n = self.names();
+        let mut list = store.list().await.map_err(|e| format!("listing {}: {e}", n.checkpoints))?;
+        let mut out = Vec::new();
+        while let Some(o) = list.next().await {
+            let o = o.map_err(|e| format!("listing {}: {e}", n.checkpoints))?;
+            if o.deleted {
+                continue;
+            }
+            if let Some(p) = o.name.strip_prefix(CHECKPOINT_PREFIX).and_then(|p| p.parse::<u64>().ok()) {
+                out.push((p, o.name.clone()));
+            }
+        }
+        out.sort_by_key(|b| std::cmp::Reverse(b.0));
+        Ok(out)
+    }
+
+    /// The newest valid checkpoint in the object store, if any (unreadable ones are skipped
+    /// with a warning).
     pub async fn load_checkpoint(&self) -> Result<Option<Checkpoint>, String> {
         let n = self.names();
         let store = self.js.get_object_store(&n.checkpoints).await.map_err(|e| e.to_string())?;
-        let mut obj = match store.get(CHECKPOINT_OBJECT).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("reading the checkpoint from {}: {e}", n.checkpoints)),
-        };
-        let mut bytes = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes)
-            .await
-            .map_err(|e| format!("reading the checkpoint from {}: {e}", n.checkpoints))?;
-        let name = format!("{}/{CHECKPOINT_OBJECT}", n.checkpoints);
-        Checkpoint::from_bytes(&bytes, Path::new(&name)).map(Some).map_err(|e| e.to_string())
+        for (_, name) in self.checkpoint_names(&store).await? {
+            let at = format!("{}/{name}", n.checkpoints);
+            let mut obj = match store.get(&name).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, checkpoint = %at, "skipping an unreadable checkpoint");
+                    continue;
+                }
+            };
+            let mut bytes = Vec::new();
+            if let Err(e) = tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes).await {
+                tracing::warn!(error = %e, checkpoint = %at, "skipping an unreadable checkpoint");
+                continue;
+            }
+            match Checkpoint::from_bytes(&bytes, Path::new(&at)) {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) => tracing::warn!(error = %e, "skipping an unusable checkpoint"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The stream's last sequence.
+    async fn last_sequence(&self) -> Result<u64, String> {
+        let n = self.names();
+        let mut stream = self.js.get_stream(&n.stream).await.map_err(|e| e.to_string())?;
+        Ok(stream.info().await.map_err(|e| e.to_string())?.state.last_sequence)
     }
 
     /// The records in the stream after position `after`, and the stream's last position.
@@ -372,10 +416,15 @@ impl Lease {
         self.revision
     }
 
-    /// Renews the lease every third of its lifetime. Reports on `lost` when another server
+    /// Renews the lease every third of its lifetime, from now on. Reports when another server
     /// holds it. A renewal that fails for want of NATS is retried: the stream's fencing, not the
     /// lease, keeps two leaders from both writing, and with no NATS no standby can take over.
-    fn keep(self, holder: String, lost: mpsc::UnboundedSender<LogDone>) {
+    /// Stops when the returned receiver is dropped.
+    fn keep(self, nats: Nats, holder: String, position: Arc<AtomicU64>) -> mpsc::UnboundedReceiver<LogDone> {
+        let (lost, rx) = mpsc::unbounded_channel();
+        let deposed = |lost: &mpsc::UnboundedSender<LogDone>| {
+            let _ = lost.send(LogDone::Deposed { reason: "another server took the lease".into() });
+        };
         tokio::spawn(async move {
             let Lease { kv, mut revision, lifetime } = self;
             let period = lifetime / 3;
@@ -388,22 +437,31 @@ impl Lease {
                 match tokio::time::timeout(period, kv.update(LEASE_KEY, value.clone(), revision)).await {
                     Ok(Ok(r)) => revision = r,
                     Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                        // Lapsed while NATS was away, and nobody took it: take it again.
-                        let retaken = match kv.entry(LEASE_KEY).await {
-                            Ok(None) => kv.create(LEASE_KEY, value.clone()).await.ok(),
-                            _ => None,
-                        };
-                        match retaken {
-                            Some(r) => {
-                                tracing::warn!("the lease lapsed (NATS was unreachable) and was taken again");
-                                revision = r;
+                        match kv.entry(LEASE_KEY).await {
+                            // A renewal that timed out here but was stored: ours.
+                            Ok(Some(e))
+                                if e.value == value && e.operation == jetstream::kv::Operation::Put =>
+                            {
+                                revision = e.revision;
                             }
-                            None => {
-                                let _ = lost.send(LogDone::Deposed {
-                                    reason: "another server took the lease".into(),
-                                });
-                                return;
+                            // Lapsed while NATS was away and nobody took it: take it again, if
+                            // nobody wrote the stream meanwhile either.
+                            Ok(None)
+                                if nats.last_sequence().await.ok()
+                                    == Some(position.load(Ordering::Acquire)) =>
+                            {
+                                match kv.create(LEASE_KEY, value.clone()).await {
+                                    Ok(r) => {
+                                        tracing::warn!(
+                                            "the lease lapsed (NATS was unreachable) and was taken again"
+                                        );
+                                        revision = r;
+                                    }
+                                    Err(_) => return deposed(&lost),
+                                }
                             }
+                            Ok(_) => return deposed(&lost),
+                            Err(e) => tracing::warn!(error = %e, "reading the lease failed; retrying"),
                         }
                     }
                     Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease failed; retrying"),
@@ -411,6 +469,7 @@ impl Lease {
                 }
             }
         });
+        rx
     }
 }
 
@@ -420,7 +479,10 @@ pub struct Start {
     pub checkpoint: Option<Checkpoint>,
     pub ops: Vec<WalOp>,
     pub last: u64,
-    pub lease: Lease,
+    epoch: u64,
+    /// Where the stream stands as far as this leader knows (the lease's renewal reads it).
+    position: Arc<AtomicU64>,
+    lease_lost: mpsc::UnboundedReceiver<LogDone>,
 }
 
 /// Why a leader could not start on the stream.
@@ -437,11 +499,19 @@ pub enum StartError {
 pub async fn start(target: &NatsTarget, holder: &str) -> Result<Start, StartError> {
     let nats = Nats::connect(target, Duration::from_secs(5)).await.map_err(StartError::Other)?;
     let (_, kv, lifetime) = nats.check().await.map_err(StartError::Other)?;
-    let lease = Lease::acquire(kv, lifetime, holder).await?;
+    // The holder names this process uniquely, so a renewal that was stored although it timed
+    // out is recognised as its own.
+    let holder = format!("{holder} [{:016x}]", rand::random::<u64>());
+    let lease = Lease::acquire(kv, lifetime, &holder).await?;
+    let epoch = lease.epoch();
+    // Renewed from now on: reading a long log must not let the lease lapse.
+    let position = Arc::new(AtomicU64::new(0));
+    let lease_lost = lease.keep(nats.clone(), holder, position.clone());
     let checkpoint = nats.load_checkpoint().await.map_err(StartError::Other)?;
     let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
     let (ops, last) = nats.read_log(after).await.map_err(StartError::Other)?;
-    Ok(Start { nats, checkpoint, ops, last, lease })
+    position.store(last, Ordering::Release);
+    Ok(Start { nats, checkpoint, ops, last, epoch, position, lease_lost })
 }
 
 /// A standby: waits until the leader's lease lapses (checking the stream first, so a
@@ -470,6 +540,7 @@ pub struct NatsLog {
     backlog: usize,
     groups: mpsc::UnboundedSender<(Vec<u8>, u64)>,
     done: mpsc::UnboundedReceiver<LogDone>,
+    lease_lost: mpsc::UnboundedReceiver<LogDone>,
     /// The stream's last sequence this leader saw acknowledged.
     position: Arc<AtomicU64>,
     /// The position of the checkpoint in the object store.
@@ -482,15 +553,11 @@ pub struct NatsLog {
 impl NatsLog {
     /// Fences the stream at `start.last` (one empty message in this leader's epoch) and starts
     /// the writer and the lease's renewal.
-    pub async fn open(
-        start: Start,
-        holder: String,
-        keep: bool,
-    ) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
-        let Start { nats, checkpoint, ops, last, lease } = start;
+    pub async fn open(start: Start, keep: bool) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
+        let Start { nats, checkpoint, ops, last, epoch, position, lease_lost } = start;
         let names = nats.names();
-        let epoch = lease.epoch();
-        let fence = message(Bytes::new(), last, epoch, false);
+        // The fence follows whatever is last (another writer's message): no message-id chain.
+        let fence = message(Bytes::new(), last, epoch, false, false);
         let ack = nats
             .js
             .send_publish(names.subject.clone(), fence)
@@ -504,10 +571,9 @@ impl NatsLog {
                 ),
                 _ => format!("writing to stream {}: {e}", names.stream),
             })?;
-        let position = Arc::new(AtomicU64::new(ack.sequence));
+        position.store(ack.sequence, Ordering::Release);
         let (groups, rx) = mpsc::unbounded_channel();
         let (done_tx, done) = mpsc::unbounded_channel();
-        lease.keep(holder, done_tx.clone());
         let max = nats.client.server_info().max_payload.saturating_sub(HEADER_ROOM).max(4096);
         let writer = Writer {
             js: nats.js.clone(),
@@ -528,6 +594,7 @@ impl NatsLog {
             backlog: 0,
             groups,
             done,
+            lease_lost,
             position,
             checkpointed,
             keep,
@@ -537,12 +604,19 @@ impl NatsLog {
     }
 }
 
-fn message(payload: Bytes, expected: u64, epoch: u64, more: bool) -> PublishMessage {
+/// A message at stream position `expected + 1`, with id `<epoch>-<position>`. `chained`: it
+/// must also follow this writer's own message at `expected` (`Nats-Expected-Last-Msg-Id`):
+/// with several publishes in flight, a position check alone would let a later one land after
+/// another writer's message if an earlier one was refused.
+fn message(payload: Bytes, expected: u64, epoch: u64, more: bool, chained: bool) -> PublishMessage {
     let mut m = PublishMessage::build()
         .payload(payload)
         .expected_last_sequence(expected)
         .message_id(format!("{epoch}-{}", expected + 1))
         .header(HEADER_EPOCH, epoch.to_string().as_str());
+    if chained {
+        m = m.expected_last_message_id(format!("{epoch}-{expected}"));
+    }
     if more {
         m = m.header(HEADER_MORE, "1");
     }
@@ -571,9 +645,9 @@ impl RecordLog for NatsLog {
 
     fn done(&mut self) -> LogFuture<'_, LogDone> {
         Box::pin(async move {
-            let d = match self.done.recv().await {
-                Some(d) => d,
-                None => LogDone::Deposed { reason: "the JetStream writer stopped".into() },
+            let d = tokio::select! {
+                d = self.done.recv() => d.unwrap_or(LogDone::Deposed { reason: "the JetStream writer stopped".into() }),
+                Some(d) = self.lease_lost.recv() => d,
             };
             if matches!(d, LogDone::Held { .. }) {
                 self.backlog = self.backlog.saturating_sub(1);
@@ -595,11 +669,26 @@ impl RecordLog for NatsLog {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+            // Only a leader whose last write is still the stream's last keeps a checkpoint: one
+            // that was deposed (another server wrote since) must not.
+            let last = self.nats.last_sequence().await?;
+            if last != position {
+                return Err(format!(
+                    "stream {} is at {last}, past this server's position {position}: another server leads",
+                    names.stream
+                ));
+            }
             let store = self.nats.js.get_object_store(&names.checkpoints).await.map_err(|e| e.to_string())?;
+            let name = format!("{CHECKPOINT_PREFIX}{position:020}");
             store
-                .put(CHECKPOINT_OBJECT, &mut bytes.as_slice())
+                .put(name.as_str(), &mut bytes.as_slice())
                 .await
                 .map_err(|e| format!("putting the checkpoint into {}: {e}", names.checkpoints))?;
+            for (_, old) in self.nats.checkpoint_names(&store).await?.into_iter().skip(CHECKPOINTS_KEPT) {
+                if let Err(e) = store.delete(&old).await {
+                    tracing::warn!(error = %e, checkpoint = %old, "deleting an old checkpoint failed");
+                }
+            }
             // What the previous checkpoint held is not needed any more (what came after it is
             // kept, for one checkpoint's slack).
             if self.checkpointed > 0 && !self.keep {
@@ -609,7 +698,7 @@ impl RecordLog for NatsLog {
                 }
             }
             self.checkpointed = position;
-            Ok(format!("{}/{CHECKPOINT_OBJECT} at stream position {position}", names.checkpoints))
+            Ok(format!("{}/{name}", names.checkpoints))
         })
     }
 }
@@ -686,7 +775,7 @@ impl Writer {
 
     /// Publishes a chunk; `None` when it could not even be sent.
     async fn send(&self, c: &Chunk) -> Option<AckFuture> {
-        let m = message(c.payload.clone(), c.expected, self.epoch, c.more);
+        let m = message(c.payload.clone(), c.expected, self.epoch, c.more, true);
         match self.js.send_publish(self.subject.clone(), m).await {
             Ok(f) => Some(Box::pin(f.into_future())),
             Err(e) => {
@@ -721,26 +810,39 @@ impl Writer {
                     self.confirmed(&chunk, ack.sequence);
                     backoff = Duration::from_millis(50);
                 }
-                Err((PublishErrorKind::WrongLastSequence, _)) => match self.stored_as_ours(chunk).await {
-                    Some(true) => {
-                        let (chunk, _) = in_flight.pop_front().expect("front");
-                        self.confirmed(&chunk, chunk.expected + 1);
+                Err((PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId, _)) => {
+                    match self.stored_as_ours(chunk).await {
+                        Some(true) => {
+                            let (chunk, _) = in_flight.pop_front().expect("front");
+                            self.confirmed(&chunk, chunk.expected + 1);
+                        }
+                        Some(false) => {
+                            let _ = self.done.send(LogDone::Deposed {
+                                reason: format!(
+                                    "stream {} holds another writer's message at {}: another server leads",
+                                    self.stream,
+                                    chunk.expected + 1
+                                ),
+                            });
+                            return false;
+                        }
+                        None => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
                     }
-                    Some(false) => {
-                        let _ = self.done.send(LogDone::Deposed {
-                            reason: format!(
-                                "stream {} holds another writer's message at {}: another server leads",
-                                self.stream,
-                                chunk.expected + 1
-                            ),
-                        });
-                        return false;
-                    }
-                    None => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                },
+                }
+                // (No stream, or no responders, is what a publish gets while JetStream elects a
+                // new stream leader: retried like a timeout.)
+                Err((kind @ PublishErrorKind::MaxPayloadExceeded, e)) => {
+                    let _ = self.done.send(LogDone::Deposed {
+                        reason: format!(
+                            "stream {} cannot take this server's writes ({kind}: {e})",
+                            self.stream
+                        ),
+                    });
+                    return false;
+                }
                 Err((_, e)) => {
                     tracing::warn!(error = %e, stream = %self.stream, "a JetStream write failed; retrying");
                     tokio::time::sleep(backoff).await;

@@ -311,7 +311,7 @@ settings! {
 
     ["Durability"]
     checkpoint_dir: opt PathBuf = "none", "Directory for checkpoints (safetensors)";
-    checkpoint_every_s: val f64 = "0", "Checkpoint every this many seconds (0: only at shutdown)";
+    checkpoint_every_s: val f64 = "0", "Checkpoint every this many seconds (0: only at shutdown; with --wal nats://… and no cadence set, every 10 s)";
     checkpoint_every_versions: val u64 = "0", "Checkpoint every this many versions (0: off)";
     resume: opt PathBuf = "none", "Resume from the newest valid checkpoint in this directory";
     wal: switch WalTarget = "false", "Log of acknowledged updates: false (none), true or file (a local file in --checkpoint-dir: a crashed process loses none), or nats://HOST:PORT[,HOST:PORT…]/STREAM (a JetStream stream made by `sparsync nats-init`, with checkpoints in its object store: a lost machine loses none, and a --standby server takes over)";

@@ -112,6 +112,12 @@ pub struct E2eRow {
     /// Largest resident memory of the server sampled while the clients pushed, MB.
     pub server_peak_mb: f64,
     pub raw_tcp_mb_per_s: Option<f64>,
+    /// With a JetStream log: MB/s the same cluster takes from one publisher of 1 MB messages,
+    /// 32 in flight, R = 3 (the log's floor), and the server's MB/s in as a fraction of it.
+    #[serde(default)]
+    pub log_floor_mb_per_s: Option<f64>,
+    #[serde(default)]
+    pub fraction_of_log_floor: Option<f64>,
     /// Server MB/s in as a fraction of raw loopback TCP.
     pub fraction_of_raw: Option<f64>,
     /// The same clients against a sink that only acknowledges: acknowledged pushes per second
@@ -201,6 +207,16 @@ async fn run_configs(
             progress.config(&format!("{clients} clients, 2^{:.1} params{label}", (params as f64).log2()));
             let mut r = one(spec, dir, sweep, clients, params, &args, progress).await?;
             r.wal = wal.to_string();
+            if *wal == "nats" {
+                let cluster = nats.context("no NATS cluster")?;
+                progress.config(&format!("{clients} clients, the JetStream log's floor"));
+                let floor =
+                    log_floor(cluster, &format!("floor-{clients}-{params}"), spec.duration_s.min(5.0))
+                        .await?;
+                progress.advance(spec.duration_s.min(5.0));
+                r.log_floor_mb_per_s = Some(floor);
+                r.fraction_of_log_floor = (floor > 0.0).then(|| r.mb_in_per_s / floor);
+            }
             if i + 1 < wals.len() {
                 rows.push(r);
             } else {
@@ -222,6 +238,37 @@ async fn run_configs(
         rows.push(row);
     }
     Ok(())
+}
+
+/// MB/s of 1 MB messages one publisher gets acknowledged by a fresh stream on `cluster` (R = 3,
+/// 32 publishes in flight) for `seconds`: what the JetStream log can take at best.
+async fn log_floor(
+    cluster: &crate::server::nats::local::LocalCluster,
+    stream: &str,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let target = cluster.init(stream, Duration::from_secs(3)).await.map_err(anyhow::Error::msg)?;
+    let nats = crate::server::nats::Nats::connect(&target, Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let subject = crate::server::nats::Names::of(&target).subject;
+    let payload = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let mut in_flight = std::collections::VecDeque::new();
+    let (start, mut acked) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < seconds {
+        while in_flight.len() < 32 {
+            in_flight.push_back(nats.js.publish(subject.clone(), payload.clone()).await?);
+        }
+        if let Some(f) = in_flight.pop_front() {
+            f.await?;
+            acked += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    for f in in_flight {
+        let _ = f.await;
+    }
+    Ok(acked as f64 * (1 << 20) as f64 / 1e6 / elapsed)
 }
 
 /// A child process that is killed when dropped.
@@ -432,6 +479,8 @@ fn row(
         server_peak_mb: peak_mb,
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
+        log_floor_mb_per_s: None,
+        fraction_of_log_floor: None,
         client_ceiling_updates_per_s: None,
         client_ceiling_mb_per_s: None,
         fraction_of_ceiling: None,
@@ -577,6 +626,8 @@ pub fn table(rows: &[E2eRow]) -> String {
                 format!("{:.0}", r.broadcasts_per_s),
                 r.raw_tcp_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_raw.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+                r.log_floor_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
+                r.fraction_of_log_floor.map_or("-".into(), |v| format!("{:.0}%", 100.0 * v)),
                 r.client_ceiling_updates_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_ceiling.map_or("-".into(), |v| format!("{:.0}%", 100.0 * v)),
                 format!("{:.1}", r.ack_latency_s.p50 * 1e3),
@@ -605,6 +656,8 @@ pub fn table(rows: &[E2eRow]) -> String {
             "bcast/s",
             "raw MB/s",
             "of raw",
+            "log floor MB/s",
+            "of floor",
             "ceiling upd/s",
             "of ceiling",
             "ack p50 ms",

@@ -321,12 +321,18 @@ fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
 pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
     let (magic, payload) = match op {
         WalOp::Push(p) => {
+            // Written in place (a push's frame is most of the log's bytes: copied once).
             let name = p.client_id.as_bytes();
-            let mut payload = Vec::with_capacity(2 + name.len() + p.frame.len());
-            payload.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            payload.extend_from_slice(name);
-            payload.extend_from_slice(&p.frame);
-            (WAL_MAGIC, payload)
+            let nlen = (name.len() as u16).to_le_bytes();
+            let len = (2 + name.len() + p.frame.len()) as u32;
+            out.reserve(16 + len as usize);
+            out.extend_from_slice(WAL_MAGIC);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&fnv64(&[&nlen, name, &p.frame]).to_le_bytes());
+            out.extend_from_slice(&nlen);
+            out.extend_from_slice(name);
+            out.extend_from_slice(&p.frame);
+            return;
         }
         WalOp::Step(s) => {
             let mut payload = Vec::with_capacity(5 + s.items.len() * 24);

@@ -8,11 +8,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Coordinator;
+use crate::config::WalTarget;
 use crate::core::{Effect, Input};
 use crate::protocol::message::ServerMessage;
 use crate::server::durability::{Checkpoint, WalOp};
 use crate::server::log::LogDone;
 use crate::server::outbox::Outbound;
+
+/// Seconds between checkpoints with a JetStream log when neither cadence is set.
+const NATS_CHECKPOINT_S: f64 = 10.0;
 
 /// When the last checkpoint was written (with a log that keeps checkpoints).
 pub(super) struct Durable {
@@ -145,8 +149,15 @@ impl Coordinator {
     pub(super) async fn maybe_checkpoint(&mut self) {
         let Some(d) = &self.durable else { return };
         let version = self.machine.version();
-        let by_time = self.cfg.checkpoint_every_s > 0.0
-            && d.last_at.elapsed() >= Duration::from_secs_f64(self.cfg.checkpoint_every_s);
+        let mut every_s = self.cfg.checkpoint_every_s;
+        if every_s == 0.0
+            && self.cfg.checkpoint_every_versions == 0
+            && matches!(self.cfg.wal, WalTarget::Nats(_))
+        {
+            // A JetStream log with no cadence set: a new leader's replay stays short.
+            every_s = NATS_CHECKPOINT_S;
+        }
+        let by_time = every_s > 0.0 && d.last_at.elapsed() >= Duration::from_secs_f64(every_s);
         let by_versions = self.cfg.checkpoint_every_versions > 0
             && version >= d.last_version + self.cfg.checkpoint_every_versions;
         if (by_time || by_versions)

@@ -9,8 +9,9 @@
 //! warning.
 //!
 //! The WAL (`--wal`) appends every accepted push before its Ack is sent, and starts a new file
-//! at each checkpoint. A record is `SPWL`, payload length (u32), FNV-1a 64 of the payload,
-//! then the payload: client id (u16 length + bytes) and the Push frame. On resume the records
+//! at each checkpoint. A record is `SPW2`, payload length (u32), CRC-32 of the payload (8
+//! bytes), then the payload: client id (u16 length + bytes) and the Push frame (older logs'
+//! `SPWL` records, with FNV-1a 64, are still read). On resume the records
 //! after the checkpoint are replayed in acceptance order; a torn last record (a crash in the
 //! middle of a write, before its Ack) is ignored. Writes go to the operating system before the
 //! Ack, so a crashed process (kill -9) loses no acknowledged push; surviving power loss would
@@ -271,8 +272,21 @@ pub struct Wal {
     path: PathBuf,
 }
 
-const WAL_MAGIC: &[u8; 4] = b"SPWL";
-const WAL_STEP_MAGIC: &[u8; 4] = b"SPWS";
+/// Record kinds: a push and a step, each with its checksum (the first two: FNV-1a 64, written
+/// until 2026-12, still read; the last two: CRC-32, which hardware computes at memory speed).
+const WAL_MAGIC_FNV: &[u8; 4] = b"SPWL";
+const WAL_STEP_MAGIC_FNV: &[u8; 4] = b"SPWS";
+const WAL_MAGIC: &[u8; 4] = b"SPW2";
+const WAL_STEP_MAGIC: &[u8; 4] = b"SPS2";
+
+/// CRC-32 (IEEE) of the parts, as the record's 8-byte checksum field holds it.
+fn crc(parts: &[&[u8]]) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize() as u64
+}
 
 impl Wal {
     /// Starts log file number `seq` (empty) and removes older ones: call it once the checkpoint
@@ -314,10 +328,10 @@ fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     numbered_files(dir, "wal-", ".log")
 }
 
-/// Appends one log record to `out`: `SPWL` (an accepted push: client id, u16 length + bytes,
-/// then the Push frame) or `SPWS` (an applied step: broadcast flag, u32 count, then each push's
-/// client id, seq and weight bits), the payload's length (u32) and FNV-1a 64, then the payload.
-/// The file WAL and the JetStream log hold the same records.
+/// Appends one log record to `out`: `SPW2` (an accepted push: client id, u16 length + bytes,
+/// then the Push frame) or `SPS2` (an applied step: broadcast flag, u32 count, then each push's
+/// client id, seq and weight bits), the payload's length (u32) and its CRC-32 (in 8 bytes),
+/// then the payload. The file WAL and the JetStream log hold the same records.
 pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
     let (magic, payload) = match op {
         WalOp::Push(p) => {
@@ -328,7 +342,7 @@ pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
             out.reserve(16 + len as usize);
             out.extend_from_slice(WAL_MAGIC);
             out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&fnv64(&[&nlen, name, &p.frame]).to_le_bytes());
+            out.extend_from_slice(&crc(&[&nlen, name, &p.frame]).to_le_bytes());
             out.extend_from_slice(&nlen);
             out.extend_from_slice(name);
             out.extend_from_slice(&p.frame);
@@ -350,7 +364,7 @@ pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
     out.reserve(16 + payload.len());
     out.extend_from_slice(magic);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&fnv64(&[&payload]).to_le_bytes());
+    out.extend_from_slice(&crc(&[&payload]).to_le_bytes());
     out.extend_from_slice(&payload);
 }
 
@@ -368,8 +382,10 @@ pub fn decode_records(b: &[u8]) -> (Vec<WalOp>, Option<Torn>) {
     let mut out = Vec::new();
     let mut at = 0;
     while at < b.len() {
-        let step = b.len() >= at + 16 && &b[at..at + 4] == WAL_STEP_MAGIC;
-        let ok = b.len() >= at + 16 && (&b[at..at + 4] == WAL_MAGIC || step);
+        let magic = b.get(at..at + 4).unwrap_or_default();
+        let step = magic == WAL_STEP_MAGIC || magic == WAL_STEP_MAGIC_FNV;
+        let fnv = magic == WAL_MAGIC_FNV || magic == WAL_STEP_MAGIC_FNV;
+        let ok = b.len() >= at + 16 && (step || magic == WAL_MAGIC || magic == WAL_MAGIC_FNV);
         let len =
             if ok { u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize } else { 0 };
         let end = at + 16 + len;
@@ -387,7 +403,7 @@ pub fn decode_records(b: &[u8]) -> (Vec<WalOp>, Option<Torn>) {
             b[at + 15],
         ]);
         let payload = &b[at + 16..end];
-        if fnv64(&[payload]) != sum {
+        if sum != if fnv { fnv64(&[payload]) } else { crc(&[payload]) } {
             return (out, Some(Torn::Corrupt { offset: at }));
         }
         if step {
@@ -538,5 +554,35 @@ mod tests {
         w.append_op(&push("c", b"three")).unwrap();
         assert!(!path.exists());
         assert_eq!(replay(dir.path(), 8).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_of_the_older_fnv_format_are_still_read_and_checked() {
+        let mut payload = vec![1u8, 0, b'a'];
+        payload.extend_from_slice(b"frame");
+        let mut old = Vec::new();
+        old.extend_from_slice(b"SPWL");
+        old.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        old.extend_from_slice(&fnv64(&[&payload]).to_le_bytes());
+        old.extend_from_slice(&payload);
+        let new = WalOp::Push(PendingPush { client_id: "b".into(), frame: Bytes::from_static(b"next") });
+        encode_record(&new, &mut old);
+        let (ops, torn) = decode_records(&old);
+        assert_eq!(torn, None);
+        assert_eq!(
+            ops,
+            vec![
+                WalOp::Push(PendingPush { client_id: "a".into(), frame: Bytes::from_static(b"frame") }),
+                new
+            ]
+        );
+        // A flipped payload byte is caught in either format.
+        let mut bad = old.clone();
+        bad[18] ^= 1;
+        assert_eq!(decode_records(&bad).1, Some(Torn::Corrupt { offset: 0 }));
+        let mut bad = old.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert_eq!(decode_records(&bad), (ops[..1].to_vec(), Some(Torn::Corrupt { offset: 24 })));
     }
 }

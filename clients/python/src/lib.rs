@@ -227,12 +227,86 @@ impl Inner {
     }
 }
 
+impl Client {
+    /// One address: the served model (when not given), then the connection. The error says
+    /// whether another address is worth trying (not after the server refused the Hello: every
+    /// server of a log would).
+    #[allow(clippy::type_complexity)]
+    fn connect_one(
+        py: Python<'_>,
+        rt: &tokio::runtime::Runtime,
+        url: &str,
+        client_id: &str,
+        model: Option<String>,
+        (token, role, device, ca, resume_secret): (
+            Option<String>,
+            Role,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ),
+        timeout: f64,
+    ) -> Result<(Connection, ClientOptions), (PyErr, bool)> {
+        let retry = |e: PyErr| (e, true);
+        let model = match model {
+            Some(m) => m,
+            None => py
+                .import("sparsync._served")
+                .and_then(|m| m.call_method1("served_model", (url, ca.as_deref(), timeout)))
+                .and_then(|v| v.extract::<String>())
+                .map_err(retry)?,
+        };
+        let mut opts = ClientOptions::new(url, client_id, model);
+        opts.token = token;
+        opts.kind = ClientKind::Synthetic;
+        opts.role = role;
+        opts.device = device.or_else(|| Some("python".into()));
+        opts.ca = ca.map(Into::into);
+        opts.resume_secret = resume_secret;
+        opts.timeout = seconds(py, "timeout", timeout).map_err(|e| (e, false))?;
+        let conn = py.detach(|| rt.block_on(Connection::connect(&opts))).map_err(|e| {
+            let refused = matches!(e, ClientError::Refused { .. });
+            (client_error(py, e), !refused)
+        })?;
+        Ok((conn, opts))
+    }
+
+    fn from_connection(
+        conn: Connection,
+        opts: &ClientOptions,
+        first_seq: u64,
+        rt: tokio::runtime::Runtime,
+    ) -> Self {
+        let w = &conn.welcome;
+        let num_params = conn.num_params();
+        Client {
+            session: w.session,
+            resume_secret: w.resume_secret.clone(),
+            model: w.model.clone(),
+            num_params,
+            layout: w.layout.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+            settings: serde_json::to_value(&w.settings).unwrap_or_default(),
+            inner: Mutex::new(Inner {
+                conn: Some(conn),
+                sparsifier: Sparsifier::new(num_params),
+                next_seq: first_seq,
+                inflight: HashMap::new(),
+                answers: std::collections::VecDeque::new(),
+                timeout: opts.timeout,
+            }),
+            rt,
+        }
+    }
+}
+
 #[pymethods]
 impl Client {
     /// Connects, says Hello and waits for the Welcome and the first Snapshot. With `model`
     /// None the client asks the server's `/api/status` which model it serves (one HTTP
     /// request, in `sparsync._served`); a given `model` is an assertion: the server refuses
-    /// the Hello (field `model`) when it serves another.
+    /// the Hello (field `model`) when it serves another. `url` may name several servers,
+    /// comma-separated (a leader and its standby, `serve --standby`): each is tried in turn
+    /// until one serves; the error of the last is raised when none does.
     #[new]
     #[pyo3(signature = (url, client_id, model = None, token = None, role = "trainer", device = None, ca = None, resume_secret = None, timeout = 30.0, first_seq = 1))]
     #[allow(clippy::too_many_arguments)]
@@ -257,46 +331,32 @@ impl Client {
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(error(py, "timeout", "must be a positive number of seconds"));
         }
-        let model = match model {
-            Some(m) => m,
-            None => py
-                .import("sparsync._served")?
-                .call_method1("served_model", (url, ca.as_deref(), timeout))?
-                .extract::<String>()?,
-        };
-        let mut opts = ClientOptions::new(url, client_id, model);
-        opts.token = token;
-        opts.kind = ClientKind::Synthetic;
-        opts.role = role;
-        opts.device = device.or_else(|| Some("python".into()));
-        opts.ca = ca.map(Into::into);
-        opts.resume_secret = resume_secret;
-        opts.timeout = seconds(py, "timeout", timeout)?;
+        let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() {
+            return Err(error(py, "url", "no server address given"));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| error(py, "runtime", e.to_string()))?;
-        let conn = py.detach(|| rt.block_on(Connection::connect(&opts))).map_err(|e| client_error(py, e))?;
-        let w = &conn.welcome;
-        let num_params = conn.num_params();
-        let client = Client {
-            session: w.session,
-            resume_secret: w.resume_secret.clone(),
-            model: w.model.clone(),
-            num_params,
-            layout: w.layout.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
-            settings: serde_json::to_value(&w.settings).unwrap_or_default(),
-            inner: Mutex::new(Inner {
-                conn: Some(conn),
-                sparsifier: Sparsifier::new(num_params),
-                next_seq: first_seq,
-                inflight: HashMap::new(),
-                answers: std::collections::VecDeque::new(),
-                timeout: opts.timeout,
-            }),
-            rt,
-        };
-        Ok(client)
+        let mut last = None;
+        for (i, url) in urls.iter().enumerate() {
+            let attempt = Self::connect_one(
+                py,
+                &rt,
+                url,
+                client_id,
+                model.clone(),
+                (token.clone(), role, device.clone(), ca.clone(), resume_secret.clone()),
+                timeout,
+            );
+            match attempt {
+                Ok((conn, opts)) => return Ok(Self::from_connection(conn, &opts, first_seq, rt)),
+                Err((e, true)) if i + 1 < urls.len() => last = Some(e),
+                Err((e, _)) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| error(py, "url", "no server address given")))
     }
 
     /// The session number the server gave this connection.

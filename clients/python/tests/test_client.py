@@ -376,3 +376,18 @@ def test_wait_ack_finds_answers_other_calls_consumed(server, clients):
     with pytest.raises(SparsyncError) as e:
         c.push(np.zeros(c.num_params, dtype=np.float32), samples=1, loss=1e39)
     assert e.value.field == "loss"
+
+
+def test_several_addresses_are_tried_in_turn(server, clients):
+    # A leader and its standby (`serve --standby`): the first address does not serve, the
+    # second does. Nothing listens on port 1 of the loopback.
+    c = clients(f"ws://127.0.0.1:1/ws, {server.ws}", "py-two-addresses", timeout=5.0)
+    assert c.model == "mlp"
+    # None serving: the last address's error is raised, naming it.
+    with pytest.raises(SparsyncError) as e:
+        Client("ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws", "py-none", model="mlp", timeout=2.0)
+    assert "127.0.0.1:2" in raised(e)
+    # A refusal of the Hello is not tried elsewhere: every server of a log would refuse it.
+    with pytest.raises(SparsyncError) as e:
+        Client(f"{server.ws},ws://127.0.0.1:1/ws", "py-refused", model="cnn", timeout=5.0)
+    assert "model" in raised(e)

@@ -316,7 +316,7 @@ settings! {
     resume: opt PathBuf = "none", "Resume from the newest valid checkpoint in this directory";
     wal: switch WalTarget = "false", "Log of acknowledged updates: false (none), true or file (a local file in --checkpoint-dir: a crashed process loses none), or nats://HOST:PORT[,HOST:PORT…]/STREAM (a JetStream stream made by `sparsync nats-init`, with checkpoints in its object store: a lost machine loses none, and a --standby server takes over)";
     keep_log: flag bool = "false", "With --wal nats://…: keep every record in the stream (by default a checkpoint lets the records before the previous checkpoint go): the whole run stays in the log, for audit or replay";
-    standby: flag bool = "false", "With --wal nats://…: wait until the leader's lease lapses, then take over (replay the stream, listen, serve)";
+    standby: flag bool = "false", "With --wal nats://…: follow the leader's log into this server's engine until the leader's lease lapses, then take over (fence the stream, listen, serve)";
 }
 
 /// Errors reading a config file.

@@ -249,6 +249,24 @@ impl Load {
     }
 }
 
+/// `s` without the terminal colour codes a log may hold.
+fn without_colours(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Every record the stream holds, from its first message.
 async fn stream_ops(target: &str) -> Vec<WalOp> {
     let nats = Nats::connect(&target.parse::<NatsTarget>().unwrap(), Duration::from_secs(5)).await.unwrap();
@@ -391,10 +409,26 @@ async fn leader_killed_under_load_standby_takes_over_nothing_acked_lost() {
     assert!(takeover <= Duration::from_secs(10), "the standby served {takeover:?} after the leader died");
     assert!(seen.iter().all(|s| !s.acked.is_empty()), "every client was acknowledged: {}", summary(&seen));
     assert!(seen.iter().all(|s| s.reconnects > 0), "clients moved to the standby: {}", summary(&seen));
+    // The standby followed the leader: at takeover it had only the last records left to read.
+    let log = standby.log_text();
+    let line = log.lines().find(|l| l.contains("took over the log")).unwrap_or_else(|| panic!("{log}"));
+    let plain = without_colours(line);
+    let left: usize = plain
+        .split("records=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
     // A clean stop: every accepted push applied, a final checkpoint.
     standby.signal("-TERM");
     assert!(standby.wait_exit(Duration::from_secs(30)).success(), "{}", standby.log_text());
     let ops = stream_ops(&target).await;
+    eprintln!("the standby had {left} of the log's {} records left to read at takeover", ops.len());
+    assert!(
+        left * 4 < ops.len(),
+        "the standby read {left} of {} records only at takeover: it did not follow",
+        ops.len()
+    );
     check_exactly_once(&ops, &seen);
     let last = checkpointed_model(&target).await;
     let replayed = serial_replay(dir.path(), &ops).await;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sparsync::config::{ServeFlags, ServerConfig, WalTarget};
+use sparsync::config::{ServeFlags, ServerConfig};
 use sparsync::server::ServerError;
 
 #[derive(clap::Args)]
@@ -33,29 +33,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     serve(cfg, listener, args.ready_file).await
 }
 
-/// `--standby`: waits until the leader's lease lapses, then binds the listener and serves (from
-/// what the stream holds). When another standby took the lease first, waits again.
+/// `--standby`: follows the leader's log (its engine kept current) until the leader's lease
+/// lapses, then takes over, binds the listener and serves. Following that fails (the leader
+/// purged records this standby had not read, NATS went away) starts again from the newest
+/// checkpoint. Stops at SIGINT or SIGTERM.
 async fn standby(cfg: ServerConfig, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let WalTarget::Nats(target) = &cfg.wal else { anyhow::bail!("--standby needs --wal nats://…") };
-    loop {
-        sparsync::server::nats::stand_by(target).await.map_err(anyhow::Error::msg)?;
-        tracing::info!(%target, "the leader's lease lapsed: taking over");
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("binding {}", cfg.listen))?;
-        match serve(cfg.clone(), listener, ready_file.clone()).await {
-            Err(e) if matches!(e.downcast_ref(), Some(ServerError::LeaseHeld(_))) => {
-                tracing::info!(error = %e, "another server took the lease first; standing by again");
-            }
-            // Taking over failed (NATS went away while reading, another server wrote first):
-            // stand by again; the lease this server may hold lapses unrenewed.
-            Err(e) if matches!(e.downcast_ref(), Some(ServerError::Log(_))) => {
-                tracing::warn!(error = %e, "taking over failed; standing by again");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-            other => return other,
+    let signal = super::shutdown_signal();
+    tokio::pin!(signal);
+    let handle = loop {
+        tokio::select! {
+            r = sparsync::server::start_standby(cfg.clone()) => match r {
+                Ok(h) => break h,
+                Err(e @ (ServerError::Log(_) | ServerError::Stopped(_) | ServerError::LeaseHeld(_))) => {
+                    tracing::warn!(error = %e, "standing by failed; starting again from the newest checkpoint");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            },
+            _ = &mut signal => return Ok(()),
         }
+    };
+    let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
+    if let Some(path) = &ready_file {
+        std::fs::write(path, format!("{scheme}://{}", handle.addr))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
+    sparsync::server::serve_until(handle, async move {
+        signal.await;
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(())
 }
 
 async fn serve(

@@ -21,6 +21,13 @@ pub enum Input {
         last_seqs: BTreeMap<String, u64>,
         ops: Vec<WalOp>,
     },
+    /// A standby following the log: records the leader appended, replayed as a recovery does
+    /// but without aggregating what no logged step applied yet (the leader decides that; a
+    /// later [`Input::Recover`], at takeover, does).
+    Follow {
+        last_seqs: BTreeMap<String, u64>,
+        ops: Vec<WalOp>,
+    },
     /// A connection sent Hello; `proven`: its token is the client id's own; `secret`: a resume
     /// secret the shell drew from the operating system's CSPRNG.
     Join {
@@ -96,6 +103,10 @@ impl Machine {
         match input {
             Input::Recover { last_seqs, ops } => {
                 let (found, effects) = self.recover(now, last_seqs, ops);
+                std::iter::once(Effect::Recovered(found)).chain(effects).collect()
+            }
+            Input::Follow { last_seqs, ops } => {
+                let (found, effects) = self.follow(now, last_seqs, ops);
                 std::iter::once(Effect::Recovered(found)).chain(effects).collect()
             }
             Input::Join { hello, proven, secret } => match self.join(now, hello, proven, secret) {

@@ -243,6 +243,9 @@ pub struct Machine {
     unacked: HashMap<PushId, Unacked>,
     next_session: SessionId,
     next_push: PushId,
+    /// Pushes a recovery or a standby's replay read from the log and no logged step applied
+    /// yet, by (client id, seq): a later logged step names them so.
+    replayed_pushes: HashMap<(String, u64), PushId>,
     /// The number of the next log record.
     next_record: u64,
     version: u64,
@@ -290,6 +293,7 @@ impl Machine {
             unacked: HashMap::new(),
             next_session: 1,
             next_push: 1,
+            replayed_pushes: HashMap::new(),
             next_record: 1,
             version,
             replica_version,

@@ -1,12 +1,11 @@
 //! Recovery (a checkpoint and its log replayed into the machine) and what a checkpoint needs
 //! from the machine.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::log::{PendingPush, WalOp};
 use super::{ClientStats, Effect, Machine, Pending, Weights, Work};
-use crate::policy::PushId;
 use crate::protocol::frame::{PushLimits, ValidatedPush};
 
 /// What a recovery found in the checkpoint and its log.
@@ -40,12 +39,37 @@ impl Machine {
         last_seqs: BTreeMap<String, u64>,
         ops: Vec<WalOp>,
     ) -> (Recovered, Vec<Effect>) {
+        let mut found = self.replay(now, last_seqs, ops);
+        found.not_yet_aggregated = self.replayed_pushes.len();
+        self.replayed_pushes.clear();
+        self.work.push_back(Work::Flush);
+        (found, self.finish(now))
+    }
+
+    /// A standby's share of a recovery, as the leader appends: logged pushes become pending and
+    /// logged steps are replayed exactly, but pushes no logged step applied yet stay pending
+    /// (the leader's later records say what becomes of them). [`Machine::recover`] at takeover
+    /// finishes the job.
+    pub fn follow(
+        &mut self,
+        now: Duration,
+        last_seqs: BTreeMap<String, u64>,
+        ops: Vec<WalOp>,
+    ) -> (Recovered, Vec<Effect>) {
+        let mut found = self.replay(now, last_seqs, ops);
+        found.not_yet_aggregated = self.replayed_pushes.len();
+        (found, self.finish(now))
+    }
+
+    /// Queues what `ops` hold: pushes pending (by client id and seq in `replayed_pushes`), and
+    /// logged steps as steps with their logged weights.
+    fn replay(&mut self, now: Duration, last_seqs: BTreeMap<String, u64>, ops: Vec<WalOp>) -> Recovered {
         for (id, seq) in last_seqs {
             self.clients.insert(id, ClientStats { last_seq: Some(seq), ..Default::default() });
         }
         let n = self.layout.num_params() as u64;
         let limits = PushLimits { num_params: n, max_nnz: n };
-        let mut by_seq: HashMap<(String, u64), PushId> = HashMap::new();
+        let mut by_seq = std::mem::take(&mut self.replayed_pushes);
         let mut found = Recovered::default();
         for op in ops {
             match op {
@@ -95,9 +119,8 @@ impl Machine {
                 }
             }
         }
-        found.not_yet_aggregated = by_seq.len();
-        self.work.push_back(Work::Flush);
-        (found, self.finish(now))
+        self.replayed_pushes = by_seq;
+        found
     }
 
     /// What a checkpoint holds besides the engine's state: the accepted pushes not aggregated

@@ -311,7 +311,43 @@ pub async fn start_taped(
         .await
         .map_err(|e| ServerError::Stopped(e.to_string()))??
     };
-    start_inner(cfg, listener, layout, engine, resume, log, tape).await
+    start_inner(cfg, Listen::Bound(listener), layout, engine, Parts { resume, log, follower: None, tape })
+        .await
+}
+
+/// A standby (`serve --standby` with `--wal nats://…`): reads the newest checkpoint and the
+/// records after it, follows what the leader appends while it holds the lease, then takes
+/// over and binds `cfg.listen`. Returns once it serves (or fails).
+pub async fn start_standby(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    cfg.validate()?;
+    let WalTarget::Nats(target) = &cfg.wal else {
+        return Err(ServerError::Log("--standby needs --wal nats://…".into()));
+    };
+    let (layout, values) = load_model(&cfg)?;
+    let (follower, checkpoint, ops) = nats::Follower::start(target).await.map_err(ServerError::Log)?;
+    if let Some(c) = &checkpoint {
+        same_layout(c, &layout, &format!("{target}"))?;
+    }
+    tracing::info!(%target, records = ops.len(), "standby: read the checkpoint and the log");
+    let mut resume = coordinator::Resume::from_checkpoint(checkpoint.as_ref(), ops);
+    resume.following = true;
+    let engine = {
+        let cfg = cfg.clone();
+        let state = checkpoint.map(|c| c.state);
+        tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
+            let mut e = build_engine(&cfg, values)?;
+            if let Some(s) = state {
+                e.load_state(&s)?;
+            }
+            Ok(e)
+        })
+        .await
+        .map_err(|e| ServerError::Stopped(e.to_string()))??
+    };
+    let listen = cfg.listen;
+    let parts =
+        Parts { resume: Some(resume), log: Box::new(log::NoLog), follower: Some(follower), tape: None };
+    start_inner(cfg, Listen::Later(listen), layout, engine, parts).await
 }
 
 /// The log of a server without a JetStream log: checkpoints (and with `--wal`, the file WAL)
@@ -356,7 +392,7 @@ pub async fn start_with(
     engine: Box<dyn Aggregator>,
 ) -> Result<ServerHandle, ServerError> {
     let log = local_log(&cfg);
-    start_inner(cfg, listener, layout, engine, None, log, None).await
+    start_inner(cfg, Listen::Bound(listener), layout, engine, Parts::new(log, None)).await
 }
 
 /// File descriptors the server needs beyond one per connection (files, the listener, the
@@ -389,7 +425,7 @@ pub async fn start_with_tape(
     tape: Tape,
 ) -> Result<ServerHandle, ServerError> {
     let log = local_log(&cfg);
-    start_inner(cfg, listener, layout, engine, None, log, Some(tape)).await
+    start_inner(cfg, Listen::Bound(listener), layout, engine, Parts::new(log, Some(tape))).await
 }
 
 /// The default frame limit of a model of `n` parameters: a Push of every parameter (a 40-byte
@@ -400,15 +436,35 @@ pub fn derived_frame_limit(n: usize) -> usize {
     crate::protocol::frame::PUSH_HEADER_LEN + 6 * n + crate::protocol::message::MAX_CONTROL_BYTES
 }
 
-async fn start_inner(
-    cfg: ServerConfig,
-    listener: TcpListener,
-    layout: ModelLayout,
-    engine: Box<dyn Aggregator>,
+/// Where a server listens: a socket bound already, or an address bound once the coordinator
+/// is ready (a standby binds when it takes over, so that clients find the leader meanwhile).
+enum Listen {
+    Bound(TcpListener),
+    Later(SocketAddr),
+}
+
+/// What a server is built from besides its config and engine.
+struct Parts {
     resume: Option<coordinator::Resume>,
     log: Box<dyn RecordLog>,
+    follower: Option<nats::Follower>,
     tape: Option<Tape>,
+}
+
+impl Parts {
+    fn new(log: Box<dyn RecordLog>, tape: Option<Tape>) -> Self {
+        Self { resume: None, log, follower: None, tape }
+    }
+}
+
+async fn start_inner(
+    cfg: ServerConfig,
+    listener: Listen,
+    layout: ModelLayout,
+    engine: Box<dyn Aggregator>,
+    parts: Parts,
 ) -> Result<ServerHandle, ServerError> {
+    let Parts { resume, log, follower, tape } = parts;
     cfg.validate()?;
     let mut cfg = cfg;
     if cfg.max_frame_bytes == 0 {
@@ -425,7 +481,6 @@ async fn start_inner(
         auth.load_file(f)?;
     }
     let tls = tls_acceptor(&cfg)?;
-    let addr = listener.local_addr()?;
     let cfg = Arc::new(cfg);
     let n = layout.num_params() as u64;
     let (tx, rx) = mpsc::channel(1024);
@@ -443,6 +498,7 @@ async fn start_inner(
         metrics: metrics.clone(),
         resume,
         log,
+        follower,
         record: record.clone(),
         tape,
     })?;
@@ -465,7 +521,14 @@ async fn start_inner(
     // checkpoint and its WAL hold: no one sees the empty state of a server that is resuming.
     let mut first_status = shared.status.clone();
     let coordinator = tokio::spawn(coordinator.run());
-    let _ = first_status.changed().await;
+    if first_status.changed().await.is_err() {
+        return Err(ServerError::Stopped("the coordinator stopped before serving (see the log)".into()));
+    }
+    let listener = match listener {
+        Listen::Bound(l) => l,
+        Listen::Later(a) => TcpListener::bind(a).await?,
+    };
+    let addr = listener.local_addr()?;
     let router = http::router(shared.clone());
     let limits = listener::Limits {
         max_connections: cfg.max_clients,
@@ -496,6 +559,15 @@ pub async fn run<E: From<ServerError>>(
     until: impl std::future::Future<Output = Result<(), E>>,
 ) -> Result<ModelState, E> {
     let handle = start(cfg, listener).await?;
+    serve_until(handle, until).await
+}
+
+/// Serves until `until` resolves (then shuts down cleanly) or another server takes over the
+/// log (then fails with [`ServerError::Deposed`]).
+pub async fn serve_until<E: From<ServerError>>(
+    handle: ServerHandle,
+    until: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<ModelState, E> {
     // The coordinator stops by itself only when another server took over the log.
     let mut status = handle.shared.status.clone();
     let stopped = async move { while status.changed().await.is_ok() {} };

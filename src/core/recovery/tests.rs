@@ -78,3 +78,34 @@ fn a_replayed_step_appends_no_record_and_a_step_for_unapplied_pushes_does() {
     assert_eq!(appends(&fx)[0].iter().map(|i| (i.0.as_str(), i.1)).collect::<Vec<_>>(), [("a", 6)]);
     assert_eq!(m.version(), 2);
 }
+
+#[test]
+fn a_standby_follows_the_log_and_aggregates_the_rest_only_when_it_takes_over() {
+    let cfg = config(PolicyKind::Asp, |c| c.max_batch = 2);
+    let mut m = machine(&cfg);
+    let frame = |seq| PendingPush { client_id: "a".into(), frame: push(seq, 0).frame().clone() };
+    // The leader's records arrive in pieces: pushes first, the step that applied them later.
+    let (found, fx) = m.follow(t(0), BTreeMap::new(), vec![WalOp::Push(frame(4)), WalOp::Push(frame(5))]);
+    assert_eq!(found.not_yet_aggregated, 2);
+    assert!(step_of(&fx).is_none(), "a standby does not aggregate what the leader has not");
+    let step = LoggedStep { items: vec![("a".into(), 5, 0.5), ("a".into(), 4, 0.5)], broadcast: false };
+    let (_, fx) = m.follow(t(1), BTreeMap::new(), vec![WalOp::Step(step), WalOp::Push(frame(6))]);
+    let job = step_of(&fx).expect("the logged step, replayed");
+    assert_eq!(
+        job.updates.iter().map(|(p, w)| (p.header().seq, *w)).collect::<Vec<_>>(),
+        [(5, 0.5), (4, 0.5)]
+    );
+    let fx = m.step_done(t(1), Ok(outcome(&m, job)));
+    assert!(step_of(&fx).is_none(), "push 6 waits for the leader");
+    assert_eq!(m.version(), 1);
+    // Taking over: the rest is aggregated (and logged, as a new step).
+    let (found, fx) = m.recover(t(2), BTreeMap::new(), Vec::new());
+    assert_eq!(found.not_yet_aggregated, 1);
+    let job = step_of(&fx).expect("push 6 aggregated at takeover");
+    assert_eq!(job.updates.iter().map(|(p, _)| p.header().seq).collect::<Vec<_>>(), [6]);
+    // The seqs the standby read hold: a replay of seq 6 by a new session of "a" is refused.
+    let fx = m.step_done(t(2), Ok(outcome(&m, job)));
+    let _ = fx;
+    let s = join(&mut m, "a");
+    assert_eq!(rejects(&m.push_logged(t(3), s, push(6, 0), &mut NoLog)), [(6, "seq".to_string())]);
+}

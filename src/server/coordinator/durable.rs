@@ -13,6 +13,7 @@ use crate::core::{Effect, Input};
 use crate::protocol::message::ServerMessage;
 use crate::server::durability::{Checkpoint, WalOp};
 use crate::server::log::LogDone;
+use crate::server::nats::{Follower, NatsLog, StartError};
 use crate::server::outbox::Outbound;
 
 /// Seconds between checkpoints with a JetStream log when neither cadence is set.
@@ -30,6 +31,8 @@ pub(super) struct Durable {
 pub struct Resume {
     pub last_seqs: std::collections::BTreeMap<String, u64>,
     pub ops: Vec<WalOp>,
+    /// A standby's start: the pushes no logged step applied stay pending (the leader decides).
+    pub following: bool,
 }
 
 impl Resume {
@@ -38,7 +41,7 @@ impl Resume {
         let mut ops: Vec<WalOp> =
             c.map(|c| c.pending.iter().cloned().map(WalOp::Push).collect()).unwrap_or_default();
         ops.extend(log);
-        Self { last_seqs: c.map(|c| c.registry.clone()).unwrap_or_default(), ops }
+        Self { last_seqs: c.map(|c| c.registry.clone()).unwrap_or_default(), ops, following: false }
     }
 }
 
@@ -122,7 +125,12 @@ impl Coordinator {
             // Replayed steps are in the log already; the steps formed for pushes no logged
             // step applied are appended like any other (a local file WAL opens only with the
             // checkpoint below, which holds them).
-            let mut effects = self.core(Input::Recover { last_seqs: r.last_seqs, ops: r.ops });
+            let input = if r.following {
+                Input::Follow { last_seqs: r.last_seqs, ops: r.ops }
+            } else {
+                Input::Recover { last_seqs: r.last_seqs, ops: r.ops }
+            };
+            let mut effects = self.core(input);
             let found = match effects.first() {
                 Some(Effect::Recovered(found)) => *found,
                 _ => Default::default(),
@@ -140,10 +148,54 @@ impl Coordinator {
                 );
             }
         }
+        if let Some(f) = self.follower.take() {
+            self.follow_then_lead(f).await?;
+        }
         if self.durable.is_some() {
             self.checkpoint().await?;
         }
         Ok(())
+    }
+
+    /// A standby: replays what the leader appends as it comes, so that the engine is current;
+    /// once the leader's lease lapses, takes it, reads the last records, fences the stream,
+    /// aggregates the pushes no logged step applied (logged, like any step) and returns, to
+    /// serve.
+    async fn follow_then_lead(&mut self, mut f: Follower) -> Result<(), String> {
+        tracing::info!(version = self.machine.version(), "standing by: following the leader's log");
+        let holder = format!("sparsync (pid {}) at {}", std::process::id(), self.cfg.listen);
+        loop {
+            if f.lease_free().await {
+                match f.take_over(&holder).await {
+                    Ok((start, rest)) => {
+                        let (log, _, _) = NatsLog::open(start, self.cfg.keep_log).await?;
+                        self.log = Box::new(log);
+                        self.durable =
+                            Some(Durable { last_at: Instant::now(), last_version: self.machine.version() });
+                        let records = rest.len();
+                        self.replay(Input::Recover { last_seqs: Default::default(), ops: rest }).await;
+                        tracing::info!(records, version = self.machine.version(), "took over the log");
+                        return Ok(());
+                    }
+                    Err(StartError::LeaseHeld(m)) => {
+                        tracing::info!(%m, "another standby leads now; following it")
+                    }
+                    Err(StartError::Other(m)) => return Err(m),
+                }
+            }
+            let ops = f.next(f.lease_period()).await?;
+            if !ops.is_empty() {
+                self.replay(Input::Follow { last_seqs: Default::default(), ops }).await;
+            }
+        }
+    }
+
+    /// Hands a recovery's or a standby's records to the core and waits for the engine.
+    async fn replay(&mut self, input: Input) {
+        let mut effects = self.core(input);
+        effects.retain(|e| !matches!(e, Effect::Recovered(_)));
+        self.apply(effects).await;
+        self.settle().await;
     }
 
     pub(super) async fn maybe_checkpoint(&mut self) {

@@ -96,6 +96,9 @@ pub struct CoordinatorParts {
     pub resume: Option<Resume>,
     /// Where records and checkpoints go.
     pub log: Box<dyn RecordLog>,
+    /// A standby's follower of the leader's JetStream log (`serve --standby`): the
+    /// coordinator replays the leader's records until it takes over, before it serves.
+    pub follower: Option<crate::server::nats::Follower>,
     /// Where events are recorded (shared with `/api/record`).
     pub record: SharedRecord,
     /// Keeps every input to the core and the effects it gave (tests replay it).
@@ -147,6 +150,7 @@ pub struct Coordinator {
     deposed: bool,
     /// What to replay before serving.
     resume: Option<Resume>,
+    follower: Option<crate::server::nats::Follower>,
     tape: Option<Tape>,
 }
 
@@ -180,6 +184,7 @@ impl Coordinator {
             log: p.log,
             deposed: false,
             resume: p.resume,
+            follower: p.follower,
             tape: p.tape,
         })
     }

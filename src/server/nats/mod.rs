@@ -20,10 +20,11 @@
 //! position it names. A group whose chunks stop before its last (its writer died mid-group,
 //! so none of its records were acknowledged) is dropped.
 //!
-//! Leadership: the leader creates the lease key and renews it every third of its lifetime; a
-//! standby waits until it lapses, creates it, replays, writes one empty message that fences
-//! the stream at the position it read, and serves. A leader that fails to renew, or whose write
-//! is refused, stops serving at once.
+//! Leadership: the leader creates the lease key and renews it every third of its lifetime. A
+//! standby ([`Follower`]) replays the leader's records into its own engine as they come; when
+//! the lease lapses it creates it, reads the last records, writes one empty message that
+//! fences the stream at the position it read, and serves. A leader that finds another holding
+//! its lease, or whose write is refused, stops serving at once.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -343,6 +344,11 @@ impl Groups {
         Ok(())
     }
 
+    /// The records of the groups completed so far.
+    fn drain(&mut self) -> Vec<WalOp> {
+        std::mem::take(&mut self.ops)
+    }
+
     fn finish(self) -> Vec<WalOp> {
         if self.open.is_some() {
             tracing::warn!(
@@ -382,32 +388,6 @@ impl Lease {
                 )))
             }
             Err(e) => Err(StartError::Other(format!("taking the lease: {e}"))),
-        }
-    }
-
-    /// Waits until nobody holds the lease (a standby).
-    pub async fn wait_until_free(kv: &jetstream::kv::Store, lifetime: Duration) {
-        let mut said = false;
-        loop {
-            match kv.entry(LEASE_KEY).await {
-                Ok(None) => return,
-                Ok(Some(e))
-                    if matches!(
-                        e.operation,
-                        jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge
-                    ) =>
-                {
-                    return;
-                }
-                Ok(Some(e)) => {
-                    if !said {
-                        tracing::info!(leader = %String::from_utf8_lossy(&e.value), "standing by");
-                        said = true;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "reading the lease"),
-            }
-            tokio::time::sleep(lifetime / 10).await;
         }
     }
 
@@ -479,6 +459,8 @@ pub struct Start {
     pub checkpoint: Option<Checkpoint>,
     pub ops: Vec<WalOp>,
     pub last: u64,
+    /// The position of the newest checkpoint (what a new checkpoint may purge up to).
+    checkpointed: u64,
     epoch: u64,
     /// Where the stream stands as far as this leader knows (the lease's renewal reads it).
     position: Arc<AtomicU64>,
@@ -511,16 +493,134 @@ pub async fn start(target: &NatsTarget, holder: &str) -> Result<Start, StartErro
     let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
     let (ops, last) = nats.read_log(after).await.map_err(StartError::Other)?;
     position.store(last, Ordering::Release);
-    Ok(Start { nats, checkpoint, ops, last, epoch, position, lease_lost })
+    Ok(Start { nats, checkpointed: after, checkpoint, ops, last, epoch, position, lease_lost })
 }
 
-/// A standby: waits until the leader's lease lapses (checking the stream first, so a
-/// misconfigured standby fails at once rather than at takeover).
-pub async fn stand_by(target: &NatsTarget) -> Result<(), String> {
-    let nats = Nats::connect(target, Duration::from_secs(5)).await?;
-    let (_, kv, lifetime) = nats.check().await?;
-    Lease::wait_until_free(&kv, lifetime).await;
-    Ok(())
+/// A standby that follows the stream while the leader holds the lease: it read the newest
+/// checkpoint and the records after it, and reads what the leader appends as it comes, so that
+/// its engine is current when it takes over.
+pub struct Follower {
+    nats: Nats,
+    kv: jetstream::kv::Store,
+    lifetime: Duration,
+    checkpointed: u64,
+    messages: jetstream::consumer::pull::Ordered,
+    /// The stream sequence expected next.
+    next: u64,
+    groups: Groups,
+}
+
+impl Follower {
+    /// Connects, checks, and reads the newest checkpoint and every record after it (no lease).
+    pub async fn start(target: &NatsTarget) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
+        let nats = Nats::connect(target, Duration::from_secs(5)).await?;
+        let (mut stream, kv, lifetime) = nats.check().await?;
+        let checkpoint = nats.load_checkpoint().await?;
+        let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
+        let (ops, last) = nats.read_log(after).await?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("following stream {}: {e}", target.stream))?;
+        let messages =
+            consumer.messages().await.map_err(|e| format!("following stream {}: {e}", target.stream))?;
+        let _ = stream.info().await;
+        let me = Self {
+            nats,
+            kv,
+            lifetime,
+            checkpointed: after,
+            messages,
+            next: last + 1,
+            groups: Groups::default(),
+        };
+        Ok((me, checkpoint, ops))
+    }
+
+    /// The records the leader appended since the last call: waits up to `wait` for the first
+    /// message, then takes what has arrived.
+    pub async fn next(&mut self, wait: Duration) -> Result<Vec<WalOp>, String> {
+        let mut got = match tokio::time::timeout(wait, self.messages.next()).await {
+            Ok(m) => m,
+            Err(_) => return Ok(Vec::new()),
+        };
+        for _ in 0..4096 {
+            let Some(m) = got else { return Err("the stream's consumer ended".into()) };
+            self.take(m)?;
+            match futures_util::FutureExt::now_or_never(self.messages.next()) {
+                Some(m) => got = m,
+                None => break,
+            }
+        }
+        Ok(self.groups.drain())
+    }
+
+    fn take(
+        &mut self,
+        m: Result<jetstream::Message, jetstream::consumer::pull::OrderedError>,
+    ) -> Result<(), String> {
+        let m = m.map_err(|e| format!("following the stream: {e}"))?;
+        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        if seq != self.next {
+            return Err(format!(
+                "the stream skipped from {} to {seq}: the leader purged records this standby had not read yet; restart it",
+                self.next
+            ));
+        }
+        self.next += 1;
+        self.groups.take(seq, m.headers.as_ref(), &m.payload)
+    }
+
+    /// Whether nobody holds the lease.
+    pub async fn lease_free(&mut self) -> bool {
+        match self.kv.entry(LEASE_KEY).await {
+            Ok(None) => true,
+            Ok(Some(e)) => e.operation != jetstream::kv::Operation::Put,
+            Err(_) => false,
+        }
+    }
+
+    /// How often to look at the lease.
+    pub fn lease_period(&self) -> Duration {
+        self.lifetime / 10
+    }
+
+    /// Takes the lease and reads the stream to its end: a [`Start`] for [`NatsLog::open`]
+    /// (no checkpoint or records in it: the follower applied them) and the records not yet
+    /// handed out. On [`StartError::LeaseHeld`] the follower goes on following.
+    pub async fn take_over(&mut self, holder: &str) -> Result<(Start, Vec<WalOp>), StartError> {
+        let holder = format!("{holder} [{:016x}]", rand::random::<u64>());
+        let lease = Lease::acquire(self.kv.clone(), self.lifetime, &holder).await?;
+        let epoch = lease.epoch();
+        let position = Arc::new(AtomicU64::new(0));
+        let lease_lost = lease.keep(self.nats.clone(), holder, position.clone());
+        let last = self.nats.last_sequence().await.map_err(StartError::Other)?;
+        while self.next <= last {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+                .await
+                .map_err(|_| StartError::Other("reading the stream's last records timed out".into()))?;
+            let Some(m) = m else { return Err(StartError::Other("the stream's consumer ended".into())) };
+            self.take(m).map_err(StartError::Other)?;
+        }
+        let rest = std::mem::take(&mut self.groups).finish();
+        position.store(last, Ordering::Release);
+        let start = Start {
+            nats: self.nats.clone(),
+            checkpoint: None,
+            ops: Vec::new(),
+            last,
+            checkpointed: self.checkpointed,
+            epoch,
+            position,
+            lease_lost,
+        };
+        Ok((start, rest))
+    }
 }
 
 /// One message to publish.
@@ -554,7 +654,7 @@ impl NatsLog {
     /// Fences the stream at `start.last` (one empty message in this leader's epoch) and starts
     /// the writer and the lease's renewal.
     pub async fn open(start: Start, keep: bool) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
-        let Start { nats, checkpoint, ops, last, epoch, position, lease_lost } = start;
+        let Start { nats, checkpoint, ops, last, checkpointed, epoch, position, lease_lost } = start;
         let names = nats.names();
         // The fence follows whatever is last (another writer's message): no message-id chain.
         let fence = message(Bytes::new(), last, epoch, false, false);
@@ -586,7 +686,6 @@ impl NatsLog {
             done: done_tx,
         };
         tokio::spawn(writer.run(rx));
-        let checkpointed = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
         tracing::info!(stream = %names.stream, epoch, position = ack.sequence, "leading the JetStream log");
         let log = Self {
             buf: Vec::new(),

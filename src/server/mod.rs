@@ -96,6 +96,9 @@ pub enum ServerError {
     /// Another server leads the JetStream log (a standby waits and tries again).
     #[error("log: {0}")]
     LeaseHeld(String),
+    /// The JetStream log is not set up for this (a standby does not try again).
+    #[error("log: {0}")]
+    LogSetup(String),
     #[error("this server stopped leading the log (another server leads it now)")]
     Deposed,
     #[error("the coordinator stopped: {0}")]
@@ -271,10 +274,7 @@ pub async fn start_taped(
     ) = match &cfg.wal {
         WalTarget::Nats(target) => {
             let holder = format!("sparsync (pid {}) at {}", std::process::id(), listener.local_addr()?);
-            let start = nats::start(target, &holder).await.map_err(|e| match e {
-                nats::StartError::LeaseHeld(m) => ServerError::LeaseHeld(m),
-                nats::StartError::Other(m) => ServerError::Log(m),
-            })?;
+            let start = nats::start(target, &holder).await.map_err(start_error)?;
             let (log, c, ops) = nats::NatsLog::open(start, cfg.keep_log).await.map_err(ServerError::Log)?;
             if let Some(c) = &c {
                 same_layout(c, &layout, &format!("{target}"))?;
@@ -324,7 +324,10 @@ pub async fn start_standby(cfg: ServerConfig) -> Result<ServerHandle, ServerErro
         return Err(ServerError::Log("--standby needs --wal nats://…".into()));
     };
     let (layout, values) = load_model(&cfg)?;
-    let (follower, checkpoint, ops) = nats::Follower::start(target).await.map_err(ServerError::Log)?;
+    // The port is taken now (a standby that cannot listen must not take over), listened on
+    // once it serves.
+    let socket = reserve(cfg.listen)?;
+    let (follower, checkpoint, ops) = nats::Follower::start(target).await.map_err(start_error)?;
     if let Some(c) = &checkpoint {
         same_layout(c, &layout, &format!("{target}"))?;
     }
@@ -344,10 +347,26 @@ pub async fn start_standby(cfg: ServerConfig) -> Result<ServerHandle, ServerErro
         .await
         .map_err(|e| ServerError::Stopped(e.to_string()))??
     };
-    let listen = cfg.listen;
     let parts =
         Parts { resume: Some(resume), log: Box::new(log::NoLog), follower: Some(follower), tape: None };
-    start_inner(cfg, Listen::Later(listen), layout, engine, parts).await
+    start_inner(cfg, Listen::Later(socket), layout, engine, parts).await
+}
+
+/// A socket bound to `addr` that does not listen yet (connections to it are refused).
+fn reserve(addr: SocketAddr) -> Result<tokio::net::TcpSocket, ServerError> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+fn start_error(e: nats::StartError) -> ServerError {
+    match e {
+        nats::StartError::LeaseHeld(m) => ServerError::LeaseHeld(m),
+        nats::StartError::Setup(m) => ServerError::LogSetup(m),
+        nats::StartError::Other(m) => ServerError::Log(m),
+    }
 }
 
 /// The log of a server without a JetStream log: checkpoints (and with `--wal`, the file WAL)
@@ -440,7 +459,7 @@ pub fn derived_frame_limit(n: usize) -> usize {
 /// is ready (a standby binds when it takes over, so that clients find the leader meanwhile).
 enum Listen {
     Bound(TcpListener),
-    Later(SocketAddr),
+    Later(tokio::net::TcpSocket),
 }
 
 /// What a server is built from besides its config and engine.
@@ -526,7 +545,7 @@ async fn start_inner(
     }
     let listener = match listener {
         Listen::Bound(l) => l,
-        Listen::Later(a) => TcpListener::bind(a).await?,
+        Listen::Later(socket) => socket.listen(1024)?,
     };
     let addr = listener.local_addr()?;
     let router = http::router(shared.clone());

@@ -148,6 +148,10 @@ impl Coordinator {
                 );
             }
         }
+        if self.engine_failed.load(std::sync::atomic::Ordering::Acquire) {
+            // Logged steps it could not replay: a checkpoint now would drop them from the log.
+            return Err("the engine failed while replaying the log".into());
+        }
         if let Some(f) = self.follower.take() {
             self.follow_then_lead(f).await?;
         }
@@ -180,12 +184,16 @@ impl Coordinator {
                     Err(StartError::LeaseHeld(m)) => {
                         tracing::info!(%m, "another standby leads now; following it")
                     }
-                    Err(StartError::Other(m)) => return Err(m),
+                    Err(StartError::Other(m) | StartError::Setup(m)) => return Err(m),
                 }
             }
             let ops = f.next(f.lease_period()).await?;
             if !ops.is_empty() {
                 self.replay(Input::Follow { last_seqs: Default::default(), ops }).await;
+            }
+            if self.engine_failed.load(std::sync::atomic::Ordering::Acquire) {
+                // Its model no longer holds what the log says: it must not take over.
+                return Err("the engine failed while following the log".into());
             }
         }
     }
@@ -228,6 +236,7 @@ impl Coordinator {
         if self.deposed {
             return Err("deposed: another server leads the log".into());
         }
+
         if self.durable.is_none() {
             return Err("no checkpoint directory".into());
         }

@@ -54,6 +54,8 @@ const CHECKPOINT_PREFIX: &str = "checkpoint-";
 const CHECKPOINTS_KEPT: usize = 2;
 /// Headroom under `max_payload` for a chunk's headers.
 const HEADER_ROOM: usize = 1024;
+/// How long a starting server waits for a cluster that does not answer yet.
+const START_PATIENCE: Duration = Duration::from_secs(30);
 /// Groups a leader may have published and not yet seen acknowledged.
 const MAX_IN_FLIGHT: usize = 32;
 
@@ -164,11 +166,28 @@ impl Nats {
     pub async fn check(&self) -> Result<(jetstream::stream::Stream, jetstream::kv::Store, Duration), String> {
         let n = self.names();
         let hint = init_hint(&self.target);
-        let mut stream = self
-            .js
-            .get_stream(&n.stream)
-            .await
-            .map_err(|e| format!("JetStream stream {:?}: {e}; {hint}", n.stream))?;
+        // A cluster that has just started (or is electing leaders) may not answer at once: only
+        // a stream that does not exist is refused at once.
+        let deadline = tokio::time::Instant::now() + START_PATIENCE;
+        let mut stream = loop {
+            match self.js.get_stream(&n.stream).await {
+                Ok(s) => break s,
+                Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    return Err(format!("JetStream stream {:?} does not exist; {hint}", n.stream));
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(format!(
+                        "NATS did not answer about stream {:?} within {START_PATIENCE:?}: {e}",
+                        n.stream
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %n.stream, "NATS did not answer; asking again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
         let info = stream.info().await.map_err(|e| format!("stream {:?}: {e}", n.stream))?;
         if !info.config.subjects.iter().any(|s| s == &n.subject) {
             return Err(format!(
@@ -295,9 +314,21 @@ impl Nats {
         let mut messages =
             consumer.messages().await.map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
         let mut groups = Groups::default();
+        let mut next = after + 1;
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
             let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+            if seq < next {
+                // A consumer the client recreated may deliver from further back: read already.
+                continue;
+            }
+            if seq > next {
+                return Err(format!(
+                    "stream {:?} skipped from {next} to {seq}: records were removed",
+                    n.stream
+                ));
+            }
+            next += 1;
             groups.take(seq, m.headers.as_ref(), &m.payload)?;
             if seq >= last {
                 break;
@@ -473,6 +504,9 @@ pub enum StartError {
     /// Another server holds the lease.
     #[error("{0}")]
     LeaseHeld(String),
+    /// The stream, its object store or its lease bucket is missing or not set up for this.
+    #[error("{0}")]
+    Setup(String),
     #[error("{0}")]
     Other(String),
 }
@@ -480,7 +514,7 @@ pub enum StartError {
 /// Connects, checks, takes the lease and reads the checkpoint and the stream after it.
 pub async fn start(target: &NatsTarget, holder: &str) -> Result<Start, StartError> {
     let nats = Nats::connect(target, Duration::from_secs(5)).await.map_err(StartError::Other)?;
-    let (_, kv, lifetime) = nats.check().await.map_err(StartError::Other)?;
+    let (_, kv, lifetime) = nats.check().await.map_err(StartError::Setup)?;
     // The holder names this process uniquely, so a renewal that was stored although it timed
     // out is recognised as its own.
     let holder = format!("{holder} [{:016x}]", rand::random::<u64>());
@@ -512,16 +546,28 @@ pub struct Follower {
 
 impl Follower {
     /// Connects, checks, and reads the newest checkpoint and every record after it (no lease).
-    pub async fn start(target: &NatsTarget) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
-        let nats = Nats::connect(target, Duration::from_secs(5)).await?;
-        let (mut stream, kv, lifetime) = nats.check().await?;
+    pub async fn start(target: &NatsTarget) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), StartError> {
+        let nats = Nats::connect(target, Duration::from_secs(5)).await.map_err(StartError::Other)?;
+        let (stream, kv, lifetime) = nats.check().await.map_err(StartError::Setup)?;
+        Self::read(nats, stream, kv, lifetime, target).await.map_err(StartError::Other)
+    }
+
+    async fn read(
+        nats: Nats,
+        mut stream: jetstream::stream::Stream,
+        kv: jetstream::kv::Store,
+        lifetime: Duration,
+        target: &NatsTarget,
+    ) -> Result<(Self, Option<Checkpoint>, Vec<WalOp>), String> {
         let checkpoint = nats.load_checkpoint().await?;
         let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
-        let (ops, last) = nats.read_log(after).await?;
+        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+        // One consumer from the checkpoint on: what is there now, then what the leader appends
+        // (a group whose chunks straddle "now" is read whole).
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: last + 1,
+                    start_sequence: after + 1,
                 },
                 ..Default::default()
             })
@@ -529,17 +575,30 @@ impl Follower {
             .map_err(|e| format!("following stream {}: {e}", target.stream))?;
         let messages =
             consumer.messages().await.map_err(|e| format!("following stream {}: {e}", target.stream))?;
-        let _ = stream.info().await;
-        let me = Self {
+        let mut me = Self {
             nats,
             kv,
             lifetime,
             checkpointed: after,
             messages,
-            next: last + 1,
+            next: after + 1,
             groups: Groups::default(),
         };
+        me.read_to(last).await?;
+        let ops = me.groups.drain();
         Ok((me, checkpoint, ops))
+    }
+
+    /// Reads messages until the stream's message `last` was read.
+    async fn read_to(&mut self, last: u64) -> Result<(), String> {
+        while self.next <= last {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+                .await
+                .map_err(|_| "reading the stream timed out".to_string())?;
+            let Some(m) = m else { return Err("the stream's consumer ended".into()) };
+            self.take(m)?;
+        }
+        Ok(())
     }
 
     /// The records the leader appended since the last call: waits up to `wait` for the first
@@ -549,9 +608,12 @@ impl Follower {
             Ok(m) => m,
             Err(_) => return Ok(Vec::new()),
         };
-        for _ in 0..4096 {
+        for taken in 1.. {
             let Some(m) = got else { return Err("the stream's consumer ended".into()) };
             self.take(m)?;
+            if taken == 4096 {
+                break;
+            }
             match futures_util::FutureExt::now_or_never(self.messages.next()) {
                 Some(m) => got = m,
                 None => break,
@@ -566,6 +628,10 @@ impl Follower {
     ) -> Result<(), String> {
         let m = m.map_err(|e| format!("following the stream: {e}"))?;
         let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        if seq < self.next {
+            // A consumer the client recreated may deliver from further back: read already.
+            return Ok(());
+        }
         if seq != self.next {
             return Err(format!(
                 "the stream skipped from {} to {seq}: the leader purged records this standby had not read yet; restart it",
@@ -600,13 +666,7 @@ impl Follower {
         let position = Arc::new(AtomicU64::new(0));
         let lease_lost = lease.keep(self.nats.clone(), holder, position.clone());
         let last = self.nats.last_sequence().await.map_err(StartError::Other)?;
-        while self.next <= last {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
-                .await
-                .map_err(|_| StartError::Other("reading the stream's last records timed out".into()))?;
-            let Some(m) = m else { return Err(StartError::Other("the stream's consumer ended".into())) };
-            self.take(m).map_err(StartError::Other)?;
-        }
+        self.read_to(last).await.map_err(StartError::Other)?;
         let rest = std::mem::take(&mut self.groups).finish();
         position.store(last, Ordering::Release);
         let start = Start {

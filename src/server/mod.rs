@@ -298,19 +298,7 @@ pub async fn start_taped(
     };
     let resume = (checkpoint.is_some() || !records.is_empty())
         .then(|| coordinator::Resume::from_checkpoint(checkpoint.as_ref(), records));
-    let engine = {
-        let cfg = cfg.clone();
-        let state = checkpoint.map(|c| c.state);
-        tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
-            let mut e = build_engine(&cfg, values)?;
-            if let Some(s) = state {
-                e.load_state(&s)?;
-            }
-            Ok(e)
-        })
-        .await
-        .map_err(|e| ServerError::Stopped(e.to_string()))??
-    };
+    let engine = engine_from(&cfg, values, checkpoint.map(|c| c.state)).await?;
     start_inner(cfg, Listen::Bound(listener), layout, engine, Parts { resume, log, follower: None, tape })
         .await
 }
@@ -334,22 +322,28 @@ pub async fn start_standby(cfg: ServerConfig) -> Result<ServerHandle, ServerErro
     tracing::info!(%target, records = ops.len(), "standby: read the checkpoint and the log");
     let mut resume = coordinator::Resume::from_checkpoint(checkpoint.as_ref(), ops);
     resume.following = true;
-    let engine = {
-        let cfg = cfg.clone();
-        let state = checkpoint.map(|c| c.state);
-        tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
-            let mut e = build_engine(&cfg, values)?;
-            if let Some(s) = state {
-                e.load_state(&s)?;
-            }
-            Ok(e)
-        })
-        .await
-        .map_err(|e| ServerError::Stopped(e.to_string()))??
-    };
+    let engine = engine_from(&cfg, values, checkpoint.map(|c| c.state)).await?;
     let parts =
         Parts { resume: Some(resume), log: Box::new(log::NoLog), follower: Some(follower), tape: None };
     start_inner(cfg, Listen::Later(socket), layout, engine, parts).await
+}
+
+/// The engine the config asks for, on the initial values and then `state` (a checkpoint's).
+async fn engine_from(
+    cfg: &ServerConfig,
+    values: Vec<f32>,
+    state: Option<ModelState>,
+) -> Result<Box<dyn Aggregator>, ServerError> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || -> Result<Box<dyn Aggregator>, ServerError> {
+        let mut e = build_engine(&cfg, values)?;
+        if let Some(s) = state {
+            e.load_state(&s)?;
+        }
+        Ok(e)
+    })
+    .await
+    .map_err(|e| ServerError::Stopped(e.to_string()))?
 }
 
 /// A socket bound to `addr` that does not listen yet (connections to it are refused).

@@ -302,17 +302,9 @@ impl Nats {
                 n.stream, state.first_sequence
             ));
         }
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ..Default::default()
-            })
+        let mut messages = ordered_from(&mut stream, after + 1)
             .await
             .map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
-        let mut messages =
-            consumer.messages().await.map_err(|e| format!("reading stream {:?}: {e}", n.stream))?;
         let mut groups = Groups::default();
         let mut next = after + 1;
         while let Some(m) = messages.next().await {
@@ -336,6 +328,21 @@ impl Nats {
         }
         Ok((groups.finish(), last))
     }
+}
+
+/// The stream's messages from sequence `start` on, in order (and then as they are appended).
+async fn ordered_from(
+    stream: &mut jetstream::stream::Stream,
+    start: u64,
+) -> Result<jetstream::consumer::pull::Ordered, String> {
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
 }
 
 /// Reassembles groups from messages in stream order.
@@ -564,17 +571,9 @@ impl Follower {
         let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
         // One consumer from the checkpoint on: what is there now, then what the leader appends
         // (a group whose chunks straddle "now" is read whole).
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ..Default::default()
-            })
+        let messages = ordered_from(&mut stream, after + 1)
             .await
             .map_err(|e| format!("following stream {}: {e}", target.stream))?;
-        let messages =
-            consumer.messages().await.map_err(|e| format!("following stream {}: {e}", target.stream))?;
         let mut me = Self {
             nats,
             kv,

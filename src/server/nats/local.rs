@@ -87,7 +87,12 @@ impl LocalCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let tried = match Nats::connect(&target, Duration::from_secs(5)).await {
-                Ok(n) => n.init(3, lease).await.map(|_| ()),
+                // Made, and answering: the stream, the object store and the lease bucket each
+                // have their own leader to elect.
+                Ok(n) => match n.init(3, lease).await {
+                    Ok(_) => n.check().await.map(|_| ()),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match tried {

@@ -411,21 +411,36 @@ impl Lease {
         lifetime: Duration,
         holder: &str,
     ) -> Result<Self, StartError> {
-        match kv.create(LEASE_KEY, Bytes::from(holder.to_string())).await {
-            Ok(revision) => Ok(Self { kv, revision, lifetime }),
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                let who = kv
-                    .get(LEASE_KEY)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|b| String::from_utf8_lossy(&b).to_string())
-                    .unwrap_or_else(|| "another server".into());
-                Err(StartError::LeaseHeld(format!(
-                    "{who} leads this stream (its lease lasts {lifetime:?} after its last renewal); start this server with --standby to take over when it stops"
-                )))
+        let value = Bytes::from(holder.to_string());
+        // A cluster that has just started may not answer yet: transient errors are retried (a
+        // retried create that was stored the first time is recognised by the holder's nonce).
+        let deadline = tokio::time::Instant::now() + START_PATIENCE;
+        loop {
+            match kv.create(LEASE_KEY, value.clone()).await {
+                Ok(revision) => return Ok(Self { kv, revision, lifetime }),
+                Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    let entry = kv.entry(LEASE_KEY).await.ok().flatten();
+                    if let Some(en) = &entry
+                        && en.value == value
+                        && en.operation == jetstream::kv::Operation::Put
+                    {
+                        return Ok(Self { kv, revision: en.revision, lifetime });
+                    }
+                    let who = entry
+                        .map(|en| String::from_utf8_lossy(&en.value).to_string())
+                        .unwrap_or_else(|| "another server".into());
+                    return Err(StartError::LeaseHeld(format!(
+                        "{who} leads this stream (its lease lasts {lifetime:?} after its last renewal); start this server with --standby to take over when it stops"
+                    )));
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(StartError::Other(format!("taking the lease: {e}")));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking the lease failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
-            Err(e) => Err(StartError::Other(format!("taking the lease: {e}"))),
         }
     }
 

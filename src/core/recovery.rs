@@ -39,8 +39,7 @@ impl Machine {
         last_seqs: BTreeMap<String, u64>,
         ops: Vec<WalOp>,
     ) -> (Recovered, Vec<Effect>) {
-        let mut found = self.replay(now, last_seqs, ops);
-        found.not_yet_aggregated = self.replayed_pushes.len();
+        let found = self.replay(now, last_seqs, ops);
         self.replayed_pushes.clear();
         self.work.push_back(Work::Flush);
         (found, self.finish(now))
@@ -56,13 +55,13 @@ impl Machine {
         last_seqs: BTreeMap<String, u64>,
         ops: Vec<WalOp>,
     ) -> (Recovered, Vec<Effect>) {
-        let mut found = self.replay(now, last_seqs, ops);
-        found.not_yet_aggregated = self.replayed_pushes.len();
+        let found = self.replay(now, last_seqs, ops);
         (found, self.finish(now))
     }
 
     /// Queues what `ops` hold: pushes pending (by client id and seq in `replayed_pushes`), and
-    /// logged steps as steps with their logged weights.
+    /// logged steps as steps with their logged weights. `not_yet_aggregated` counts the pushes
+    /// read so far that no logged step applied.
     fn replay(&mut self, now: Duration, last_seqs: BTreeMap<String, u64>, ops: Vec<WalOp>) -> Recovered {
         for (id, seq) in last_seqs {
             self.clients.insert(id, ClientStats { last_seq: Some(seq), ..Default::default() });
@@ -119,6 +118,7 @@ impl Machine {
                 }
             }
         }
+        found.not_yet_aggregated = by_seq.len();
         self.replayed_pushes = by_seq;
         found
     }

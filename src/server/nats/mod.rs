@@ -216,7 +216,7 @@ impl Nats {
             .get_object_store(&n.checkpoints)
             .await
             .map_err(|e| format!("object store {:?}: {e}; {hint}", n.checkpoints))?;
-        let mut kv = self
+        let kv = self
             .js
             .get_key_value(&n.lease)
             .await
@@ -228,7 +228,6 @@ impl Nats {
                 n.lease
             ));
         }
-        let _ = &mut kv;
         Ok((stream, kv, lease))
     }
 

@@ -4,6 +4,9 @@
 //!   is in the model exactly once, and the model equals a serial replay of the log, bit for bit;
 //! - kill -9 of one NATS node under load: nothing acknowledged is lost and training goes on;
 //! - a leader stopped (SIGSTOP) while a standby takes over cannot append when it wakes up;
+//! - while the whole NATS cluster is paused, new pushes get busy (nothing of them is kept) and
+//!   the server goes on answering; once it returns, pushes are taken and nothing acknowledged
+//!   is lost;
 //! - a stream that was not made with `sparsync nats-init` is refused at start, naming the fix.
 //!
 //! The tests fail when `nats-server` is missing and SPARSYNC_REQUIRE_NATS=1 (as in CI); without
@@ -134,6 +137,18 @@ struct Seen {
     acked: Vec<u64>,
     held: Vec<u64>,
     reconnects: u32,
+    /// Pushes answered busy (sent again).
+    busy: u32,
+}
+
+/// How the server answered a push.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Acked,
+    /// Already accepted (a resend after a reconnect).
+    Held,
+    /// Busy: retry after this many ms.
+    Busy(u64),
 }
 
 /// A trainer that pushes one update at a time to whichever address serves, reconnecting (and
@@ -179,8 +194,11 @@ async fn trainer(
         let answer = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
                 match cn.next_event().await {
-                    Ok(Event::Ack(a)) if a.seq == seq => return Some(true),
-                    Ok(Event::Reject(r)) if r.seq == seq && r.field == "seq" => return Some(false),
+                    Ok(Event::Ack(a)) if a.seq == seq => return Some(Answer::Acked),
+                    Ok(Event::Reject(r)) if r.seq == seq && r.field == "seq" => return Some(Answer::Held),
+                    Ok(Event::Reject(r)) if r.seq == seq && r.field == "busy" => {
+                        return Some(Answer::Busy(r.retry_after_ms.unwrap_or(1000)));
+                    }
                     Ok(Event::Reject(r)) if r.seq == seq => panic!("push {seq} of {id} rejected: {r:?}"),
                     Ok(_) => {}
                     Err(_) => return None,
@@ -189,14 +207,19 @@ async fn trainer(
         })
         .await;
         match answer {
-            Ok(Some(true)) => {
+            Ok(Some(Answer::Acked)) => {
                 acks.fetch_add(1, Ordering::Relaxed);
                 seen.acked.push(seq);
                 seq += 1;
             }
-            Ok(Some(false)) => {
+            Ok(Some(Answer::Held)) => {
                 seen.held.push(seq);
                 seq += 1;
+            }
+            // Nothing of it was kept: the same seq again, after the wait asked for.
+            Ok(Some(Answer::Busy(ms))) => {
+                seen.busy += 1;
+                tokio::time::sleep(Duration::from_millis(ms.min(2000))).await;
             }
             // The server went away (or stopped answering): reconnect and resend this seq.
             _ => conn = None,
@@ -211,10 +234,11 @@ fn summary(seen: &[Seen]) -> String {
         .enumerate()
         .map(|(c, s)| {
             format!(
-                "t{c}: {} acked, held after reconnect {:?}, {} reconnect(s)",
+                "t{c}: {} acked, held after reconnect {:?}, {} reconnect(s), {} busy",
                 s.acked.len(),
                 s.held,
-                s.reconnects
+                s.reconnects,
+                s.busy
             )
         })
         .collect();
@@ -518,6 +542,121 @@ async fn a_paused_old_leader_cannot_append_when_it_wakes() {
     assert!(late.is_empty(), "the old leader appended after the takeover: {late:?}");
     let ops = stream_ops(&target).await;
     check_exactly_once(&ops, &seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_unreachable_pushes_get_busy_and_nothing_acked_is_lost() {
+    let Some(bin) = nats_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, target) = cluster(&bin, dir.path(), "busy").await;
+    let mut leader = serve(dir.path(), "leader", &target, &[]);
+    let a = leader.wait_ready(Duration::from_secs(30));
+    // One client pushes a new seq every 50 ms without waiting for answers, and keeps each.
+    let mut cn = Connection::connect(&ClientOptions::new(format!("ws://{a}/ws"), "t0", MODEL)).await.unwrap();
+    let mut answers: BTreeMap<u64, Answer> = BTreeMap::new();
+    let mut seq = 0u64;
+    // Pushes for `d` (or until `until` holds), taking the answers as they come.
+    async fn run(
+        cn: &mut Connection,
+        seq: &mut u64,
+        answers: &mut BTreeMap<u64, Answer>,
+        d: Duration,
+        until: impl Fn(&BTreeMap<u64, Answer>) -> bool,
+    ) -> bool {
+        let end = Instant::now() + d;
+        let mut next = Instant::now();
+        while Instant::now() < end {
+            if until(answers) {
+                return true;
+            }
+            if Instant::now() >= next {
+                *seq += 1;
+                let idx = indices(0, *seq);
+                let vals = vec![f16::from_f32(0.25); idx.len()];
+                let h = header(cn.version(), *seq, idx.len());
+                cn.push(&h, &idx, &vals).await.unwrap();
+                next += Duration::from_millis(50);
+            }
+            if let Some(e) = cn.next_event_within(Duration::from_millis(10)).await.unwrap() {
+                let (s, answer) = match e {
+                    Event::Ack(a) => (a.seq, Answer::Acked),
+                    Event::Reject(r) if r.field == "busy" => (r.seq, Answer::Busy(r.retry_after_ms.unwrap())),
+                    Event::Reject(r) => panic!("push {} rejected: {r:?}", r.seq),
+                    _ => continue,
+                };
+                assert!(answers.insert(s, answer).is_none(), "push {s} answered twice");
+            }
+        }
+        until(answers)
+    }
+    let busy = |a: &BTreeMap<u64, Answer>| a.values().filter(|x| matches!(x, Answer::Busy(_))).count();
+    run(&mut cn, &mut seq, &mut answers, Duration::from_secs(1), |_| false).await;
+    let before = answers.len();
+    assert!(before > 5 && busy(&answers) == 0, "{answers:?}");
+    // The whole cluster stops answering (its processes paused).
+    for i in 0..3 {
+        assert!(cluster.signal(i, "-STOP"));
+    }
+    let paused = Instant::now();
+    // Paused for longer than the lease (1.5 s): it lapses meanwhile.
+    let got = run(&mut cn, &mut seq, &mut answers, Duration::from_secs(15), |a| busy(a) >= 40).await;
+    assert!(got, "no busy answers 15 s after NATS stopped answering: {answers:?}");
+    let first_busy = answers.iter().find(|(_, a)| matches!(a, Answer::Busy(_))).map(|(s, _)| *s).unwrap();
+    eprintln!("busy answers from push {first_busy}, {:?} after the pause", paused.elapsed());
+    // The server goes on answering other requests meanwhile.
+    let (code, body) = http_get(a, "/api/status").await;
+    assert_eq!(code, 200, "{body}");
+    // A new client is told to come back later, not left waiting.
+    let refused = Connection::connect(&ClientOptions::new(format!("ws://{a}/ws"), "t1", MODEL)).await;
+    assert!(
+        matches!(&refused, Err(sparsync::client::ClientError::Refused { field, .. }) if field == "busy"),
+        "a join while NATS is away: {:?}",
+        refused.as_ref().err()
+    );
+    for i in 0..3 {
+        assert!(cluster.signal(i, "-CONT"));
+    }
+    let resumed = Instant::now();
+    let acked_after =
+        |a: &BTreeMap<u64, Answer>, from: u64| a.range(from..).filter(|(_, x)| **x == Answer::Acked).count();
+    let from = seq + 1;
+    let got =
+        run(&mut cn, &mut seq, &mut answers, Duration::from_secs(30), |a| acked_after(a, from) >= 20).await;
+    assert!(got, "pushes not taken 30 s after NATS returned: {}", leader.log_text());
+    eprintln!("pushes taken again {:?} after NATS returned", resumed.elapsed());
+    // Every push is answered, once: the ones before the stall was noticed are acknowledged
+    // (late), the ones after it are busy.
+    let last = seq;
+    run(&mut cn, &mut seq, &mut answers, Duration::from_secs(10), |a| a.len() as u64 == last).await;
+    let unanswered: Vec<u64> = (1..=last).filter(|s| !answers.contains_key(s)).collect();
+    assert!(unanswered.is_empty(), "pushes never answered: {unanswered:?}");
+    cn.close("done").await;
+    leader.signal("-TERM");
+    assert!(leader.wait_exit(Duration::from_secs(30)).success(), "{}", leader.log_text());
+    // The log holds exactly the acknowledged pushes, each applied once; a serial replay of it
+    // gives the model.
+    let ops = stream_ops(&target).await;
+    let acked: Vec<u64> = answers.iter().filter(|(_, a)| **a == Answer::Acked).map(|(s, _)| *s).collect();
+    let mut logged = Vec::new();
+    for op in &ops {
+        if let WalOp::Push(p) = op {
+            let push = sparsync::protocol::frame::ValidatedPush::decode(
+                p.frame.clone(),
+                &sparsync::protocol::frame::PushLimits { num_params: 65536, max_nnz: 65536 },
+            )
+            .unwrap();
+            logged.push(push.header().seq);
+        }
+    }
+    assert_eq!(logged, acked, "the log holds exactly the acknowledged pushes");
+    check_exactly_once(&ops, &[Seen { acked, ..Default::default() }]);
+    let model = checkpointed_model(&target).await;
+    let replayed = serial_replay(dir.path(), &ops).await;
+    assert_eq!(bits(&replayed), bits(&model.state.x), "the model equals a serial replay of the log");
+    let log = leader.log_text();
+    assert!(log.contains("the log stalled") && log.contains("confirms writes again"), "{log}");
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    eprintln!("the leader's warnings:\n{}", warnings.join("\n"));
 }
 
 /// (stream sequence, writer epoch) of every message.

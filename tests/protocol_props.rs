@@ -151,7 +151,12 @@ proptest! {
     ) {
         let server = [
             ServerMessage::Ack(Ack { seq, version, staleness }),
-            ServerMessage::Reject(Reject { seq, field: field.clone(), reason: reason.clone() }),
+            ServerMessage::Reject(Reject {
+                seq,
+                field: field.clone(),
+                reason: reason.clone(),
+                retry_after_ms: (seq % 2 == 0).then_some(seq / 2),
+            }),
             ServerMessage::Directive(Directive { local_steps, batch_size: batch, ..Directive::default() }),
             ServerMessage::error(&field, reason.clone(), seq % 2 == 0),
             ServerMessage::Bye { reason: reason.clone() },

@@ -49,6 +49,11 @@ pub enum Input {
         seq: u64,
         reason: String,
     },
+    /// The log stopped confirming writes (`Some`: why; its cluster is unreachable, say), or
+    /// confirms them again (`None`). Meanwhile new pushes are refused as busy.
+    LogStalled {
+        reason: Option<String>,
+    },
     /// The engine finished the oldest [`Effect::Step`] not yet reported (steps finish in the
     /// order they were emitted).
     StepDone {
@@ -118,6 +123,10 @@ impl Machine {
             Input::Push { session, push } => self.push(now, session, push),
             Input::Appended { upto } => self.appended(now, upto),
             Input::AppendFailed { seq, reason } => self.append_failed(now, seq, &reason),
+            Input::LogStalled { reason } => {
+                self.log_stalled = reason;
+                Vec::new()
+            }
             Input::StepDone { outcome } => self.step_done(now, outcome),
             Input::Leave { session, reason } => self.leave(now, session, &reason),
             Input::Resync { session, have } => self.resync(session, have),

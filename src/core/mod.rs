@@ -65,6 +65,8 @@ pub use status::StatusInputs;
 /// its first push): a client, or someone using its id, cannot push seq = u64::MAX and lock the
 /// client out.
 pub const MAX_SEQ_GAP: u64 = 1 << 20;
+/// How long a client refused as busy is asked to wait before it pushes again.
+pub const BUSY_RETRY_MS: u64 = 1000;
 
 /// What the shell must do, in order.
 #[derive(Debug)]
@@ -266,6 +268,8 @@ pub struct Machine {
     in_flight: VecDeque<InFlight>,
     steps_in_flight: usize,
     failed: bool,
+    /// Why the log confirms no writes now ([`Input::LogStalled`]): pushes are refused as busy.
+    log_stalled: Option<String>,
     out: Vec<Effect>,
 }
 
@@ -305,6 +309,7 @@ impl Machine {
             work: VecDeque::new(),
             in_flight: VecDeque::new(),
             failed: false,
+            log_stalled: None,
             out: Vec::new(),
         }
     }

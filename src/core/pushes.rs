@@ -5,18 +5,35 @@ use std::time::Duration;
 
 use super::event::Event;
 use super::log::{PendingPush, WalOp};
-use super::{Appending, Effect, MAX_SEQ_GAP, Machine, Pending, Unacked};
+use super::{Appending, BUSY_RETRY_MS, Effect, MAX_SEQ_GAP, Machine, Pending, Unacked};
 use crate::policy::{LossSource, PushMeta, SessionId};
 use crate::protocol::frame::ValidatedPush;
 use crate::protocol::message::{Reject, Role, ServerMessage};
 
 impl Machine {
     fn reject(&mut self, now: Duration, session: SessionId, seq: u64, field: &str, reason: String) {
+        self.refuse(now, session, seq, field, reason, None)
+    }
+
+    fn refuse(
+        &mut self,
+        now: Duration,
+        session: SessionId,
+        seq: u64,
+        field: &str,
+        reason: String,
+        retry_after_ms: Option<u64>,
+    ) {
         if let Some(s) = self.sessions.get(&session) {
             if let Some(c) = self.clients.get_mut(&s.client_id) {
                 c.rejected += 1;
             }
-            let msg = ServerMessage::Reject(Reject { seq, field: field.into(), reason: reason.clone() });
+            let msg = ServerMessage::Reject(Reject {
+                seq,
+                field: field.into(),
+                reason: reason.clone(),
+                retry_after_ms,
+            });
             self.send(session, msg);
         }
         self.counters.rejected += 1;
@@ -93,6 +110,12 @@ impl Machine {
             tracing::warn!(client_id = %client_id, claimed = header.samples, cap, "a push's sample count was clipped to max_samples");
             self.counters.refused("samples_clipped");
             header.samples = cap;
+        }
+        if let Some(why) = &self.log_stalled {
+            // Nothing of it is kept and its seq stays free: the client pushes it (or what it
+            // holds by then) again later.
+            let why = format!("the server cannot make pushes durable now ({why}); push again later");
+            return self.refuse(now, session, seq, "busy", why, Some(BUSY_RETRY_MS));
         }
         // The seq is taken now, so the client's next push is checked against it while the log
         // is still appending this one.

@@ -199,9 +199,13 @@ pub struct Ack {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reject {
     pub seq: u64,
-    /// The Push field at fault (e.g. "indices", "base_version").
+    /// The Push field at fault (e.g. "indices", "base_version"), or "busy": the server could
+    /// not take it now (its log is unreachable), nothing of it was kept.
     pub field: String,
     pub reason: String,
+    /// With "busy": wait this long before pushing again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A frame or message could not be used. When `fatal`, the server closes the session after it.

@@ -26,6 +26,10 @@ pub enum LogDone {
     /// Another server writes the log now (or this one lost its lease): nothing more from this
     /// server may be appended or acknowledged. It stops serving.
     Deposed { reason: String },
+    /// No write was confirmed for a while (`Some`: why; its cluster is unreachable, say), or
+    /// writes are confirmed again (`None`). Records stay queued and are written when it
+    /// returns; meanwhile the server refuses new pushes as busy.
+    Stalled { reason: Option<String> },
 }
 
 /// Where the core's records and the checkpoints go.

@@ -351,7 +351,9 @@ fn error_to(outbox: &Outbox, field: &str, message: &str, fatal: bool) {
 
 fn reject_to(outbox: &Outbox, seq: u64, field: &str, reason: &str) {
     let reason = clip(reason, MAX_ECHO_LEN).into_owned();
-    outbox.push(Outbound::Text(ServerMessage::Reject(Reject { seq, field: field.into(), reason }).to_json()));
+    outbox.push(Outbound::Text(
+        ServerMessage::Reject(Reject { seq, field: field.into(), reason, retry_after_ms: None }).to_json(),
+    ));
 }
 
 /// Sends an Error straight to the socket (before a session has an outbox) and closes.

@@ -2,6 +2,10 @@
 // of Fashion-MNIST that the server hands out, pushes Top-k updates with error feedback, keeps a
 // replica of x̂ from Deltas, and reconnects when the server restarts. It follows the same
 // protocol as the native client (docs/protocol.md); window.sparsync exposes its state.
+//
+// `?servers=HOST:PORT,…` (or ws:// URLs) names more servers that may serve the same training
+// (a standby of `--wal nats://…`): after the page's own server, each is tried in turn when a
+// connection is lost or cannot be made.
 
 import * as tf from '@tensorflow/tfjs-core';
 // tfjs-core alone registers no gradients (the full @tensorflow/tfjs bundle imports this).
@@ -16,6 +20,13 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const clientId = params.get('id') || `browser-${Math.random().toString(36).slice(2, 8)}`;
 const token = params.get('token');
+const wsProto = location.protocol === 'https:' ? 'wss' : 'ws';
+const ownServer = `${wsProto}://${location.host}/ws`;
+const servers = [ownServer];
+for (const s of (params.get('servers') || '').split(',').map((s) => s.trim()).filter(Boolean)) {
+  const url = /^wss?:\/\//.test(s) ? s : `${wsProto}://${s}/ws`;
+  if (!servers.includes(url)) servers.push(url);
+}
 
 const state = {
   clientId,
@@ -26,12 +37,16 @@ const state = {
   pushes: 0,
   acked: 0,
   rejected: 0,
+  busy: 0,
   rounds: 0,
   lastLoss: null,
   lastReject: null,
   lastError: null,
   paused: false,
   reconnects: 0,
+  // The address of the current (or last) connection.
+  server: ownServer,
+  servers,
   log: [],
 };
 
@@ -224,10 +239,11 @@ function adopt() {
   baseVersion = replica.version;
 }
 
-function connect() {
+// Connects to servers[turn % servers.length].
+function connect(turn) {
   return new Promise((resolve) => {
-    const proto = location.protocol === 'https:' ? 'wss' : 'ws';
-    ws = new WebSocket(`${proto}://${location.host}/ws`);
+    state.server = servers[turn % servers.length];
+    ws = new WebSocket(state.server);
     ws.binaryType = 'arraybuffer';
     ws.onopen = () => {
       const hello = { type: 'hello', protocol: P.PROTOCOL_VERSION, client_id: clientId, kind: 'browser', model: state.model, role: 'trainer', device: `${navigator.userAgent.slice(0, 60)} (${state.backend})` };
@@ -251,6 +267,7 @@ function connect() {
       render();
     };
     ws.onclose = () => {
+      if (state.connected) log(`connection to ${state.server} closed`);
       state.connected = false;
       if (ackWaiter) ackWaiter.resolve(false);
       render();
@@ -262,10 +279,15 @@ function connect() {
 async function loop() {
   for (;;) {
     if (!state.connected) {
-      await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** Math.min(state.reconnects, 4))));
+      // The next address at once; after a full round of them, a growing wait.
       state.reconnects++;
+      const round = Math.floor((state.reconnects - 1) / servers.length);
+      if (servers.length === 1 || state.reconnects % servers.length === 1) {
+        await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** Math.min(round, 4))));
+      }
       base = null;
-      await connect();
+      await connect(state.reconnects);
+      if (state.connected) log(`connected to ${state.server}`);
       continue;
     }
     if (state.paused) {
@@ -288,7 +310,9 @@ async function loop() {
       values,
     );
     const answered = new Promise((resolve) => (ackWaiter = { seq: state.seq, resolve }));
-    send(frame);
+    // The connection may have closed while this round trained: then no answer can come.
+    if (ws && ws.readyState === WebSocket.OPEN) send(frame);
+    else ackWaiter.resolve(false);
     state.pushes++;
     render();
     const ok = await answered;
@@ -296,6 +320,12 @@ async function loop() {
     if (!ok) {
       // Refused or cut off: what was sent goes back into the residual.
       for (let i = 0; i < indices.length; i++) residual[indices[i]] += P.f16ToF32(values[i]);
+      const r = state.lastReject;
+      if (r && r.seq === state.seq && r.field === 'busy') {
+        // The server cannot make pushes durable now: wait as it asks, then push again.
+        state.busy++;
+        await new Promise((res) => setTimeout(res, Math.min(30000, r.retry_after_ms ?? 1000)));
+      }
     }
     if (state.connected) adopt();
     render();
@@ -311,7 +341,7 @@ async function main() {
     data = await fetchData('/api/data/shard');
     log(`data: shard ${data.shard + 1} of ${data.shards}, ${data.count} images`);
     render();
-    await connect();
+    await connect(0);
     await loop();
   } catch (e) {
     state.lastError = { field: 'client', message: String(e) };

@@ -1,7 +1,8 @@
 // End to end in real headless Chromium (driven by playwright-core): the browser joins training
 // at /join, its pushes are accepted, a forged frame gets the same Reject as from a native
 // client, the dashboard at / shows both clients and a rising version (screenshot saved), and
-// once everyone stops the page's replica checksum equals the server's.
+// once everyone stops the page's replica checksum equals the server's. A page loaded from a
+// second server that stops (given `?servers=` the first) goes on training on the first.
 //
 //   node test/e2e.mjs http://127.0.0.1:PORT OUT_DIR
 //
@@ -33,6 +34,14 @@ try {
   if (gone) {
     await gone.goto(`${stopping}/`);
     await gone.waitForFunction(() => window.sparsyncState === 'live', null, { timeout: 15000 });
+  }
+  // A page of that second server that also names the first: it must move there when its own
+  // server stops.
+  const baseWs = `ws://${new URL(base).host}/ws`;
+  const mover = stopping ? await browser.newPage() : null;
+  if (mover) {
+    mover.on('console', (m) => console.log(`[mover] ${m.text()}`));
+    await mover.goto(`${stopping}/join?id=browser-mover&servers=${new URL(base).host}`);
   }
   const page = await browser.newPage();
   page.on('console', (m) => console.log(`[page] ${m.text()}`));
@@ -108,6 +117,24 @@ try {
   step(`dashboard shows both clients; version rose ${v1} → ${v2}; directive "${directive}"; ${stages.length} stages; screenshot ${out}/dashboard.png`);
   await page.screenshot({ path: `${out}/join.png`, fullPage: true });
 
+  // The page whose server stopped trains on the other address it was given.
+  if (mover) {
+    await mover
+      .waitForFunction((u) => window.sparsync?.state.connected && window.sparsync.state.server === u, baseWs, { timeout: 60000 })
+      .catch(async () => fail(`the page of the stopped server did not move to ${baseWs}: ${JSON.stringify(await mover.evaluate(() => ({ ...window.sparsync.state, log: window.sparsync.state.log.slice(-10) })))}`));
+    const before = await mover.evaluate(() => window.sparsync.state.acked);
+    await mover.waitForFunction((n) => window.sparsync.state.acked >= n + 2, before, { timeout: 60000 });
+    await mover.evaluate(() => window.sparsync.pause());
+    let moved;
+    for (let i = 0; i < 50; i++) {
+      moved = (await json('/api/status')).clients.find((c) => c.client_id === 'browser-mover');
+      if (moved && moved.accepted >= 2) break;
+      await sleep(100);
+    }
+    if (!moved || moved.accepted < 2) fail(`the server lacks the moved page's pushes: ${JSON.stringify(moved)}`);
+    step(`a page of the stopped server moved to ${baseWs} and trains there (${moved.accepted} pushes accepted there)`);
+  } else step('no second server given: moving to another address was not checked');
+
   // Quiesce: the native trainer stops on its own; pause the page; wait until the server's
   // version stops moving, then compare replicas at that version.
   await page.evaluate(() => window.sparsync.pause());
@@ -138,7 +165,7 @@ try {
     await gone.screenshot({ path: `${out}/dashboard-stopped.png`, fullPage: false });
     step(`dashboard of a stopped server: "${banner}"`);
   } else step('no second server given: the stopped state was not checked');
-  console.log('e2e: 7 passed, 0 failed');} catch (e) {
+  console.log('e2e: 8 passed, 0 failed');} catch (e) {
   for (const p of browser.contexts().flatMap((c) => c.pages())) {
     const s = await p.evaluate(() => (window.sparsync ? { ...window.sparsync.state, log: window.sparsync.state.log.slice(-15) } : null)).catch(() => null);
     if (s) console.error(`page state: ${JSON.stringify(s, null, 1)}`);

@@ -194,7 +194,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?;
     let summary = rt.block_on(run::run(cfg, data, emul))?;
     tracing::info!(
-        rounds = summary.rounds, pushes = summary.pushes, acked = summary.acked, rejected = summary.rejected,
+        rounds = summary.rounds, pushes = summary.pushes, acked = summary.acked, rejected = summary.rejected, busy = summary.busy,
         bytes_up = summary.bytes_up, bytes_down = summary.bytes_down, stop = %summary.stop, "client finished"
     );
     if let Some(path) = cli.report {

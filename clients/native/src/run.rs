@@ -188,6 +188,9 @@ pub struct Summary {
     pub pushes: u64,
     pub acked: u64,
     pub rejected: u64,
+    /// Pushes the server could not take for a while (its log was unreachable): their values
+    /// went back into the residual, and the client waited as asked before pushing again.
+    pub busy: u64,
     pub skipped: u64,
     pub evaluations: u64,
     pub bytes_up: u64,
@@ -263,6 +266,8 @@ struct Runner {
     gate: GateState,
     /// NBSync: the previous push was acknowledged while a training chunk ran.
     adopt_pending: bool,
+    /// The server answered busy: no push before this time.
+    busy_until: Option<Instant>,
     last_eval_version: Option<u64>,
     last_eval_at: Option<Instant>,
     summary: Summary,
@@ -323,6 +328,7 @@ pub async fn run(cfg: Config, data: FashionMnist, emul: Emulation) -> Result<Sum
         chunk_at: 0,
         gate: GateState::new(&cfg.gate),
         adopt_pending: false,
+        busy_until: None,
         last_eval_version: None,
         last_eval_at: None,
         started,
@@ -405,7 +411,9 @@ impl Link {
             // of this id (this process restarted and lost the session's secret, or the old
             // connection is half-open), which ends within the server's idle timeout, so it is
             // retried like a lost connection, for longer.
-            let held = matches!(&e, ClientError::Refused { field, .. } if field == "client_id");
+            // A server that is busy (its log unreachable) takes joins again once it returns.
+            let held =
+                matches!(&e, ClientError::Refused { field, .. } if field == "client_id" || field == "busy");
             let final_ = !held && matches!(e, ClientError::Refused { .. } | ClientError::Certificate { .. });
             if final_ || !self.reconnect {
                 return Err(e.into());
@@ -572,6 +580,9 @@ impl Runner {
     }
 
     async fn send_push(&mut self, s: &mut Session) -> Result<(), ClientError> {
+        if let Some(t) = self.busy_until.take() {
+            tokio::time::sleep_until(t).await;
+        }
         let x = self.work.lock().await.trainer.params();
         let delta: Vec<f32> = x.iter().zip(&self.base).map(|(a, b)| a - b).collect();
         let rho = self.cfg.rho_up.unwrap_or(s.welcome.settings.rho_up);
@@ -707,6 +718,14 @@ impl Runner {
                     if rj.field == "seq" {
                         // A resent push the server had already accepted before a disconnect.
                         self.summary.acked += 1;
+                    } else if rj.field == "busy" {
+                        // Nothing of it was kept: its values go into the next push, sent
+                        // after the wait the server asked for.
+                        tracing::info!(seq = rj.seq, reason = %rj.reason, "the server is busy; pushing again later");
+                        self.summary.busy += 1;
+                        self.sparsifier.restore(&f.sparse);
+                        let wait = Duration::from_millis(rj.retry_after_ms.unwrap_or(1000).min(30_000));
+                        self.busy_until = Some(Instant::now() + wait);
                     } else {
                         tracing::warn!(seq = rj.seq, field = %rj.field, reason = %rj.reason, "push rejected; its values go back into the residual");
                         self.summary.rejected += 1;

@@ -94,7 +94,7 @@ async fn browser_client_trains_and_dashboard_shows_it() {
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     println!("{text}");
     assert!(output.status.success(), "browser end-to-end test failed:\n{text}");
-    assert!(text.contains("e2e: 7 passed, 0 failed"));
+    assert!(text.contains("e2e: 8 passed, 0 failed"));
     assert!(out.join("dashboard.png").is_file(), "screenshot saved");
     assert!(out.join("dashboard-stopped.png").is_file(), "screenshot saved");
     stopper.await.unwrap();

@@ -19,7 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use sparsync::client::{ClientError, ClientOptions, Connection, Event};
 use sparsync::protocol::frame::PushHeader;
-use sparsync::protocol::message::{ClientKind, ClientMessage, EvalReport, Role};
+use sparsync::protocol::message::{ClientKind, ClientMessage, EvalReport, Reject, Role};
 use sparsync::protocol::replica::checksum;
 use sparsync::protocol::select::k_for_density;
 use sparsync::protocol::sparsify::{Sparse, Sparsifier};
@@ -34,7 +34,7 @@ pyo3::create_exception!(
     _native,
     RejectedError,
     SparsyncError,
-    "The server rejected a Push: `seq` names it, `field` and `reason` say why. Its entries went back into the residual."
+    "The server rejected a Push: `seq` names it, `field` and `reason` say why. Its entries went back into the residual. With field \"busy\" (the server cannot make pushes durable now), `retry_after_s` says how long to wait before pushing again (None otherwise)."
 );
 
 fn error(py: Python<'_>, field: &str, reason: impl Into<String>) -> PyErr {
@@ -46,12 +46,13 @@ fn error(py: Python<'_>, field: &str, reason: impl Into<String>) -> PyErr {
     e
 }
 
-fn rejected(py: Python<'_>, seq: u64, field: &str, reason: &str) -> PyErr {
-    let e = RejectedError::new_err(format!("push {seq} rejected ({field}): {reason}"));
+fn rejected(py: Python<'_>, r: &Reject) -> PyErr {
+    let e = RejectedError::new_err(format!("push {} rejected ({}): {}", r.seq, r.field, r.reason));
     let v = e.value(py);
-    let _ = v.setattr("field", field);
-    let _ = v.setattr("reason", reason);
-    let _ = v.setattr("seq", seq);
+    let _ = v.setattr("field", &r.field);
+    let _ = v.setattr("reason", &r.reason);
+    let _ = v.setattr("seq", r.seq);
+    let _ = v.setattr("retry_after_s", r.retry_after_ms.map(|ms| ms as f64 / 1000.0));
     e
 }
 
@@ -152,7 +153,9 @@ fn event_json(e: &Event) -> serde_json::Value {
     use serde_json::json;
     match e {
         Event::Ack(a) => json!({"type": "ack", "seq": a.seq, "version": a.version, "staleness": a.staleness}),
-        Event::Reject(r) => json!({"type": "reject", "seq": r.seq, "field": r.field, "reason": r.reason}),
+        Event::Reject(r) => {
+            json!({"type": "reject", "seq": r.seq, "field": r.field, "reason": r.reason, "retry_after_ms": r.retry_after_ms})
+        }
         Event::Delta { version, nnz, bytes } => {
             json!({"type": "delta", "version": version, "nnz": nnz, "bytes": bytes})
         }
@@ -177,7 +180,7 @@ fn event_json(e: &Event) -> serde_json::Value {
 /// What waiting for an Ack ended with.
 enum AckWait {
     Acked(Event),
-    Rejected(u64, String, String),
+    Rejected(Reject),
     Failed(&'static str, String),
 }
 
@@ -581,7 +584,7 @@ impl Client {
         let deadline = Instant::now() + seconds(py, "timeout", timeout)?;
         let outcome = self.with_inner(py, |g, rt| {
             match g.answered(seq) {
-                Some(Event::Reject(r)) => return AckWait::Rejected(seq, r.field.clone(), r.reason.clone()),
+                Some(Event::Reject(r)) => return AckWait::Rejected(r.clone()),
                 Some(e) => return AckWait::Acked(e.clone()),
                 None if seq >= g.next_seq => {
                     return AckWait::Failed("seq", format!("no push with seq {seq} was sent"));
@@ -602,9 +605,7 @@ impl Client {
                         Ok(None) => {}
                         Ok(Some(e)) => match &e {
                             Event::Ack(a) if a.seq == seq => return AckWait::Acked(e),
-                            Event::Reject(r) if r.seq == seq => {
-                                return AckWait::Rejected(seq, r.field.clone(), r.reason.clone());
-                            }
+                            Event::Reject(r) if r.seq == seq => return AckWait::Rejected(r.clone()),
                             Event::Error(err) if err.fatal => {
                                 return AckWait::Failed(
                                     "connection",
@@ -622,7 +623,7 @@ impl Client {
         });
         match outcome {
             AckWait::Acked(e) => json(py, &event_json(&e)),
-            AckWait::Rejected(seq, field, reason) => Err(rejected(py, seq, &field, &reason)),
+            AckWait::Rejected(r) => Err(rejected(py, &r)),
             AckWait::Failed(field, why) => Err(error(py, field, why)),
         }
     }

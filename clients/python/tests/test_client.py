@@ -174,6 +174,8 @@ def push_raw_refused(c: Client, field: str, indices, values, samples=1, loss=0.0
     assert isinstance(ei.value.reason, str) and ei.value.reason
     if isinstance(ei.value, RejectedError):
         assert ei.value.seq == seq
+        # Only a busy server asks for a wait.
+        assert ei.value.retry_after_s is None
     return ei.value
 
 

@@ -62,6 +62,32 @@ fn a_push_the_log_cannot_keep_is_rejected_and_its_seq_stays_free() {
 }
 
 #[test]
+fn while_the_log_is_stalled_pushes_are_refused_as_busy_and_keep_their_seq() {
+    let cfg = config(PolicyKind::Asp, |_| {});
+    let mut m = machine(&cfg);
+    let s = join(&mut m, "a");
+    assert_eq!(acks(&cycle(&mut m, s, push(1, 0), &mut NoLog)), [(s, 1, 0, 0)]);
+    assert!(m.handle(t(2), Input::LogStalled { reason: Some("NATS does not answer".into()) }).is_empty());
+    let fx = m.push_logged(t(3), s, push(2, 1), &mut NoLog);
+    let refusal = fx.iter().find_map(|e| match e {
+        Effect::Send { msg: ServerMessage::Reject(r), .. } => Some(r.clone()),
+        _ => None,
+    });
+    let r = refusal.expect("a busy reject");
+    assert_eq!((r.seq, r.field.as_str(), r.retry_after_ms), (2, "busy", Some(BUSY_RETRY_MS)));
+    assert!(r.reason.contains("NATS does not answer"), "{}", r.reason);
+    // Nothing of it was kept: no record, nothing pending.
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Append { .. })));
+    assert_eq!(m.pending_len(), 0);
+    // Still checked first: a duplicate is named as such, not as busy.
+    assert_eq!(rejects(&m.push_logged(t(4), s, push(1, 1), &mut NoLog)), [(1, "seq".to_string())]);
+    // Once the log confirms writes again, the same seq is taken.
+    m.handle(t(5), Input::LogStalled { reason: None });
+    assert_eq!(acks(&cycle(&mut m, s, push(2, 1), &mut NoLog)), [(s, 2, 1, 0)]);
+    assert_eq!(m.version(), 2);
+}
+
+#[test]
 fn claimed_samples_are_clipped_to_max_samples() {
     let cfg = config(PolicyKind::Fedbuff, |c| {
         c.policies.fedbuff.fedbuff_k = 2;

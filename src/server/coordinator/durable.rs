@@ -81,6 +81,12 @@ impl Coordinator {
                 self.apply(effects).await;
                 false
             }
+            LogDone::Stalled { reason } => {
+                self.log_stalled = reason.is_some();
+                let effects = self.core(Input::LogStalled { reason });
+                self.apply(effects).await;
+                false
+            }
             LogDone::Deposed { reason } => {
                 tracing::error!(%reason, "this server no longer leads the log: it stops serving, acknowledging nothing more");
                 self.deposed = true;
@@ -102,13 +108,17 @@ impl Coordinator {
     }
 
     /// Ends this round's group of records and waits until the log holds every record handed to
-    /// it. Returns false when the server was deposed meanwhile.
-    pub(super) async fn drain_log(&mut self) -> bool {
+    /// it. Returns false when the server was deposed meanwhile, or (unless `patient`) as soon
+    /// as the log is stalled.
+    pub(super) async fn drain_log(&mut self, patient: bool) -> bool {
         if self.deposed {
             return false;
         }
         self.log.commit();
         while self.log.backlog() > 0 && !self.deposed {
+            if self.log_stalled && !patient {
+                return false;
+            }
             let d = self.log.done().await;
             if self.log_done(d).await {
                 return false;
@@ -156,7 +166,7 @@ impl Coordinator {
             self.follow_then_lead(f).await?;
         }
         if self.durable.is_some() {
-            self.checkpoint().await?;
+            self.checkpoint(true).await?;
         }
         Ok(())
     }
@@ -208,6 +218,10 @@ impl Coordinator {
 
     pub(super) async fn maybe_checkpoint(&mut self) {
         let Some(d) = &self.durable else { return };
+        if self.log_stalled {
+            // It would wait for the log; it is written once the log confirms writes again.
+            return;
+        }
         let version = self.machine.version();
         let mut every_s = self.cfg.checkpoint_every_s;
         if every_s == 0.0
@@ -222,19 +236,23 @@ impl Coordinator {
             && version >= d.last_version + self.cfg.checkpoint_every_versions;
         if (by_time || by_versions)
             && version != d.last_version
-            && let Err(e) = self.checkpoint().await
+            && let Err(e) = self.checkpoint(false).await
         {
             tracing::error!(error = %e, "checkpoint failed");
         }
     }
 
     /// Writes a checkpoint of everything accepted so far; the log may then drop older records.
-    pub(super) async fn checkpoint(&mut self) -> Result<String, String> {
+    /// Unless `patient`, gives up when the log stalls meanwhile.
+    pub(super) async fn checkpoint(&mut self, patient: bool) -> Result<String, String> {
         // The state must hold exactly the steps the log holds: no step may be in flight, and
         // the log must hold every record handed to it.
-        self.settle().await;
-        if self.deposed {
-            return Err("deposed: another server leads the log".into());
+        if !self.settle_within(patient).await {
+            return Err(if self.deposed {
+                "deposed: another server leads the log".into()
+            } else {
+                "the log stalled: the checkpoint waits until it confirms writes again".into()
+            });
         }
 
         if self.durable.is_none() {

@@ -148,6 +148,10 @@ pub struct Coordinator {
     log: Box<dyn RecordLog>,
     /// Another server leads the log: nothing more is appended or acknowledged.
     deposed: bool,
+    /// The log confirms no writes now (its cluster is unreachable): pushes are refused as
+    /// busy, and what would wait for the log (a join, a snapshot, a checkpoint) waits or is
+    /// refused instead of holding up the loop.
+    log_stalled: bool,
     /// What to replay before serving.
     resume: Option<Resume>,
     follower: Option<crate::server::nats::Follower>,
@@ -183,6 +187,7 @@ impl Coordinator {
             durable,
             log: p.log,
             deposed: false,
+            log_stalled: false,
             resume: p.resume,
             follower: p.follower,
             tape: p.tape,
@@ -219,8 +224,9 @@ impl Coordinator {
             let wake = if slot_free { self.machine.next_wakeup().map(|d| self.started + d) } else { None };
             let period = if self.status_dirty { STATUS_PERIOD } else { STATUS_HEARTBEAT };
             let status_due = self.last_status.map(|t| t + period);
-            // Records wait for the log in groups; past LOG_BACKLOG of them no more is taken.
-            let open = (self.running.is_empty() || self.intake > 0) && self.log.backlog() < LOG_BACKLOG;
+            // Records wait for the log in groups; past LOG_BACKLOG of them no more is taken
+            // (unless the log stalled: then pushes are refused as busy and add no records).
+            let open = (self.running.is_empty() || self.intake > 0) && self.log_has_room();
             let woke = tokio::select! {
                 biased;
                 d = self.log.done() => Woke::Log(d),
@@ -246,11 +252,7 @@ impl Coordinator {
             // the first bound an idle engine would wait for a queue that never runs dry: ASP
             // acknowledges on admission, and clients answer every Ack with a push.
             let mut round = self.cfg.max_batch;
-            while !stop
-                && round > 0
-                && (self.running.is_empty() || self.intake > 0)
-                && self.log.backlog() < LOG_BACKLOG
-            {
+            while !stop && round > 0 && (self.running.is_empty() || self.intake > 0) && self.log_has_room() {
                 let Ok(m) = self.rx.try_recv() else { break };
                 round -= 1;
                 stop = self.take(m).await;
@@ -276,6 +278,12 @@ impl Coordinator {
         }
         self.metrics.engine_busy(self.engine.busy());
         self.publish_status(true);
+    }
+
+    /// Whether the log may be handed more records: fewer than [`LOG_BACKLOG`] groups wait, or
+    /// it stalled (pushes are refused as busy then, so messages are taken to answer them).
+    fn log_has_room(&self) -> bool {
+        self.log_stalled || self.log.backlog() < LOG_BACKLOG
     }
 
     /// Handles a message from a session, counting it against the intake allowance; returns
@@ -330,23 +338,44 @@ impl Coordinator {
     /// Waits until the engine holds no step the core has not been told of, and the log holds
     /// every record handed to it (so the core has released every step the engine ran).
     async fn settle(&mut self) {
+        self.settle_within(true).await;
+    }
+
+    /// [`Coordinator::settle`], or false (not settled) once the log stalls when `patient` is
+    /// false, and when the server was deposed.
+    async fn settle_within(&mut self, patient: bool) -> bool {
         loop {
             while let Some(p) = self.running.pop_front() {
                 let r = p.wait().await;
                 self.step_reported(r).await;
             }
-            if !self.drain_log().await || self.running.is_empty() {
-                return;
+            if !self.drain_log(patient).await {
+                return false;
+            }
+            if self.running.is_empty() {
+                return true;
             }
         }
     }
 
-    /// Sends the Snapshots that had to wait for the engine to settle.
+    /// Why the log cannot settle now (it stalled, or this server was deposed), if it cannot.
+    async fn try_settle(&mut self) -> Result<(), String> {
+        if self.settle_within(false).await {
+            return Ok(());
+        }
+        Err(if self.deposed {
+            "this server no longer leads the log".into()
+        } else {
+            "the server cannot make records durable now (its log is unreachable); try again later".into()
+        })
+    }
+
+    /// Sends the Snapshots that had to wait for the engine to settle (they wait on while the
+    /// log is stalled).
     async fn send_due_snapshots(&mut self) {
-        if self.snapshots_due.is_empty() {
+        if self.snapshots_due.is_empty() || self.log_stalled || self.try_settle().await.is_err() {
             return;
         }
-        self.settle().await;
         for session in std::mem::take(&mut self.snapshots_due) {
             self.send_snapshot(session).await;
         }
@@ -373,14 +402,20 @@ impl Coordinator {
                 effects
             }
             Inbound::Replica { reply } => {
-                self.settle().await;
+                if let Err(e) = self.try_settle().await {
+                    let _ = reply.send(Err(e));
+                    return false;
+                }
                 let v = self.machine.replica_version();
                 let r = self.engine.call(|e| e.read_replica()).await;
                 let _ = reply.send(r.map(|values| (v, values)).map_err(|e| e.to_string()));
                 return false;
             }
             Inbound::State { reply } => {
-                self.settle().await;
+                if let Err(e) = self.try_settle().await {
+                    let _ = reply.send(Err(e));
+                    return false;
+                }
                 let r = self.engine.call(|e| e.read_state()).await;
                 let _ = reply.send(r.map_err(|e| e.to_string()));
                 return false;
@@ -398,9 +433,11 @@ impl Coordinator {
     async fn join(&mut self, hello: Hello, proven: bool, outbox: Arc<Outbox>) -> JoinReply {
         // The Snapshot that follows the Welcome is read before the machine admits the session,
         // at the replica version the Welcome names: the engine settles first.
-        self.settle().await;
-        if self.deposed {
-            return Err(("server", "this server no longer leads the log; join another".into()));
+        if let Err(e) = self.try_settle().await {
+            if self.deposed {
+                return Err(("server", "this server no longer leads the log; join another".into()));
+            }
+            return Err(("busy", e));
         }
         match self.snapshot_frame().await {
             Ok(Some(_)) => {}
@@ -561,7 +598,7 @@ impl Coordinator {
         self.apply(effects).await;
         self.settle().await;
         if self.durable.is_some() {
-            match self.checkpoint().await {
+            match self.checkpoint(true).await {
                 Ok(at) => tracing::info!(%at, "final checkpoint written"),
                 Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
             }

@@ -80,6 +80,13 @@ impl LocalCluster {
         }
     }
 
+    /// Sends node `i` a signal as `kill` names it (`-STOP` pauses it, `-CONT` resumes it);
+    /// false when the node is gone or `kill` failed.
+    pub fn signal(&self, i: usize, sig: &str) -> bool {
+        let Some(Some(c)) = self.nodes.get(i) else { return false };
+        Command::new("kill").args([sig, &c.id().to_string()]).status().is_ok_and(|s| s.success())
+    }
+
     /// Makes a sparsync log named `stream` (R = 3), retrying while the cluster elects its
     /// JetStream leader (a few seconds after start).
     pub async fn init(&self, stream: &str, lease: Duration) -> Result<NatsTarget, String> {

@@ -58,6 +58,8 @@ const HEADER_ROOM: usize = 1024;
 const START_PATIENCE: Duration = Duration::from_secs(30);
 /// Groups a leader may have published and not yet seen acknowledged.
 const MAX_IN_FLIGHT: usize = 32;
+/// A log that confirms no write for this long reports itself stalled: new pushes get busy.
+const STALL_AFTER: Duration = Duration::from_secs(2);
 
 /// The names `sparsync nats-init` gives, derived from the stream's.
 pub struct Names {
@@ -286,6 +288,18 @@ impl Nats {
         Ok(stream.info().await.map_err(|e| e.to_string())?.state.last_sequence)
     }
 
+    /// The epoch of the writer of the stream's last message (0: none, or written by none).
+    async fn last_epoch(&self) -> Result<u64, String> {
+        let n = self.names();
+        let mut stream = self.js.get_stream(&n.stream).await.map_err(|e| e.to_string())?;
+        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+        if last == 0 {
+            return Ok(0);
+        }
+        let m = stream.get_raw_message(last).await.map_err(|e| e.to_string())?;
+        Ok(m.headers.get(HEADER_EPOCH).and_then(|v| v.as_str().parse().ok()).unwrap_or(0))
+    }
+
     /// The records in the stream after position `after`, and the stream's last position.
     pub async fn read_log(&self, after: u64) -> Result<(Vec<WalOp>, u64), String> {
         let n = self.names();
@@ -452,13 +466,14 @@ impl Lease {
     /// holds it. A renewal that fails for want of NATS is retried: the stream's fencing, not the
     /// lease, keeps two leaders from both writing, and with no NATS no standby can take over.
     /// Stops when the returned receiver is dropped.
-    fn keep(self, nats: Nats, holder: String, position: Arc<AtomicU64>) -> mpsc::UnboundedReceiver<LogDone> {
+    fn keep(self, nats: Nats, holder: String) -> mpsc::UnboundedReceiver<LogDone> {
         let (lost, rx) = mpsc::unbounded_channel();
         let deposed = |lost: &mpsc::UnboundedSender<LogDone>| {
             let _ = lost.send(LogDone::Deposed { reason: "another server took the lease".into() });
         };
         tokio::spawn(async move {
             let Lease { kv, mut revision, lifetime } = self;
+            let epoch = revision;
             let period = lifetime / 3;
             let value = Bytes::from(holder);
             loop {
@@ -468,35 +483,49 @@ impl Lease {
                 }
                 match tokio::time::timeout(period, kv.update(LEASE_KEY, value.clone(), revision)).await {
                     Ok(Ok(r)) => revision = r,
-                    Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                        match kv.entry(LEASE_KEY).await {
-                            // A renewal that timed out here but was stored: ours.
-                            Ok(Some(e))
-                                if e.value == value && e.operation == jetstream::kv::Operation::Put =>
-                            {
-                                revision = e.revision;
-                            }
-                            // Lapsed while NATS was away and nobody took it: take it again, if
-                            // nobody wrote the stream meanwhile either.
-                            Ok(None)
-                                if nats.last_sequence().await.ok()
-                                    == Some(position.load(Ordering::Acquire)) =>
-                            {
-                                match kv.create(LEASE_KEY, value.clone()).await {
-                                    Ok(r) => {
-                                        tracing::warn!(
-                                            "the lease lapsed (NATS was unreachable) and was taken again"
-                                        );
-                                        revision = r;
-                                    }
-                                    Err(_) => return deposed(&lost),
-                                }
-                            }
-                            Ok(_) => return deposed(&lost),
-                            Err(e) => tracing::warn!(error = %e, "reading the lease failed; retrying"),
-                        }
+                    Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::TimedOut => {
+                        tracing::warn!("renewing the lease timed out; retrying")
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease failed; retrying"),
+                    // Refused (the key is at another revision: async-nats says WrongLastRevision,
+                    // or Other for the error code newer servers give) or failed: the entry
+                    // tells which.
+                    Ok(Err(e)) => match kv.entry(LEASE_KEY).await {
+                        // A renewal that timed out earlier but was stored: ours.
+                        Ok(Some(en))
+                            if en.value == value && en.operation == jetstream::kv::Operation::Put =>
+                        {
+                            revision = en.revision;
+                        }
+                        Ok(Some(en)) if en.operation == jetstream::kv::Operation::Put => {
+                            return deposed(&lost);
+                        }
+                        // Lapsed while NATS was away and nobody took it: take it again, if
+                        // nobody wrote the stream meanwhile either (its last message is this
+                        // leader's: another leader's fence would follow it; this leader's own
+                        // writes may still be in flight, so its position cannot tell).
+                        Ok(_) => match nats.last_epoch().await {
+                            Ok(last) if last == epoch => match kv.create(LEASE_KEY, value.clone()).await {
+                                Ok(r) => {
+                                    tracing::warn!(
+                                        "the lease lapsed (NATS was unreachable) and was taken again"
+                                    );
+                                    revision = r;
+                                }
+                                // Taken by another, or by this create on an earlier try: the
+                                // next renewal tells.
+                                Err(c) => {
+                                    tracing::warn!(error = %c, "taking the lapsed lease again failed; retrying")
+                                }
+                            },
+                            Ok(_) => return deposed(&lost),
+                            Err(r) => {
+                                tracing::warn!(error = %r, "reading the stream's last writer failed; retrying")
+                            }
+                        },
+                        Err(r) => {
+                            tracing::warn!(renewal = %e, error = %r, "renewing the lease failed, and so did reading it; retrying")
+                        }
+                    },
                     Err(_) => tracing::warn!("renewing the lease timed out; retrying"),
                 }
             }
@@ -543,7 +572,7 @@ pub async fn start(target: &NatsTarget, holder: &str) -> Result<Start, StartErro
     let epoch = lease.epoch();
     // Renewed from now on: reading a long log must not let the lease lapse.
     let position = Arc::new(AtomicU64::new(0));
-    let lease_lost = lease.keep(nats.clone(), holder, position.clone());
+    let lease_lost = lease.keep(nats.clone(), holder);
     let checkpoint = nats.load_checkpoint().await.map_err(StartError::Other)?;
     let after = checkpoint.as_ref().map_or(0, |c| c.wal_seq);
     let (ops, last) = nats.read_log(after).await.map_err(StartError::Other)?;
@@ -677,7 +706,7 @@ impl Follower {
         let lease = Lease::acquire(self.kv.clone(), self.lifetime, &holder).await?;
         let epoch = lease.epoch();
         let position = Arc::new(AtomicU64::new(0));
-        let lease_lost = lease.keep(self.nats.clone(), holder, position.clone());
+        let lease_lost = lease.keep(self.nats.clone(), holder);
         let last = self.nats.last_sequence().await.map_err(StartError::Other)?;
         self.read_to(last).await.map_err(StartError::Other)?;
         let rest = std::mem::take(&mut self.groups).finish();
@@ -757,6 +786,9 @@ impl NatsLog {
             max_chunk: max,
             position: position.clone(),
             done: done_tx,
+            since: tokio::time::Instant::now(),
+            stalled: false,
+            last_error: None,
         };
         tokio::spawn(writer.run(rx));
         tracing::info!(stream = %names.stream, epoch, position = ack.sequence, "leading the JetStream log");
@@ -886,6 +918,13 @@ struct Writer {
     max_chunk: usize,
     position: Arc<AtomicU64>,
     done: mpsc::UnboundedSender<LogDone>,
+    /// The last progress: a chunk confirmed, or the first chunk of a batch sent when none was
+    /// in flight.
+    since: tokio::time::Instant,
+    /// Reported stalled (no progress for [`STALL_AFTER`]) and not confirmed since.
+    stalled: bool,
+    /// The last failure of a write, for the stall's report.
+    last_error: Option<String>,
 }
 
 type AckFuture = std::pin::Pin<
@@ -900,6 +939,7 @@ impl Writer {
     async fn run(mut self, mut groups: mpsc::UnboundedReceiver<(Vec<u8>, u64)>) {
         let mut in_flight: VecDeque<(Chunk, Option<AckFuture>)> = VecDeque::new();
         loop {
+            let stall_at = (!self.stalled && !in_flight.is_empty()).then_some(self.since + STALL_AFTER);
             tokio::select! {
                 biased;
                 r = async { in_flight.front_mut().expect("guarded").1.as_mut().expect("sent").await }, if in_flight.front().is_some_and(|f| f.1.is_some()) => {
@@ -910,14 +950,21 @@ impl Writer {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, stream = %self.stream, "a JetStream write failed; retrying in order");
+                            self.last_error = Some(e.to_string());
                             if !self.resend(&mut in_flight).await {
                                 return;
                             }
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(stall_at.unwrap_or_else(tokio::time::Instant::now)), if stall_at.is_some() => {
+                    self.stall();
+                }
                 g = groups.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                     let Some((buf, upto)) = g else { return };
+                    if in_flight.is_empty() {
+                        self.since = tokio::time::Instant::now();
+                    }
                     for chunk in self.split(buf, upto) {
                         let fut = self.send(&chunk).await;
                         in_flight.push_back((chunk, fut));
@@ -957,9 +1004,49 @@ impl Writer {
         }
     }
 
-    fn confirmed(&self, c: &Chunk, sequence: u64) {
+    /// Reports the log stalled (once until a write is confirmed again).
+    fn stall(&mut self) {
+        if self.stalled {
+            return;
+        }
+        self.stalled = true;
+        let why = match &self.last_error {
+            Some(e) => format!("the last failure: {e}"),
+            None => "NATS does not answer".into(),
+        };
+        let reason = format!(
+            "JetStream stream {} confirmed no write for {} s; {why}",
+            self.stream,
+            STALL_AFTER.as_secs_f64()
+        );
+        tracing::warn!(%reason, "the log stalled: new pushes are refused as busy until it confirms writes again");
+        let _ = self.done.send(LogDone::Stalled { reason: Some(reason) });
+    }
+
+    /// Waits for a publish's ack, reporting the log stalled if it takes too long.
+    async fn ack(
+        &mut self,
+        mut f: AckFuture,
+    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        if !self.stalled {
+            tokio::select! {
+                r = &mut f => return r,
+                _ = tokio::time::sleep_until(self.since + STALL_AFTER) => self.stall(),
+            }
+        }
+        f.await
+    }
+
+    fn confirmed(&mut self, c: &Chunk, sequence: u64) {
         tracing::debug!(sequence, upto = ?c.upto, "log chunk held");
         self.position.store(sequence, Ordering::Release);
+        self.since = tokio::time::Instant::now();
+        self.last_error = None;
+        if self.stalled {
+            self.stalled = false;
+            tracing::info!(stream = %self.stream, "the log confirms writes again: pushes are taken again");
+            let _ = self.done.send(LogDone::Stalled { reason: None });
+        }
         if let Some(upto) = c.upto {
             let _ = self.done.send(LogDone::Held { upto });
         }
@@ -972,8 +1059,9 @@ impl Writer {
     async fn resend(&mut self, in_flight: &mut VecDeque<(Chunk, Option<AckFuture>)>) -> bool {
         let mut backoff = Duration::from_millis(50);
         while let Some((chunk, _)) = in_flight.front() {
-            let outcome = match self.send(chunk).await {
-                Some(f) => f.await.map_err(|e| (e.kind(), e.to_string())),
+            let sent = self.send(chunk).await;
+            let outcome = match sent {
+                Some(f) => self.ack(f).await.map_err(|e| (e.kind(), e.to_string())),
                 None => Err((PublishErrorKind::Other, "not sent".into())),
             };
             match outcome {
@@ -999,7 +1087,7 @@ impl Writer {
                             return false;
                         }
                         None => {
-                            tokio::time::sleep(backoff).await;
+                            self.wait(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
                     }
@@ -1017,7 +1105,8 @@ impl Writer {
                 }
                 Err((_, e)) => {
                     tracing::warn!(error = %e, stream = %self.stream, "a JetStream write failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    self.last_error = Some(e);
+                    self.wait(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
@@ -1026,6 +1115,14 @@ impl Writer {
             }
         }
         true
+    }
+
+    /// Sleeps before a retry, reporting the log stalled if no write was confirmed for long.
+    async fn wait(&mut self, backoff: Duration) {
+        tokio::time::sleep(backoff).await;
+        if self.since.elapsed() >= STALL_AFTER {
+            self.stall();
+        }
     }
 
     /// Whether the stream's message after `c.expected` is this chunk (`None`: cannot tell now).

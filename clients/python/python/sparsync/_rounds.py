@@ -88,6 +88,9 @@ def run_rounds(
                 info["rejected"] = f"{e.field}: {e.reason}"
                 if e.field == "rate":
                     time.sleep(rate_pause)
+                elif e.field == "busy":
+                    # The server cannot make pushes durable now (its log is unreachable).
+                    time.sleep(e.retry_after_s or rate_pause)
             except SparsyncError as e:
                 if e.field == "connection":
                     summary["stop"] = f"connection closed ({e.reason})"

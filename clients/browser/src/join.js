@@ -239,10 +239,12 @@ function adopt() {
   baseVersion = replica.version;
 }
 
-// Connects to servers[turn % servers.length].
+// Connects to servers[turn % servers.length]; resolves once the server's Snapshot is in (the
+// page is connected) or the connection closed (a refused hello, say).
 function connect(turn) {
   return new Promise((resolve) => {
     state.server = servers[turn % servers.length];
+    state.version = null;
     ws = new WebSocket(state.server);
     ws.binaryType = 'arraybuffer';
     ws.onopen = () => {
@@ -277,17 +279,25 @@ function connect(turn) {
 }
 
 async function loop() {
+  // Connection attempts since the last success, and the address of the next one.
+  let failures = 0;
+  let turn = 0;
   for (;;) {
     if (!state.connected) {
-      // The next address at once; after a full round of them, a growing wait.
-      state.reconnects++;
-      const round = Math.floor((state.reconnects - 1) / servers.length);
-      if (servers.length === 1 || state.reconnects % servers.length === 1) {
+      // Each address in turn; a growing wait before each full round of them.
+      if (failures % servers.length === 0) {
+        const round = failures / servers.length;
         await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** Math.min(round, 4))));
       }
+      failures++;
+      turn++;
+      state.reconnects++;
       base = null;
-      await connect(state.reconnects);
-      if (state.connected) log(`connected to ${state.server}`);
+      await connect(turn);
+      if (state.connected) {
+        failures = 0;
+        log(`connected to ${state.server}`);
+      }
       continue;
     }
     if (state.paused) {
@@ -295,6 +305,15 @@ async function loop() {
       continue;
     }
     const loss = await trainRound(data, directive.local_steps, directive.batch_size, directive.learning_rate);
+    if (!state.connected || !base) {
+      // Cut off while training: the round's change goes into the residual (the reconnection
+      // adopts the server's x̂), so a later push carries it.
+      if (base) {
+        const x = flatten();
+        for (let i = 0; i < x.length; i++) residual[i] += x[i] - base[i];
+      }
+      continue;
+    }
     state.lastLoss = loss;
     state.rounds++;
     // Δ = x_local − x_base, Top-k with error feedback, one Push.

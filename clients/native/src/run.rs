@@ -724,7 +724,8 @@ impl Runner {
                         tracing::info!(seq = rj.seq, reason = %rj.reason, "the server is busy; pushing again later");
                         self.summary.busy += 1;
                         self.sparsifier.restore(&f.sparse);
-                        let wait = Duration::from_millis(rj.retry_after_ms.unwrap_or(1000).min(30_000));
+                        // (At most 5 s: the wait holds up reading the server's messages.)
+                        let wait = Duration::from_millis(rj.retry_after_ms.unwrap_or(1000).min(5_000));
                         self.busy_until = Some(Instant::now() + wait);
                     } else {
                         tracing::warn!(seq = rj.seq, field = %rj.field, reason = %rj.reason, "push rejected; its values go back into the residual");

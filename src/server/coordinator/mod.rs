@@ -274,7 +274,8 @@ impl Coordinator {
             self.metrics.coordinator_busy(busy_from.elapsed());
         }
         if !self.deposed {
-            self.settle().await;
+            // (Not waiting for a stalled log: what it has not confirmed was never acknowledged.)
+            self.settle_within(!self.log_stalled).await;
         }
         self.metrics.engine_busy(self.engine.busy());
         self.publish_status(true);
@@ -579,7 +580,13 @@ impl Coordinator {
                 self.core(Input::Sent { session, bytes: f.len() as u64 });
                 outbox.push_snapshot(v, f);
             }
-            Ok(None) if !self.running.is_empty() => self.snapshots_due.push(session),
+            // The engine's x̂ is ahead of the core's: steps still run, or wait for the log (which
+            // may be stalled for a while). Sent once it settles.
+            Ok(None) if !self.running.is_empty() || self.log.backlog() > 0 || self.log_stalled => {
+                if !self.snapshots_due.contains(&session) {
+                    self.snapshots_due.push(session);
+                }
+            }
             Ok(None) => tracing::error!(
                 replica_version = self.machine.replica_version(),
                 "snapshot skipped: the engine's x̂ is at another version than the core's with no step running"
@@ -593,11 +600,19 @@ impl Coordinator {
             // Another server leads: nothing more may be logged or acknowledged from here.
             return self.engine.call(|e| e.read_state()).await;
         }
-        // Everything accepted is applied and acknowledged before the state is taken.
+        // Everything accepted is applied and acknowledged before the state is taken, unless
+        // the log is stalled: then what it has not confirmed was never acknowledged, and the
+        // server stops without it (and without a final checkpoint) rather than wait for it.
         let effects = self.core(Input::Shutdown);
         self.apply(effects).await;
-        self.settle().await;
-        if self.durable.is_some() {
+        let settled = self.settle_within(false).await;
+        if !settled && !self.deposed {
+            tracing::warn!(
+                pending = self.machine.pending_len(),
+                "stopping while the log confirms no writes: no final checkpoint; pushes it has not confirmed were never acknowledged and are not kept"
+            );
+        }
+        if settled && self.durable.is_some() {
             match self.checkpoint(true).await {
                 Ok(at) => tracing::info!(%at, "final checkpoint written"),
                 Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
@@ -605,7 +620,7 @@ impl Coordinator {
         }
         let effects = self.core(Input::Farewell { reason: reason.into() });
         self.apply(effects).await;
-        self.settle().await;
+        self.settle_within(false).await;
         self.engine.call(|e| e.read_state()).await
     }
 

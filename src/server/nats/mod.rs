@@ -1030,6 +1030,7 @@ impl Writer {
     ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
         if !self.stalled {
             tokio::select! {
+                biased;
                 r = &mut f => return r,
                 _ = tokio::time::sleep_until(self.since + STALL_AFTER) => self.stall(),
             }

@@ -112,8 +112,11 @@ pub struct E2eRow {
     /// Largest resident memory of the server sampled while the clients pushed, MB.
     pub server_peak_mb: f64,
     pub raw_tcp_mb_per_s: Option<f64>,
+    /// MB/s of records the server wrote to its log (none without one).
+    #[serde(default)]
+    pub log_mb_per_s: Option<f64>,
     /// With a JetStream log: MB/s the same cluster takes from one publisher of 1 MB messages,
-    /// 32 in flight, R = 3 (the log's floor), and the server's MB/s in as a fraction of it.
+    /// 32 in flight, R = 3 (the log's floor), and the server's log MB/s as a fraction of it.
     #[serde(default)]
     pub log_floor_mb_per_s: Option<f64>,
     #[serde(default)]
@@ -215,7 +218,7 @@ async fn run_configs(
                         .await?;
                 progress.advance(spec.duration_s.min(5.0));
                 r.log_floor_mb_per_s = Some(floor);
-                r.fraction_of_log_floor = (floor > 0.0).then(|| r.mb_in_per_s / floor);
+                r.fraction_of_log_floor = r.log_mb_per_s.filter(|_| floor > 0.0).map(|mb| mb / floor);
             }
             if i + 1 < wals.len() {
                 rows.push(r);
@@ -479,6 +482,7 @@ fn row(
         server_peak_mb: peak_mb,
         raw_tcp_mb_per_s: None,
         fraction_of_raw: None,
+        log_mb_per_s: (s.log_bytes > 0.0).then(|| s.log_bytes / w / 1e6),
         log_floor_mb_per_s: None,
         fraction_of_log_floor: None,
         client_ceiling_updates_per_s: None,
@@ -626,6 +630,7 @@ pub fn table(rows: &[E2eRow]) -> String {
                 format!("{:.0}", r.broadcasts_per_s),
                 r.raw_tcp_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_raw.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+                r.log_mb_per_s.map_or("-".into(), |v| format!("{v:.1}")),
                 r.log_floor_mb_per_s.map_or("-".into(), |v| format!("{v:.0}")),
                 r.fraction_of_log_floor.map_or("-".into(), |v| format!("{:.0}%", 100.0 * v)),
                 r.client_ceiling_updates_per_s.map_or("-".into(), |v| format!("{v:.0}")),
@@ -656,6 +661,7 @@ pub fn table(rows: &[E2eRow]) -> String {
             "bcast/s",
             "raw MB/s",
             "of raw",
+            "log MB/s",
             "log floor MB/s",
             "of floor",
             "ceiling upd/s",

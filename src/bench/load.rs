@@ -159,6 +159,9 @@ pub struct ServerCounters {
     /// Broadcasts the engine made (`sparsync_engine_total{what="broadcasts"}`).
     #[serde(default)]
     pub broadcasts: f64,
+    /// Bytes of records written to the log (`sparsync_log_bytes_total`).
+    #[serde(default)]
+    pub log_bytes: f64,
 }
 
 impl ServerCounters {
@@ -178,6 +181,7 @@ impl ServerCounters {
                 "sparsync_coordinator_busy_seconds_total" => c.coordinator_busy = v,
                 "sparsync_engine_busy_seconds_total" => c.engine_busy = v,
                 "sparsync_engine_total{what=\"broadcasts\"}" => c.broadcasts = v,
+                "sparsync_log_bytes_total" => c.log_bytes = v,
                 k if k.starts_with("sparsync_updates_rejected_total{") => c.rejected += v,
                 k => {
                     if let Some(stage) = k
@@ -210,6 +214,7 @@ impl ServerCounters {
             coordinator_busy: self.coordinator_busy - before.coordinator_busy,
             engine_busy: self.engine_busy - before.engine_busy,
             broadcasts: self.broadcasts - before.broadcasts,
+            log_bytes: self.log_bytes - before.log_bytes,
         }
     }
 }

@@ -9,8 +9,9 @@
 //! warning.
 //!
 //! The WAL (`--wal`) appends every accepted push before its Ack is sent, and starts a new file
-//! at each checkpoint. A record is `SPW2`, payload length (u32), CRC-32 of the payload (8
-//! bytes), then the payload: client id (u16 length + bytes) and the Push frame (older logs'
+//! at each checkpoint. A record is `SPW3`, payload length (u32), CRC-32 of the payload (8
+//! bytes), then the payload: client id (u16 length + bytes), the Push header, its indices as
+//! LEB128 gaps and its values (older logs' `SPW2` records, with the frame as it came, and
 //! `SPWL` records, with FNV-1a 64, are still read). On resume the records
 //! after the checkpoint are replayed in acceptance order; a torn last record (a crash in the
 //! middle of a write, before its Ack) is ignored. Writes go to the operating system before the
@@ -278,6 +279,8 @@ const WAL_MAGIC_FNV: &[u8; 4] = b"SPWL";
 const WAL_STEP_MAGIC_FNV: &[u8; 4] = b"SPWS";
 const WAL_MAGIC: &[u8; 4] = b"SPW2";
 const WAL_STEP_MAGIC: &[u8; 4] = b"SPS2";
+/// A push with its indices as gaps: at 1% density about 3.5 bytes an entry instead of 6.
+const WAL_COMPACT_MAGIC: &[u8; 4] = b"SPW3";
 
 /// CRC-32 (IEEE) of the parts, as the record's 8-byte checksum field holds it.
 fn crc(parts: &[&[u8]]) -> u64 {
@@ -309,12 +312,13 @@ impl Wal {
         wal_files(dir).last().map_or(1, |(v, _)| v + 1)
     }
 
-    /// Appends one record the core asked the log to keep; returns once the operating system
-    /// has it.
-    pub fn append_op(&mut self, op: &WalOp) -> Result<(), DurabilityError> {
+    /// Appends one record the core asked the log to keep; returns (its length in bytes) once
+    /// the operating system has it.
+    pub fn append_op(&mut self, op: &WalOp) -> Result<usize, DurabilityError> {
         let mut rec = Vec::new();
         encode_record(op, &mut rec);
-        self.file.write_all(&rec).map_err(io("appending to", &self.path))
+        self.file.write_all(&rec).map_err(io("appending to", &self.path))?;
+        Ok(rec.len())
     }
 
     /// Switches to log file `seq` once the checkpoint naming it is durable.
@@ -328,12 +332,15 @@ fn wal_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     numbered_files(dir, "wal-", ".log")
 }
 
-/// Appends one log record to `out`: `SPW2` (an accepted push: client id, u16 length + bytes,
-/// then the Push frame) or `SPS2` (an applied step: broadcast flag, u32 count, then each push's
-/// client id, seq and weight bits), the payload's length (u32) and its CRC-32 (in 8 bytes),
-/// then the payload. The file WAL and the JetStream log hold the same records.
+/// Appends one log record to `out`: `SPW3` (an accepted push: client id, u16 length + bytes,
+/// then the Push frame with its indices as gaps, see [`encode_compact_push`]), `SPW2` (a push
+/// frame that is not a well-formed Push, kept as it is) or `SPS2` (an applied step: broadcast
+/// flag, u32 count, then each push's client id, seq and weight bits), the payload's length
+/// (u32) and its CRC-32 (in 8 bytes), then the payload. The file WAL and the JetStream log
+/// hold the same records.
 pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
     let (magic, payload) = match op {
+        WalOp::Push(p) if encode_compact_push(p, out) => return,
         WalOp::Push(p) => {
             // Written in place (a push's frame is most of the log's bytes: copied once).
             let name = p.client_id.as_bytes();
@@ -368,6 +375,101 @@ pub fn encode_record(op: &WalOp, out: &mut Vec<u8>) {
     out.extend_from_slice(&payload);
 }
 
+/// Appends `p` as an `SPW3` record: the payload is the client id (u16 length + bytes), the
+/// Push's 40-byte header, its nnz indices as unsigned LEB128 (the first index, then each
+/// index's distance from the one before) and its nnz f16 values; the frame's zero padding is
+/// left out. Returns false (writing nothing) for a frame whose indices do not rise or whose
+/// length or padding is not a Push's.
+fn encode_compact_push(p: &PendingPush, out: &mut Vec<u8>) -> bool {
+    use crate::protocol::frame::{PUSH_HEADER_LEN, sparse_payload_len};
+    let f = &p.frame[..];
+    let Some(nnz) = f.get(PUSH_HEADER_LEN - 4..PUSH_HEADER_LEN) else { return false };
+    let nnz = u32::from_le_bytes(nnz.try_into().expect("4 bytes")) as usize;
+    if f.len() != PUSH_HEADER_LEN + sparse_payload_len(nnz) {
+        return false;
+    }
+    let (indices, rest) = f[PUSH_HEADER_LEN..].split_at(4 * nnz);
+    let (values, padding) = rest.split_at(2 * nnz);
+    let name = p.client_id.as_bytes();
+    if padding.iter().any(|&b| b != 0) || name.len() > u16::MAX as usize {
+        return false;
+    }
+    let start = out.len();
+    out.reserve(16 + 2 + name.len() + PUSH_HEADER_LEN + 2 * nnz + 2 * nnz);
+    out.extend_from_slice(WAL_COMPACT_MAGIC);
+    out.extend_from_slice(&[0; 12]);
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&f[..PUSH_HEADER_LEN]);
+    let mut prev: Option<u32> = None;
+    for c in indices.chunks_exact(4) {
+        let i = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+        let mut gap = match prev {
+            None => i,
+            Some(p) if i > p => i - p,
+            Some(_) => {
+                out.truncate(start);
+                return false;
+            }
+        };
+        prev = Some(i);
+        while gap >= 0x80 {
+            out.push((gap as u8) | 0x80);
+            gap >>= 7;
+        }
+        out.push(gap as u8);
+    }
+    out.extend_from_slice(values);
+    let len = (out.len() - start - 16) as u32;
+    let sum = crc(&[&out[start + 16..]]);
+    out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    out[start + 8..start + 16].copy_from_slice(&sum.to_le_bytes());
+    true
+}
+
+/// The Push frame an `SPW3` payload (after the client id) holds, as it was received.
+fn decode_compact_push(b: &[u8]) -> Option<Bytes> {
+    use crate::protocol::frame::{PUSH_HEADER_LEN, sparse_payload_len};
+    let header = b.get(..PUSH_HEADER_LEN)?;
+    let nnz = u32::from_le_bytes(header[PUSH_HEADER_LEN - 4..].try_into().ok()?) as usize;
+    // Every index takes at least one byte and every value two.
+    if nnz > (b.len() - PUSH_HEADER_LEN) / 3 {
+        return None;
+    }
+    let mut frame = Vec::with_capacity(PUSH_HEADER_LEN + sparse_payload_len(nnz));
+    frame.extend_from_slice(header);
+    let mut at = PUSH_HEADER_LEN;
+    let mut index: u32 = 0;
+    for k in 0..nnz {
+        let mut gap: u32 = 0;
+        let mut shift = 0;
+        loop {
+            let byte = *b.get(at)?;
+            at += 1;
+            if shift == 28 && byte & 0x70 != 0 {
+                return None;
+            }
+            gap |= ((byte & 0x7f) as u32) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 28 {
+                return None;
+            }
+        }
+        index = if k == 0 { gap } else { index.checked_add(gap).filter(|_| gap > 0)? };
+        frame.extend_from_slice(&index.to_le_bytes());
+    }
+    let values = b.get(at..)?;
+    if values.len() != 2 * nnz {
+        return None;
+    }
+    frame.extend_from_slice(values);
+    frame.resize(PUSH_HEADER_LEN + sparse_payload_len(nnz), 0);
+    Some(Bytes::from(frame))
+}
+
 /// Why [`decode_records`] stopped before the end of its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Torn {
@@ -385,7 +487,8 @@ pub fn decode_records(b: &[u8]) -> (Vec<WalOp>, Option<Torn>) {
         let magic = b.get(at..at + 4).unwrap_or_default();
         let step = magic == WAL_STEP_MAGIC || magic == WAL_STEP_MAGIC_FNV;
         let fnv = magic == WAL_MAGIC_FNV || magic == WAL_STEP_MAGIC_FNV;
-        let ok = b.len() >= at + 16 && (step || magic == WAL_MAGIC || magic == WAL_MAGIC_FNV);
+        let compact = magic == WAL_COMPACT_MAGIC;
+        let ok = b.len() >= at + 16 && (step || compact || magic == WAL_MAGIC || magic == WAL_MAGIC_FNV);
         let len =
             if ok { u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]) as usize } else { 0 };
         let end = at + 16 + len;
@@ -416,9 +519,18 @@ pub fn decode_records(b: &[u8]) -> (Vec<WalOp>, Option<Torn>) {
             if 2 + nlen > payload.len() {
                 return (out, Some(Torn::Corrupt { offset: at }));
             }
+            let rest = &payload[2 + nlen..];
+            let frame = if compact {
+                match decode_compact_push(rest) {
+                    Some(f) => f,
+                    None => return (out, Some(Torn::Corrupt { offset: at })),
+                }
+            } else {
+                Bytes::copy_from_slice(rest)
+            };
             out.push(WalOp::Push(PendingPush {
                 client_id: String::from_utf8_lossy(&payload[2..2 + nlen]).to_string(),
-                frame: Bytes::copy_from_slice(&payload[2 + nlen..]),
+                frame,
             }));
         }
         at = end;
@@ -554,6 +666,88 @@ mod tests {
         w.append_op(&push("c", b"three")).unwrap();
         assert!(!path.exists());
         assert_eq!(replay(dir.path(), 8).unwrap().len(), 1);
+    }
+
+    /// A Push frame with these indices (values from the index).
+    fn push_frame(seq: u64, indices: &[u32]) -> Bytes {
+        use crate::protocol::frame::{PushHeader, encode_push};
+        let values: Vec<half::f16> =
+            indices.iter().map(|&i| half::f16::from_f32((i % 97) as f32 - 48.0)).collect();
+        let h = PushHeader { base_version: 3, seq, samples: 32, local_steps: 2, loss: 0.5, nnz: 0 };
+        Bytes::from(encode_push(&h, indices, &values))
+    }
+
+    #[test]
+    fn push_records_keep_indices_as_gaps_and_give_back_the_frame_exactly() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // 1% of 2^20 at random, the extremes, odd and even counts, none.
+        let mut sets: Vec<Vec<u32>> = vec![
+            vec![],
+            vec![0],
+            vec![u32::MAX],
+            vec![0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, u32::MAX - 1, u32::MAX],
+        ];
+        for n in [1usize, 2, 10_485] {
+            let mut idx: Vec<u32> = (0..n).map(|_| (next() % (1 << 20)) as u32).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            sets.push(idx);
+        }
+        let ops: Vec<WalOp> = sets
+            .iter()
+            .enumerate()
+            .map(|(k, idx)| {
+                WalOp::Push(PendingPush { client_id: format!("c{k}"), frame: push_frame(k as u64, idx) })
+            })
+            .collect();
+        let mut log = Vec::new();
+        for op in &ops {
+            let at = log.len();
+            encode_record(op, &mut log);
+            assert_eq!(&log[at..at + 4], WAL_COMPACT_MAGIC);
+        }
+        assert_eq!(decode_records(&log), (ops.clone(), None));
+        // At 1% density the record is well under the frame's size.
+        let WalOp::Push(big) = &ops[6] else { unreachable!() };
+        let mut one = Vec::new();
+        encode_record(&ops[6], &mut one);
+        assert!(
+            one.len() * 10 < big.frame.len() * 6,
+            "{} bytes for a frame of {}",
+            one.len(),
+            big.frame.len()
+        );
+        // A frame that is not a well-formed Push is kept as it came.
+        let odd = [Bytes::from_static(b"not a push"), push_frame(1, &[5, 3]), {
+            let mut f = push_frame(1, &[5]).to_vec();
+            let n = f.len();
+            f[n - 1] = 1; // nonzero padding
+            Bytes::from(f)
+        }];
+        for frame in odd {
+            let op = WalOp::Push(PendingPush { client_id: "x".into(), frame });
+            let mut rec = Vec::new();
+            encode_record(&op, &mut rec);
+            assert_eq!(&rec[..4], WAL_MAGIC);
+            assert_eq!(decode_records(&rec), (vec![op], None));
+        }
+        // A compact record whose checksum matches but whose indices do not rise (a gap of 0)
+        // is refused, not turned into a frame.
+        let mut payload = vec![1u8, 0, b'z'];
+        payload.extend_from_slice(&push_frame(1, &[4, 6])[..40]);
+        payload.extend_from_slice(&[4, 0, 1, 0, 2, 0]);
+        let mut rec = Vec::new();
+        rec.extend_from_slice(WAL_COMPACT_MAGIC);
+        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&crc(&[&payload]).to_le_bytes());
+        rec.extend_from_slice(&payload);
+        assert_eq!(decode_records(&rec), (vec![], Some(Torn::Corrupt { offset: 0 })));
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub trait RecordLog: Send {
         0
     }
 
+    /// Bytes of records written (or handed to the writer) so far.
+    fn bytes(&self) -> u64 {
+        0
+    }
+
     /// The next report of a log that settles records later. Cancel-safe; never ready for a
     /// log that settles every record in [`RecordLog::append`].
     fn done(&mut self) -> LogFuture<'_, LogDone> {
@@ -86,20 +91,26 @@ pub struct FileLog {
     wal: Option<Wal>,
     /// The WAL file the next checkpoint names (records after it go there).
     wal_seq: u64,
+    /// Bytes of records written.
+    bytes: u64,
 }
 
 impl FileLog {
     pub fn new(dir: PathBuf, wal: bool) -> Self {
-        Self { wal_seq: Wal::next_seq(&dir), dir, wal_on: wal, wal: None }
+        Self { wal_seq: Wal::next_seq(&dir), dir, wal_on: wal, wal: None, bytes: 0 }
     }
 }
 
 impl RecordLog for FileLog {
     fn append(&mut self, _seq: u64, op: &WalOp) -> Option<Result<(), String>> {
         Some(match &mut self.wal {
-            Some(w) => w.append_op(op).map_err(|e| e.to_string()),
+            Some(w) => w.append_op(op).map(|n| self.bytes += n as u64).map_err(|e| e.to_string()),
             None => Ok(()),
         })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     fn keeps_checkpoints(&self) -> bool {

@@ -47,6 +47,7 @@ pub struct Metrics {
     engine: Family<EngineLabel, Counter>,
     engine_busy: Counter<f64, std::sync::atomic::AtomicU64>,
     coordinator_busy: Counter<f64, std::sync::atomic::AtomicU64>,
+    log_bytes: Counter,
     /// The engine's totals at the last report (counters grow by the difference).
     engine_seen: Mutex<crate::engine::EngineCounters>,
     /// The core's counters at the last report.
@@ -126,6 +127,12 @@ impl Metrics {
             "Time the coordinator spent handling messages, step reports and timers (the rest it waited)",
             coordinator_busy.clone(),
         );
+        let log_bytes = Counter::default();
+        r.register(
+            "log_bytes",
+            "Bytes of records written to the write-ahead log (the file WAL, or handed to the JetStream writer)",
+            log_bytes.clone(),
+        );
         Self {
             registry: Mutex::new(r),
             accepted,
@@ -143,6 +150,7 @@ impl Metrics {
             engine,
             engine_busy,
             coordinator_busy,
+            log_bytes,
             engine_seen: Mutex::new(Default::default()),
             core_seen: Mutex::new(Default::default()),
         }
@@ -175,6 +183,14 @@ impl Metrics {
         let (now, seen) = (total.as_secs_f64(), self.engine_busy.get());
         if now > seen {
             self.engine_busy.inc_by(now - seen);
+        }
+    }
+
+    /// The log's bytes so far (the counter follows it).
+    pub fn log_bytes(&self, total: u64) {
+        let seen = self.log_bytes.get();
+        if total > seen {
+            self.log_bytes.inc_by(total - seen);
         }
     }
 

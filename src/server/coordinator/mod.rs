@@ -271,6 +271,7 @@ impl Coordinator {
             }
             self.publish_status(false);
             self.metrics.engine_busy(self.engine.busy());
+            self.metrics.log_bytes(self.log.bytes());
             self.metrics.coordinator_busy(busy_from.elapsed());
         }
         if !self.deposed {

@@ -750,6 +750,8 @@ pub struct NatsLog {
     /// Never purge (`--keep-log`).
     keep: bool,
     nats: Nats,
+    /// Bytes of records committed.
+    bytes: u64,
 }
 
 impl NatsLog {
@@ -803,6 +805,7 @@ impl NatsLog {
             checkpointed,
             keep,
             nats,
+            bytes: 0,
         };
         Ok((log, checkpoint, ops))
     }
@@ -838,6 +841,7 @@ impl RecordLog for NatsLog {
         let Some(upto) = self.upto.take() else { return };
         let buf = std::mem::take(&mut self.buf);
         tracing::debug!(upto, bytes = buf.len(), "log group committed");
+        self.bytes += buf.len() as u64;
         if self.groups.send((buf, upto)).is_ok() {
             self.backlog += 1;
         }
@@ -845,6 +849,10 @@ impl RecordLog for NatsLog {
 
     fn backlog(&self) -> usize {
         self.backlog
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     fn done(&mut self) -> LogFuture<'_, LogDone> {

@@ -9,7 +9,7 @@
 //! for it.
 //! Arrays cross the boundary as bytes and are viewed with numpy on the Python side of the call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -110,10 +110,24 @@ fn to_array<'py>(py: Python<'py>, bytes: &[u8], dtype: &str) -> PyResult<Bound<'
 
 struct Inner {
     conn: Option<Connection>,
+    /// The session number and resume secret of the current (or last) connection.
+    session: u64,
+    resume_secret: String,
+    /// Every address given, and the one of the current connection.
+    urls: Vec<String>,
+    at: usize,
+    /// How to connect again (the served model, the token, role, …).
+    opts: ClientOptions,
     sparsifier: Sparsifier,
     next_seq: u64,
-    /// Pushes not yet answered, to restore into the residual if they are rejected.
-    inflight: HashMap<u64, Sparse>,
+    /// Pushes not yet answered (their header, for a resend after a reconnect), to restore
+    /// into the residual if they are rejected.
+    inflight: HashMap<u64, (PushHeader, Sparse)>,
+    /// Pushes sent again after a reconnect and not answered yet: a `reject` with field `seq`
+    /// says the server had accepted it before (it is held, not refused).
+    resent: HashSet<u64>,
+    /// Resent pushes the server said it held (at most [`ANSWERS_KEPT`]).
+    held: std::collections::VecDeque<u64>,
     /// The latest answers by seq (at most [`ANSWERS_KEPT`]): `wait_ack` finds an Ack that
     /// `sync` or `next_event` already handled.
     answers: std::collections::VecDeque<(u64, Event)>,
@@ -125,8 +139,6 @@ struct Inner {
 struct Client {
     inner: Mutex<Inner>,
     rt: tokio::runtime::Runtime,
-    session: u64,
-    resume_secret: String,
     model: String,
     num_params: usize,
     layout: Vec<(String, Vec<usize>)>,
@@ -180,6 +192,8 @@ fn event_json(e: &Event) -> serde_json::Value {
 /// What waiting for an Ack ended with.
 enum AckWait {
     Acked(Event),
+    /// A push resent after a reconnect that the server had accepted before.
+    Held(u64),
     Rejected(Reject),
     Failed(&'static str, String),
 }
@@ -189,16 +203,26 @@ impl Inner {
         self.conn.as_mut().ok_or(("connection", "the client is closed".to_string()))
     }
 
-    /// Keeps the residual whole: a rejected push's entries go back into it.
+    /// Keeps the residual whole: a rejected push's entries go back into it (not those of a
+    /// resent push the server held already).
     fn settle(&mut self, e: &Event) {
         let seq = match e {
             Event::Ack(a) => {
                 self.inflight.remove(&a.seq);
+                self.resent.remove(&a.seq);
                 a.seq
             }
             Event::Reject(r) => {
-                if let Some(sent) = self.inflight.remove(&r.seq) {
-                    self.sparsifier.restore(&sent);
+                let held = self.resent.remove(&r.seq) && r.field == "seq";
+                if let Some((_, sent)) = self.inflight.remove(&r.seq) {
+                    if held {
+                        if self.held.len() == ANSWERS_KEPT {
+                            self.held.pop_front();
+                        }
+                        self.held.push_back(r.seq);
+                    } else {
+                        self.sparsifier.restore(&sent);
+                    }
                 }
                 r.seq
             }
@@ -208,6 +232,70 @@ impl Inner {
             self.answers.pop_front();
         }
         self.answers.push_back((seq, e.clone()));
+    }
+
+    /// What an answer to `seq` means for `wait_ack`.
+    fn outcome(&self, seq: u64, e: &Event) -> AckWait {
+        match e {
+            Event::Reject(r) if r.field == "seq" && self.held.contains(&seq) => AckWait::Held(seq),
+            Event::Reject(r) => AckWait::Rejected(r.clone()),
+            e => AckWait::Acked(e.clone()),
+        }
+    }
+
+    /// Connects to the addresses in turn (the next one first) with this client's resume
+    /// secret until one serves or `deadline` passes, then sends every unanswered push again
+    /// with its seq. Returns the new session.
+    async fn reconnect(&mut self, deadline: Instant) -> Result<u64, (String, String)> {
+        self.conn = None;
+        let mut wait = Duration::from_millis(200);
+        let mut tried = 0usize;
+        let conn = loop {
+            self.at = (self.at + 1) % self.urls.len();
+            let mut o = self.opts.clone();
+            o.url = self.urls[self.at].clone();
+            o.resume_secret = Some(self.resume_secret.clone());
+            let left = deadline.saturating_duration_since(Instant::now());
+            o.timeout = o.timeout.min(left.max(Duration::from_millis(100)));
+            let e = match Connection::connect(&o).await {
+                Ok(c) => break c,
+                Err(e) => e,
+            };
+            // A refusal is final, except one that passes: a server still holding this client
+            // id's old session, or one that cannot make pushes durable just now.
+            if let ClientError::Refused { field, message } = &e
+                && field != "client_id"
+                && field != "busy"
+            {
+                return Err((field.clone(), format!("{}: {message}", o.url)));
+            }
+            tried += 1;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err((
+                    "connection".into(),
+                    format!("no server of {} took the client again: {}: {e}", self.urls.join(","), o.url),
+                ));
+            }
+            if tried.is_multiple_of(self.urls.len()) {
+                tokio::time::sleep(wait.min(deadline - now)).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        };
+        self.session = conn.welcome.session;
+        self.resume_secret = conn.welcome.resume_secret.clone();
+        let conn = self.conn.insert(conn);
+        let mut seqs: Vec<u64> = self.inflight.keys().copied().collect();
+        seqs.sort_unstable();
+        for seq in seqs {
+            let (header, sparse) = &self.inflight[&seq];
+            conn.push(header, &sparse.indices, &sparse.values)
+                .await
+                .map_err(|e| ("connection".to_string(), e.to_string()))?;
+            self.resent.insert(seq);
+            self.answers.retain(|(s, _)| *s != seq);
+        }
+        Ok(self.session)
     }
 
     /// The answer to `seq` if one arrived already.
@@ -276,26 +364,32 @@ impl Client {
 
     fn from_connection(
         conn: Connection,
-        opts: &ClientOptions,
+        opts: ClientOptions,
+        (urls, at): (Vec<String>, usize),
         first_seq: u64,
         rt: tokio::runtime::Runtime,
     ) -> Self {
         let w = &conn.welcome;
         let num_params = conn.num_params();
         Client {
-            session: w.session,
-            resume_secret: w.resume_secret.clone(),
             model: w.model.clone(),
             num_params,
             layout: w.layout.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
             settings: serde_json::to_value(&w.settings).unwrap_or_default(),
             inner: Mutex::new(Inner {
+                session: w.session,
+                resume_secret: w.resume_secret.clone(),
                 conn: Some(conn),
+                urls,
+                at,
+                timeout: opts.timeout,
+                opts,
                 sparsifier: Sparsifier::new(num_params),
                 next_seq: first_seq,
                 inflight: HashMap::new(),
+                resent: HashSet::new(),
+                held: std::collections::VecDeque::new(),
                 answers: std::collections::VecDeque::new(),
-                timeout: opts.timeout,
             }),
             rt,
         }
@@ -354,7 +448,11 @@ impl Client {
                 timeout,
             );
             match attempt {
-                Ok((conn, opts)) => return Ok(Self::from_connection(conn, &opts, first_seq, rt)),
+                Ok((conn, mut opts)) => {
+                    opts.model = conn.welcome.model.clone();
+                    let urls = urls.iter().map(|u| u.to_string()).collect();
+                    return Ok(Self::from_connection(conn, opts, (urls, i), first_seq, rt));
+                }
                 Err((e, true)) if i + 1 < urls.len() => last = Some(e),
                 Err((e, _)) => return Err(e),
             }
@@ -364,14 +462,41 @@ impl Client {
 
     /// The session number the server gave this connection.
     #[getter]
-    fn session(&self) -> u64 {
-        self.session
+    fn session(&self, py: Python<'_>) -> u64 {
+        self.with_inner(py, |g, _| g.session)
     }
 
     /// The secret that lets a reconnect with the same client id replace this session.
     #[getter]
-    fn resume_secret(&self) -> &str {
-        &self.resume_secret
+    fn resume_secret(&self, py: Python<'_>) -> String {
+        self.with_inner(py, |g, _| g.resume_secret.clone())
+    }
+
+    /// The server addresses this client was given, in the order tried.
+    #[getter]
+    fn servers(&self, py: Python<'_>) -> Vec<String> {
+        self.with_inner(py, |g, _| g.urls.clone())
+    }
+
+    /// The address of the current (or last) connection.
+    #[getter]
+    fn server(&self, py: Python<'_>) -> String {
+        self.with_inner(py, |g, _| g.urls[g.at].clone())
+    }
+
+    /// Connects again after the connection was lost (or to move on): tries each address in
+    /// turn, the next one first, with this client's resume secret, until one serves or
+    /// `timeout` seconds pass (a growing wait after each round of them). Then sends every
+    /// push not yet answered again, with its seq: a push the server had accepted before is
+    /// answered as held (`wait_ack` returns `{"type": "ack", "seq": s, "held": True}`) and
+    /// is not applied twice; one it never got is answered as usual. Returns the new session
+    /// number. Raises `SparsyncError` (field `connection`) when none served, or with the
+    /// refused Hello field when a server refused.
+    #[pyo3(signature = (timeout = 120.0))]
+    fn reconnect(&self, py: Python<'_>, timeout: f64) -> PyResult<u64> {
+        let deadline = Instant::now() + seconds(py, "timeout", timeout)?;
+        let r = self.with_inner(py, |g, rt| rt.block_on(g.reconnect(deadline)));
+        r.map_err(|(f, w)| error(py, &f, w))
     }
 
     #[getter]
@@ -492,13 +617,14 @@ impl Client {
                         nnz: sparse.indices.len() as u32,
                     };
                     rt.block_on(conn.push(&header, &sparse.indices, &sparse.values))
+                        .map(|()| header)
                         .map_err(|e| ("connection", e.to_string()))
                 }
             };
             match sent {
-                Ok(()) => {
+                Ok(header) => {
                     g.next_seq += 1;
-                    g.inflight.insert(seq, sparse);
+                    g.inflight.insert(seq, (header, sparse));
                     Ok(seq)
                 }
                 Err(e) => {
@@ -584,8 +710,7 @@ impl Client {
         let deadline = Instant::now() + seconds(py, "timeout", timeout)?;
         let outcome = self.with_inner(py, |g, rt| {
             match g.answered(seq) {
-                Some(Event::Reject(r)) => return AckWait::Rejected(r.clone()),
-                Some(e) => return AckWait::Acked(e.clone()),
+                Some(e) => return g.outcome(seq, e),
                 None if seq >= g.next_seq => {
                     return AckWait::Failed("seq", format!("no push with seq {seq} was sent"));
                 }
@@ -605,7 +730,7 @@ impl Client {
                         Ok(None) => {}
                         Ok(Some(e)) => match &e {
                             Event::Ack(a) if a.seq == seq => return AckWait::Acked(e),
-                            Event::Reject(r) if r.seq == seq => return AckWait::Rejected(r.clone()),
+                            Event::Reject(r) if r.seq == seq => return g.outcome(seq, &e),
                             Event::Error(err) if err.fatal => {
                                 return AckWait::Failed(
                                     "connection",
@@ -623,6 +748,7 @@ impl Client {
         });
         match outcome {
             AckWait::Acked(e) => json(py, &event_json(&e)),
+            AckWait::Held(seq) => json(py, &serde_json::json!({"type": "ack", "seq": seq, "held": true})),
             AckWait::Rejected(r) => Err(rejected(py, &r)),
             AckWait::Failed(field, why) => Err(error(py, field, why)),
         }
@@ -680,7 +806,7 @@ impl Client {
     fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "Client(session={}, model={:?}, params={}, version={})",
-            self.session,
+            self.session(py),
             self.model,
             self.num_params,
             self.version(py)

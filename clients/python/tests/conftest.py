@@ -155,17 +155,20 @@ def native_client_bin() -> Path:
 
 @pytest.fixture
 def start_server(sparsync_bin: Path, tmp_path: Path):
-    """A factory: `start_server(policy="asp", model="mlp", engine="cpu", **settings)` starts
+    """A factory: `start_server(policy="asp", model="mlp", engine="cpu", listen="127.0.0.1:0",
+    **settings)` starts
     `sparsync serve` with each setting as its flag (`max_pending_bytes=4096` →
     `--max-pending-bytes 4096`; True → the bare flag, False → `--flag false`, None → left
     out) and returns a :class:`Server`. Every server started is stopped after the test."""
     servers: List[Server] = []
 
-    def start(policy: str = "asp", model: str = "mlp", engine: str = "cpu", **settings: Any) -> Server:
+    def start(
+        policy: str = "asp", model: str = "mlp", engine: str = "cpu", listen: str = "127.0.0.1:0", **settings: Any
+    ) -> Server:
         n = len(servers)
         ready = tmp_path / f"server-{n}.ready"
         log = tmp_path / f"server-{n}.log"
-        args = [str(sparsync_bin), "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
+        args = [str(sparsync_bin), "serve", "--listen", listen, "--ready-file", str(ready)]
         for name, value in {"policy": policy, "model": model, "engine": engine, **settings}.items():
             if value is None:
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import subprocess
 import time
 
@@ -378,6 +379,50 @@ def test_wait_ack_finds_answers_other_calls_consumed(server, clients):
     with pytest.raises(SparsyncError) as e:
         c.push(np.zeros(c.num_params, dtype=np.float32), samples=1, loss=1e39)
     assert e.value.field == "loss"
+
+
+def test_reconnect_moves_on_and_a_resent_push_is_applied_once(start_server, clients, tmp_path):
+    # A server with a file WAL is killed (-9) while the client's last push is unanswered; its
+    # successor resumes from the same directory at the client's second address. The client
+    # reconnects there and sends the push again with its seq: the server holds it already.
+    state = tmp_path / "state"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = start_server(checkpoint_dir=str(state), wal=True)
+    second = f"ws://127.0.0.1:{port}/ws"
+    c = clients(f"{a.ws},{second}", "py-reconnect", timeout=10.0)
+    assert c.servers == [a.ws, second] and c.server == a.ws
+    rng = np.random.default_rng(11)
+    n = c.num_params
+    c.wait_ack(c.push(random_delta(rng, n, 1e-3), 8, 0.5), timeout=10)
+    seq = c.push(random_delta(rng, n, 1e-3), 8, 0.5)
+    # The server logs and acknowledges it meanwhile; the client has not read that.
+    time.sleep(1.0)
+    a.proc.kill()
+    a.proc.wait(timeout=10)
+    residual = c.residual()
+    b = start_server(listen=f"127.0.0.1:{port}", resume=str(state), checkpoint_dir=str(state), wal=True)
+    c.reconnect(timeout=30)
+    assert c.server == second
+    assert c.wait_ack(seq, timeout=10) == {"type": "ack", "seq": seq, "held": True}
+    assert np.array_equal(c.residual(), residual), "a held push's entries are not put back into the residual"
+    # The next push is taken by the new server.
+    after = c.push(random_delta(rng, n, 1e-3), 8, 0.5)
+    assert c.wait_ack(after, timeout=10)["seq"] == after
+    # (The status is republished at most every 100 ms.)
+    deadline = time.monotonic() + 10
+    while True:
+        me = next((x for x in b.status()["clients"] if x["client_id"] == "py-reconnect"), None)
+        if (me and me["accepted"] >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert me and me["accepted"] >= 1, me
+    # With no server at any address, reconnecting gives up after its timeout, naming them.
+    b.stop()
+    with pytest.raises(SparsyncError) as e:
+        c.reconnect(timeout=1.0)
+    assert e.value.field == "connection" and second in e.value.reason, raised(e)
 
 
 def test_several_addresses_are_tried_in_turn(server, clients):

@@ -57,13 +57,38 @@ def run_rounds(
     on_round: Optional[Callable[[Dict[str, Any]], Any]] = None,
     on_bye: Callable[[str], None] = lambda reason: None,
     rate_pause: float = 0.0,
+    reconnect: Optional[bool] = None,
+    reconnect_timeout: float = 120.0,
 ) -> Dict[str, Any]:
     """Runs rounds until ``rounds`` rounds or ``seconds`` seconds (both None: until the
     server says Bye or closes the connection), then closes ``client``. Each round:
     ``make_update(round)`` trains; its delta is pushed (Top-k with error feedback) and its Ack
     awaited; what arrived is applied; ``after_round(info)`` and ``on_round(info)`` run.
     Fills ``summary``'s ``rounds``, ``pushes``, ``acked``, ``rejected``, ``last_loss``,
-    ``version``, ``stop`` and ``seconds``, and returns it."""
+    ``version``, ``stop``, ``seconds`` and ``reconnects``, and returns it.
+
+    A lost connection (not a Bye) ends the run unless ``reconnect`` (by default: when the
+    client was given several addresses, a leader and its standby): then ``client.reconnect``
+    tries them in turn for up to ``reconnect_timeout`` seconds, sends the unanswered push
+    again with its seq (applied once either way), and the rounds go on."""
+    if reconnect is None:
+        reconnect = len(client.servers) > 1
+    summary.setdefault("reconnects", 0)
+
+    def lost(e: SparsyncError) -> bool:
+        """The connection was lost: True once connected again, False (with the stop set)
+        when the run ends."""
+        if not reconnect:
+            summary["stop"] = f"connection closed ({e.reason})"
+            return False
+        try:
+            client.reconnect(reconnect_timeout)
+        except SparsyncError as again:
+            summary["stop"] = f"connection closed ({e.reason}); no server took it again ({again.reason})"
+            return False
+        summary["reconnects"] += 1
+        return True
+
     try:
         while True:
             if rounds is not None and summary["rounds"] >= rounds:
@@ -92,10 +117,11 @@ def run_rounds(
                     # The server cannot make pushes durable now (its log is unreachable).
                     time.sleep(e.retry_after_s or rate_pause)
             except SparsyncError as e:
-                if e.field == "connection":
-                    summary["stop"] = f"connection closed ({e.reason})"
+                if e.field != "connection":
+                    raise
+                if not lost(e):
                     break
-                raise
+                info["reconnected"] = client.server
             summary["rounds"] = round_
             summary["last_loss"] = float(loss)
             try:
@@ -103,8 +129,10 @@ def run_rounds(
             except SparsyncError as e:
                 if e.field != "connection":
                     raise
-                summary["stop"] = f"connection closed ({e.reason})"
-                break
+                if not lost(e):
+                    break
+                info["reconnected"] = client.server
+                bye = drain(client)
             if bye is not None:
                 on_bye(bye)
             after_round(info)

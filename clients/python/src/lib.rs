@@ -289,9 +289,12 @@ impl Inner {
         seqs.sort_unstable();
         for seq in seqs {
             let (header, sparse) = &self.inflight[&seq];
-            conn.push(header, &sparse.indices, &sparse.values)
-                .await
-                .map_err(|e| ("connection".to_string(), e.to_string()))?;
+            if let Err(e) = conn.push(header, &sparse.indices, &sparse.values).await {
+                // Lost again: closed, so the next call says so (a later reconnect resends
+                // every unanswered push).
+                self.conn = None;
+                return Err(("connection".to_string(), e.to_string()));
+            }
             self.resent.insert(seq);
             self.answers.retain(|(s, _)| *s != seq);
         }

@@ -425,6 +425,34 @@ def test_reconnect_moves_on_and_a_resent_push_is_applied_once(start_server, clie
     assert e.value.field == "connection" and second in e.value.reason, raised(e)
 
 
+def test_the_round_helper_moves_to_the_next_address_when_its_server_dies(start_server):
+    from sparsync._rounds import run_rounds
+
+    a = start_server()
+    b = start_server()
+    c = Client(f"{a.ws},{b.ws}", "py-rounds-move", timeout=10.0)
+    rng = np.random.default_rng(3)
+
+    def make_update(round_):
+        if round_ == 4:
+            # The first server dies (kill -9) before this round's push.
+            a.proc.kill()
+            a.proc.wait(timeout=10)
+        return random_delta(rng, c.num_params, 1e-3), 8, 0.5, 1, {}
+
+    summary = {"rounds": 0, "pushes": 0, "acked": 0, "rejected": 0, "last_loss": None, "version": None, "stop": ""}
+    run_rounds(c, make_update, summary, rounds=8, seconds=None, ack_timeout=10.0, start=time.monotonic())
+    assert summary["stop"] == "reached 8 rounds" and summary["reconnects"] == 1, summary
+    assert summary["acked"] >= 6, summary
+    deadline = time.monotonic() + 10
+    while True:
+        me = next((x for x in b.status()["clients"] if x["client_id"] == "py-rounds-move"), None)
+        if (me and me["accepted"] >= 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert me and me["accepted"] >= 3, me
+
+
 def test_several_addresses_are_tried_in_turn(server, clients):
     # A leader and its standby (`serve --standby`): the first address does not serve, the
     # second does. Nothing listens on port 1 of the loopback.

@@ -77,7 +77,10 @@ def run_rounds(
 
     def lost(e: SparsyncError) -> bool:
         """The connection was lost: True once connected again, False (with the stop set)
-        when the run ends."""
+        when the run ends (a Bye ends it too)."""
+        if str(e.reason).startswith("bye:"):
+            summary["stop"] = f"server said {e.reason}"
+            return False
         if not reconnect:
             summary["stop"] = f"connection closed ({e.reason})"
             return False
@@ -132,7 +135,7 @@ def run_rounds(
                 if not lost(e):
                     break
                 info["reconnected"] = client.server
-                bye = drain(client)
+                bye = None
             if bye is not None:
                 on_bye(bye)
             after_round(info)

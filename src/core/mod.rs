@@ -161,6 +161,15 @@ struct Pending {
 }
 
 /// A push that passed every check and waits for the log to hold it.
+/// A resend of a push the log has not confirmed yet (a client that reconnected): answered
+/// once the log holds the record, or refused if it cannot keep it.
+struct Resent {
+    /// The original push's record.
+    record: u64,
+    session: SessionId,
+    seq: u64,
+}
+
 struct Appending {
     session: SessionId,
     /// The seq the client id had before this push (restored if the log fails).
@@ -241,6 +250,8 @@ pub struct Machine {
     clients: HashMap<String, ClientStats>,
     /// Accepted pushes waiting for the log, by log record number.
     appending: BTreeMap<u64, Appending>,
+    /// Resends of pushes among `appending`, answered when their record settles.
+    resent: Vec<Resent>,
     pending: BTreeMap<PushId, Pending>,
     unacked: HashMap<PushId, Unacked>,
     next_session: SessionId,
@@ -293,6 +304,7 @@ impl Machine {
             by_client_id: HashMap::new(),
             clients: HashMap::new(),
             appending: BTreeMap::new(),
+            resent: Vec::new(),
             pending: BTreeMap::new(),
             unacked: HashMap::new(),
             next_session: 1,

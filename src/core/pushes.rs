@@ -10,6 +10,11 @@ use crate::policy::{LossSource, PushMeta, SessionId};
 use crate::protocol::frame::ValidatedPush;
 use crate::protocol::message::{Reject, Role, ServerMessage};
 
+/// Why a push's seq is refused as already taken.
+fn duplicate(seq: u64, last: u64) -> String {
+    format!("seq {seq} is not above the last accepted seq {last} (duplicate or replay)")
+}
+
 impl Machine {
     fn reject(&mut self, now: Duration, session: SessionId, seq: u64, field: &str, reason: String) {
         self.refuse(now, session, seq, field, reason, None)
@@ -79,8 +84,18 @@ impl Machine {
         if let Some(last) = last_seq
             && seq <= last
         {
-            let why = format!("seq {seq} is not above the last accepted seq {last} (duplicate or replay)");
-            return self.reject(now, session, seq, "seq", why);
+            // A resend of a push the log has not confirmed yet: "already accepted" would be
+            // premature (the log may still lose it, or this server be deposed), so it is
+            // answered once the record is held.
+            let appending = self
+                .appending
+                .iter()
+                .find(|(_, a)| a.pending.header.seq == seq && a.pending.client_id == client_id);
+            if let Some((&record, _)) = appending {
+                self.resent.push(super::Resent { record, session, seq });
+                return;
+            }
+            return self.reject(now, session, seq, "seq", duplicate(seq, last));
         }
         // A client can only hold a replica version: anything above it was never sent.
         if header.base_version > self.replica_version {
@@ -136,6 +151,17 @@ impl Machine {
             let a = entry.remove();
             self.admit(now, a.pending);
         }
+        if !self.resent.is_empty() {
+            let (held, waiting): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.resent).into_iter().partition(|r| r.record <= upto);
+            self.resent = waiting;
+            for r in held {
+                let last =
+                    self.sessions.get(&r.session).and_then(|s| self.clients.get(&s.client_id)?.last_seq);
+                let why = duplicate(r.seq, last.unwrap_or(r.seq));
+                self.reject(now, r.session, r.seq, "seq", why);
+            }
+        }
         self.step_logged(now, upto);
         self.finish(now)
     }
@@ -144,7 +170,8 @@ impl Machine {
     /// client id used a later one meanwhile); a step goes on (its record is missing: a crash
     /// now would replay it differently, which the shell reports).
     pub fn append_failed(&mut self, now: Duration, seq: u64, reason: &str) -> Vec<Effect> {
-        if let Some(a) = self.appending.remove(&seq) {
+        let record = seq;
+        if let Some(a) = self.appending.remove(&record) {
             let p = &a.pending;
             if let Some(c) = self.clients.get_mut(&p.client_id)
                 && c.last_seq == Some(p.header.seq)
@@ -153,6 +180,13 @@ impl Machine {
             }
             let seq = p.header.seq;
             self.reject(now, a.session, seq, "server", format!("write-ahead log failed: {reason}"));
+            // Its resends are refused too: nothing of the push was kept.
+            let (lost, waiting): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.resent).into_iter().partition(|r| r.record == record);
+            self.resent = waiting;
+            for r in lost {
+                self.reject(now, r.session, r.seq, "server", format!("write-ahead log failed: {reason}"));
+            }
         } else {
             self.step_logged(now, seq);
         }

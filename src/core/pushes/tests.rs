@@ -88,6 +88,22 @@ fn while_the_log_is_stalled_pushes_are_refused_as_busy_and_keep_their_seq() {
 }
 
 #[test]
+fn a_resend_of_a_push_the_log_then_loses_is_refused_with_it_and_its_seq_stays_free() {
+    let cfg = config(PolicyKind::Asp, |_| {});
+    let mut m = machine(&cfg);
+    let s = join(&mut m, "a");
+    let record = match m.push(t(1), s, push(1, 0)).as_slice() {
+        [Effect::Append { seq, .. }] => *seq,
+        other => panic!("{other:?}"),
+    };
+    assert!(m.push(t(1), s, push(1, 0)).is_empty());
+    let fx = m.append_failed(t(2), record, "disk full");
+    assert_eq!(rejects(&fx), [(1, "server".to_string()), (1, "server".to_string())]);
+    // Nothing of it was kept: the seq is taken again.
+    assert_eq!(acks(&cycle(&mut m, s, push(1, 0), &mut NoLog)), [(s, 1, 0, 0)]);
+}
+
+#[test]
 fn claimed_samples_are_clipped_to_max_samples() {
     let cfg = config(PolicyKind::Fedbuff, |c| {
         c.policies.fedbuff.fedbuff_k = 2;
@@ -116,10 +132,13 @@ fn a_push_reaches_the_policy_and_its_ack_only_once_the_log_holds_it() {
         other => panic!("a checked push is only appended, got {other:?}"),
     };
     assert_eq!(m.counters().accepted, 0, "not accepted before the log holds it");
-    // The seq is taken while the log appends: a replay of it is refused meanwhile.
-    assert_eq!(rejects(&m.push(t(1), s, push(1, 0))), [(1, "seq".to_string())]);
+    // The seq is taken while the log appends. A resend of it (a client that reconnected) is
+    // answered "already taken" only once the log holds the push: before, the log could still
+    // lose it.
+    assert!(m.push(t(1), s, push(1, 0)).is_empty(), "answered before the log holds the push");
     let fx = m.appended(t(2), seq);
     assert_eq!(acks(&fx), [(s, 1, 0, 0)]);
+    assert_eq!(rejects(&fx), [(1, "seq".to_string())]);
     assert!(fx.iter().any(|e| matches!(e, Effect::Record(event::Event::Accept { seq: 1, .. }))));
     assert_eq!(m.counters().accepted, 1);
     // Reported twice: nothing more.

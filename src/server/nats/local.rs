@@ -91,7 +91,8 @@ impl LocalCluster {
     /// JetStream leader (a few seconds after start).
     pub async fn init(&self, stream: &str, lease: Duration) -> Result<NatsTarget, String> {
         let target = self.target(stream);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // (Generous: tests start several clusters at once on a 2-core machine.)
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let tried = match Nats::connect(&target, Duration::from_secs(5)).await {
                 // Made, and answering: the stream, the object store and the lease bucket each

@@ -270,8 +270,18 @@ impl Nats {
                     continue;
                 }
             };
+            // (Not `read_to_end`: the object's reader may fail after filling part of the buffer,
+            // which tokio's `read_to_end` asserts against in debug builds.)
             let mut bytes = Vec::new();
-            if let Err(e) = tokio::io::AsyncReadExt::read_to_end(&mut obj, &mut bytes).await {
+            let mut chunk = vec![0u8; 1 << 16];
+            let read = loop {
+                match tokio::io::AsyncReadExt::read(&mut obj, &mut chunk).await {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => bytes.extend_from_slice(&chunk[..k]),
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = read {
                 tracing::warn!(error = %e, checkpoint = %at, "skipping an unreadable checkpoint");
                 continue;
             }

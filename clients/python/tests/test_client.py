@@ -381,6 +381,18 @@ def test_wait_ack_finds_answers_other_calls_consumed(server, clients):
     assert e.value.field == "loss"
 
 
+def wait_accepted(server, client_id: str, n: int, timeout: float = 10.0) -> None:
+    """Waits until `server`'s status shows at least `n` pushes of `client_id` accepted (the
+    status is republished at most every 100 ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        me = next((x for x in server.status()["clients"] if x["client_id"] == client_id), None)
+        if (me and me["accepted"] >= n) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert me and me["accepted"] >= n, me
+
+
 def test_reconnect_moves_on_and_a_resent_push_is_applied_once(start_server, clients, tmp_path):
     # A server with a file WAL is killed (-9) while the client's last push is unanswered; its
     # successor resumes from the same directory at the client's second address. The client
@@ -410,14 +422,7 @@ def test_reconnect_moves_on_and_a_resent_push_is_applied_once(start_server, clie
     # The next push is taken by the new server.
     after = c.push(random_delta(rng, n, 1e-3), 8, 0.5)
     assert c.wait_ack(after, timeout=10)["seq"] == after
-    # (The status is republished at most every 100 ms.)
-    deadline = time.monotonic() + 10
-    while True:
-        me = next((x for x in b.status()["clients"] if x["client_id"] == "py-reconnect"), None)
-        if (me and me["accepted"] >= 1) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert me and me["accepted"] >= 1, me
+    wait_accepted(b, "py-reconnect", 1)
     # With no server at any address, reconnecting gives up after its timeout, naming them.
     b.stop()
     with pytest.raises(SparsyncError) as e:
@@ -444,13 +449,7 @@ def test_the_round_helper_moves_to_the_next_address_when_its_server_dies(start_s
     run_rounds(c, make_update, summary, rounds=8, seconds=None, ack_timeout=10.0, start=time.monotonic())
     assert summary["stop"] == "reached 8 rounds" and summary["reconnects"] == 1, summary
     assert summary["acked"] >= 6, summary
-    deadline = time.monotonic() + 10
-    while True:
-        me = next((x for x in b.status()["clients"] if x["client_id"] == "py-rounds-move"), None)
-        if (me and me["accepted"] >= 3) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert me and me["accepted"] >= 3, me
+    wait_accepted(b, "py-rounds-move", 3)
 
 
 def test_several_addresses_are_tried_in_turn(server, clients):

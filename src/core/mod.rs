@@ -160,7 +160,6 @@ struct Pending {
     accepted_at: Duration,
 }
 
-/// A push that passed every check and waits for the log to hold it.
 /// A resend of a push the log has not confirmed yet (a client that reconnected): answered
 /// once the log holds the record, or refused if it cannot keep it.
 struct Resent {
@@ -170,6 +169,7 @@ struct Resent {
     seq: u64,
 }
 
+/// A push that passed every check and waits for the log to hold it.
 struct Appending {
     session: SessionId,
     /// The seq the client id had before this push (restored if the log fails).
@@ -367,6 +367,11 @@ impl Machine {
     /// The model's layout.
     pub fn layout(&self) -> &ModelLayout {
         &self.layout
+    }
+
+    /// Whether the log confirms no writes now ([`Input::LogStalled`]).
+    pub fn log_stalled(&self) -> bool {
+        self.log_stalled.is_some()
     }
 
     /// Accepted pushes not yet aggregated (those the log is still appending included).

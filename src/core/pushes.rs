@@ -151,16 +151,11 @@ impl Machine {
             let a = entry.remove();
             self.admit(now, a.pending);
         }
-        if !self.resent.is_empty() {
-            let (held, waiting): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut self.resent).into_iter().partition(|r| r.record <= upto);
-            self.resent = waiting;
-            for r in held {
-                let last =
-                    self.sessions.get(&r.session).and_then(|s| self.clients.get(&s.client_id)?.last_seq);
-                let why = duplicate(r.seq, last.unwrap_or(r.seq));
-                self.reject(now, r.session, r.seq, "seq", why);
-            }
+        let held: Vec<_> = self.resent.extract_if(.., |r| r.record <= upto).collect();
+        for r in held {
+            let last = self.sessions.get(&r.session).and_then(|s| self.clients.get(&s.client_id)?.last_seq);
+            let why = duplicate(r.seq, last.unwrap_or(r.seq));
+            self.reject(now, r.session, r.seq, "seq", why);
         }
         self.step_logged(now, upto);
         self.finish(now)
@@ -169,8 +164,7 @@ impl Machine {
     /// The log could not keep record `seq`: a push is rejected (its seq stays free unless the
     /// client id used a later one meanwhile); a step goes on (its record is missing: a crash
     /// now would replay it differently, which the shell reports).
-    pub fn append_failed(&mut self, now: Duration, seq: u64, reason: &str) -> Vec<Effect> {
-        let record = seq;
+    pub fn append_failed(&mut self, now: Duration, record: u64, reason: &str) -> Vec<Effect> {
         if let Some(a) = self.appending.remove(&record) {
             let p = &a.pending;
             if let Some(c) = self.clients.get_mut(&p.client_id)
@@ -181,14 +175,12 @@ impl Machine {
             let seq = p.header.seq;
             self.reject(now, a.session, seq, "server", format!("write-ahead log failed: {reason}"));
             // Its resends are refused too: nothing of the push was kept.
-            let (lost, waiting): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut self.resent).into_iter().partition(|r| r.record == record);
-            self.resent = waiting;
+            let lost: Vec<_> = self.resent.extract_if(.., |r| r.record == record).collect();
             for r in lost {
                 self.reject(now, r.session, r.seq, "server", format!("write-ahead log failed: {reason}"));
             }
         } else {
-            self.step_logged(now, seq);
+            self.step_logged(now, record);
         }
         self.finish(now)
     }

@@ -82,7 +82,6 @@ impl Coordinator {
                 false
             }
             LogDone::Stalled { reason } => {
-                self.log_stalled = reason.is_some();
                 let effects = self.core(Input::LogStalled { reason });
                 self.apply(effects).await;
                 false
@@ -116,7 +115,7 @@ impl Coordinator {
         }
         self.log.commit();
         while self.log.backlog() > 0 && !self.deposed {
-            if self.log_stalled && !patient {
+            if self.log_stalled() && !patient {
                 return false;
             }
             let d = self.log.done().await;
@@ -218,7 +217,7 @@ impl Coordinator {
 
     pub(super) async fn maybe_checkpoint(&mut self) {
         let Some(d) = &self.durable else { return };
-        if self.log_stalled {
+        if self.log_stalled() {
             // It would wait for the log; it is written once the log confirms writes again.
             return;
         }

@@ -148,10 +148,6 @@ pub struct Coordinator {
     log: Box<dyn RecordLog>,
     /// Another server leads the log: nothing more is appended or acknowledged.
     deposed: bool,
-    /// The log confirms no writes now (its cluster is unreachable): pushes are refused as
-    /// busy, and what would wait for the log (a join, a snapshot, a checkpoint) waits or is
-    /// refused instead of holding up the loop.
-    log_stalled: bool,
     /// What to replay before serving.
     resume: Option<Resume>,
     follower: Option<crate::server::nats::Follower>,
@@ -187,7 +183,6 @@ impl Coordinator {
             durable,
             log: p.log,
             deposed: false,
-            log_stalled: false,
             resume: p.resume,
             follower: p.follower,
             tape: p.tape,
@@ -276,7 +271,7 @@ impl Coordinator {
         }
         if !self.deposed {
             // (Not waiting for a stalled log: what it has not confirmed was never acknowledged.)
-            self.settle_within(!self.log_stalled).await;
+            self.settle_within(!self.log_stalled()).await;
         }
         self.metrics.engine_busy(self.engine.busy());
         self.publish_status(true);
@@ -285,7 +280,14 @@ impl Coordinator {
     /// Whether the log may be handed more records: fewer than [`LOG_BACKLOG`] groups wait, or
     /// it stalled (pushes are refused as busy then, so messages are taken to answer them).
     fn log_has_room(&self) -> bool {
-        self.log_stalled || self.log.backlog() < LOG_BACKLOG
+        self.log_stalled() || self.log.backlog() < LOG_BACKLOG
+    }
+
+    /// The log confirms no writes now (its cluster is unreachable, as the core was told):
+    /// pushes are refused as busy, and what would wait for the log (a join, a snapshot, a
+    /// checkpoint) waits or is refused instead of holding up the loop.
+    fn log_stalled(&self) -> bool {
+        self.machine.log_stalled()
     }
 
     /// Handles a message from a session, counting it against the intake allowance; returns
@@ -375,7 +377,7 @@ impl Coordinator {
     /// Sends the Snapshots that had to wait for the engine to settle (they wait on while the
     /// log is stalled).
     async fn send_due_snapshots(&mut self) {
-        if self.snapshots_due.is_empty() || self.log_stalled || self.try_settle().await.is_err() {
+        if self.snapshots_due.is_empty() || self.log_stalled() || self.try_settle().await.is_err() {
             return;
         }
         for session in std::mem::take(&mut self.snapshots_due) {
@@ -583,7 +585,7 @@ impl Coordinator {
             }
             // The engine's x̂ is ahead of the core's: steps still run, or wait for the log (which
             // may be stalled for a while). Sent once it settles.
-            Ok(None) if !self.running.is_empty() || self.log.backlog() > 0 || self.log_stalled => {
+            Ok(None) if !self.running.is_empty() || self.log.backlog() > 0 || self.log_stalled() => {
                 if !self.snapshots_due.contains(&session) {
                     self.snapshots_due.push(session);
                 }

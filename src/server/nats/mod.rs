@@ -855,8 +855,9 @@ impl RecordLog for NatsLog {
         let Some(upto) = self.upto.take() else { return };
         let buf = std::mem::take(&mut self.buf);
         tracing::debug!(upto, bytes = buf.len(), "log group committed");
-        self.bytes += buf.len() as u64;
+        let len = buf.len() as u64;
         if self.groups.send((buf, upto)).is_ok() {
+            self.bytes += len;
             self.unsettled.push_back(upto);
         }
     }
